@@ -1,0 +1,56 @@
+# fastdit's two everyday commands, each doing its own set-up on a fresh machine:
+#   make bench   the benchmark suite on its built-in default (small fp32 on a CPU, full on a GPU)
+#   make test    the whole test suite, then ruff (CI runs exactly this)
+#
+# Set-up: a virtual environment in .venv with torch pinned (TORCH=...), Triton where the
+# platform has it, the test tools, and fastdit installed editable (building fastdit._C when
+# nvcc is present; FASTDIT_BUILD_CUDA=0 skips it). To use a Python that already has your own
+# torch, pass it: make test PY=/path/to/python (nothing is installed into it but fastdit and
+# the test tools; its torch is kept).
+
+VENV      ?= .venv
+TORCH     ?= torch==2.13.0
+TRITON    ?= triton==3.6.0
+TOOLS     ?= numpy pytest ruff pybind11 cmake ninja "setuptools>=64" wheel
+BENCH_ARGS ?=
+TEST_ARGS  ?=
+
+ifeq ($(origin PY), undefined)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastdit-installed
+else
+STAMP := .fastdit-installed-$(subst /,_,$(PY))
+endif
+
+.PHONY: test bench install info lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+	@if [ "$(PY)" = "$(VENV)/bin/python" ] && [ ! -x "$(PY)" ]; then python3 -m venv $(VENV); fi
+	$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null && echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
+		|| $(PY) -m pip install --quiet "$(TORCH)"
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install --quiet "$(TRITON)" \
+		|| echo "Triton is not available for this platform: the triton backend will say so"
+	$(PY) -m pip install --quiet $(TOOLS)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	@touch $@
+
+test: install
+	$(PY) -m pytest $(TEST_ARGS)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: install
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+info: install
+	$(PY) -m fastdit info
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf build *.egg-info fastdit/_C*.so .fastdit-installed-* $(VENV)/.fastdit-installed

@@ -1,0 +1,102 @@
+"""Benchmark of the adaln family: adaln_modulate and gated_adaln, forward and forward+backward.
+
+Shapes: DiT-XL/2 tokens (B 32 and 256, N 256, D 1152) and the U-DiT-B stages (B 32; widths 192,
+384, 768 on 32x32, 16x16, 8x8 latents, channels-last). Variants: eager PyTorch (the reference),
+torch.compile of the reference, and each kernel backend that can run here.
+
+Floor (bytes that must move, elem = bytes per element):
+  adaln_modulate fwd: read x, write out          2 * B*L*D * elem  (+ 2 * B*D for shift/scale)
+  gated_adaln fwd:    read x, y; write r, h      4 * B*L*D * elem  (+ 3 * B*D)
+
+Run alone: python bench/bench_adaln.py [--quick] [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+from fastdit.ops import adaln  # noqa: E402
+
+
+def _shapes(quick: bool) -> list[tuple[str, tuple[int, ...]]]:
+    if quick:
+        return [("DiT-XL/2 B2", (2, 256, 1152)), ("U-DiT-B stage1 B2", (2, 192, 32, 32))]
+    return [
+        ("DiT-XL/2 B32", (32, 256, 1152)),
+        ("DiT-XL/2 B256", (256, 256, 1152)),
+        ("U-DiT-B 192x32x32 B32", (32, 192, 32, 32)),
+        ("U-DiT-B 384x16x16 B32", (32, 384, 16, 16)),
+        ("U-DiT-B 768x8x8 B32", (32, 768, 8, 8)),
+        ("U-DiT-B 384x32x32 B32", (32, 384, 32, 32)),
+    ]
+
+
+def run(ctx: common.Context) -> list[common.Row]:
+    rows: list[common.Row] = []
+    ops = {"adaln_modulate": adaln._modulate, "gated_adaln": adaln._gated}
+    for name, op in ops.items():
+        for backend, reason in common.kernel_backends([op], ctx.device).items():
+            if reason:
+                print(f"  {name}: {backend} not benchmarked here: {reason}")
+    for dtype in ctx.dtypes:
+        elem = torch.finfo(dtype).bits // 8
+        for label, shape in _shapes(ctx.quick):
+            batch = shape[0]
+            dim = shape[-1] if len(shape) == 3 else shape[1]
+            numel = 1
+            for s in shape:
+                numel *= s
+
+            def make(n_tensors, shape=shape, batch=batch, dim=dim, dtype=dtype):
+                def inputs():
+                    x = [
+                        torch.randn(shape, device=ctx.device, dtype=dtype) for _ in range(n_tensors)
+                    ]
+                    if len(shape) == 4:
+                        x = [t.contiguous(memory_format=torch.channels_last) for t in x]
+                    c = [torch.randn(batch, dim, device=ctx.device, dtype=dtype) * 0.1
+                         for _ in range(n_tensors + 1)]  # fmt: skip
+                    return x + c
+
+                return inputs
+
+            def ref_mod(x, shift, scale):
+                return adaln.reference_modulate(x, shift, scale, 1e-6)
+
+            def ref_gated(x, y, gate, shift, scale):
+                return adaln.reference_gated(x, y, gate, shift, scale, 1e-6)
+
+            cases = [
+                ("adaln_modulate", adaln._modulate, ref_mod, 1, 2 * numel + 2 * batch * dim),
+                ("gated_adaln", adaln._gated, ref_gated, 2, 4 * numel + 3 * batch * dim),
+            ]
+            for name, op, ref, n_x, elements in cases:
+                variants = {"eager": ref, "compile": common.compiled(ref)}
+                for backend, reason in common.kernel_backends([op], ctx.device).items():
+                    if not reason:
+                        variants[backend] = lambda *a, op=op, b=backend: op(*a, 1e-6, backend=b)
+                shape_s = f"{label} {tuple(shape)}"
+                common.bench_case(
+                    rows, ctx, name, shape_s, dtype, make(n_x), variants,
+                    bytes_moved=elements * elem,
+                )  # fmt: skip
+                if ctx.backward:
+                    # Backward floor: read x (and y), dy (and dh), write dx (and dy): about
+                    # twice the forward's traffic.
+                    common.bench_case(
+                        rows, ctx, name, shape_s, dtype, make(n_x), variants,
+                        bytes_moved=2 * elements * elem, backward=True,
+                    )  # fmt: skip
+    common.add_ratios(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    ctx, out = common.standalone_context(__doc__)
+    common.report(run(ctx), ctx, "adaln", out)

@@ -1,0 +1,89 @@
+"""End-to-end: one model forward (and forward+backward), fastdit against eager PyTorch.
+
+On a GPU: DiT-XL/2 at 256 px (latent 32x32), batch 32, in each dtype of the run. On a CPU (the
+quick default): DiT-S/2 on a 16x16 latent, batch 2, fp32. Variants:
+
+- eager: the same model with every fastdit op on its plain PyTorch reference
+  (``set_backend(model, "torch")``), i.e. what the authors' code computes, op for op;
+- compile: torch.compile of that eager model;
+- fastdit: the model as shipped (``auto`` backends: the fastest kernel that serves each call);
+- fastdit+compile: torch.compile of the shipped model (fastdit ops stay single graph nodes).
+
+Matmul-bound: the row's TFLOP/s counts the model's multiply-adds (DiT-XL/2: 118.6 G per image
+at 256 px, SPEC.md) against the matmul peak measured in the same run.
+
+Run alone: python bench/bench_models.py [--quick] [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+from fastdit.models import create  # noqa: E402
+from fastdit.nn import set_backend  # noqa: E402
+
+
+def _dit_flops(model: torch.nn.Module, batch: int) -> int:
+    """2 * multiply-adds of one forward (linear layers, patch conv, attention), per batch."""
+    d = model.pos_embed.shape[-1]
+    n = model.pos_embed.shape[1]
+    p = model.patch_size
+    depth = len(model.blocks)
+    per_block = n * (3 * d * d + d * d + 8 * d * d) + 2 * n * n * d + 6 * d * d
+    total = depth * per_block + n * d * model.in_channels * p * p
+    total += n * d * p * p * model.out_channels + 2 * d * d + 256 * d + d * d
+    return 2 * batch * total
+
+
+def run(ctx: common.Context) -> list[common.Row]:
+    rows: list[common.Row] = []
+    if ctx.quick:
+        name, kwargs, batch = "DiT-S/2", {"input_size": 16}, 2
+    else:
+        name, kwargs, batch = "DiT-XL/2", {}, 32
+    for dtype in ctx.dtypes:
+        torch.manual_seed(0)
+        model = create(name, **kwargs).to(ctx.device, dtype).eval()
+        for p in model.parameters():  # adaLN-Zero makes the blocks the identity: perturb
+            p.data.add_(torch.randn_like(p) * 0.02)
+        eager = copy.deepcopy(model)
+        set_backend(eager, "torch")
+        size = model.pos_embed.shape[1] ** 0.5 * model.patch_size
+
+        def inputs(batch=batch, size=int(size), dtype=dtype, channels=model.in_channels):
+            return [
+                torch.randn(batch, channels, size, size, device=ctx.device, dtype=dtype),
+                torch.randint(0, 1000, (batch,), device=ctx.device),
+                torch.randint(0, 1000, (batch,), device=ctx.device),
+            ]
+
+        variants = {
+            "eager": eager,
+            "compile": common.compiled(eager),
+            "fastdit": model,
+            "fastdit+compile": common.compiled(model),
+        }
+        label = f"{name} {tuple(inputs()[0].shape)}"
+        flops = _dit_flops(model, batch)
+        common.bench_case(rows, ctx, name, label, dtype, inputs, variants, flops=flops)
+        if ctx.backward and not ctx.quick:
+            model.train()
+            eager.train()
+            common.bench_case(
+                rows, ctx, name, label, dtype, inputs, {"eager": eager, "fastdit": model},
+                flops=3 * flops, backward=True,
+            )  # fmt: skip
+    common.add_ratios(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    ctx, out = common.standalone_context(__doc__)
+    common.report(run(ctx), ctx, "models", out)

@@ -1,0 +1,348 @@
+"""What every benchmark script shares: timing, the machine's limits, result rows and files.
+
+Timing (DESIGN.md, "Benchmarks"): on a GPU, CUDA events around each call, the median of many
+calls after warm-up, rotating through enough copies of the inputs that they do not all fit in
+the L2 cache; on the CPU, the median of wall-clock calls. The limits are measured in the same
+run: a large device-to-device copy (bytes read + written per second) and a large matrix product
+in the benchmark's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 2**20  # rotate inputs through at least this much memory on a GPU
+
+
+@dataclass
+class Row:
+    bench: str  # e.g. "adaln_modulate fwd"
+    shape: str
+    dtype: str
+    backend: str  # "eager", "compile", "cuda", "triton", ...
+    time_us: float
+    gbps: float | None = None  # achieved bandwidth, counting only the bytes that must move
+    tflops: float | None = None
+    of_limit: float | None = None  # share of the copy bandwidth (or matmul peak) measured here
+    vs_eager: float | None = None  # eager time / this time
+    vs_compile: float | None = None  # compile time / this time
+    note: str = ""
+
+
+@dataclass
+class Limits:
+    device: str
+    copy_gbps: float
+    matmul_tflops: dict[str, float] = field(default_factory=dict)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[..., object],
+    make_inputs: Callable[[], Sequence[object]],
+    device: torch.device,
+    *,
+    bytes_per_call: int = 0,
+    min_reps: int = 5,
+    budget_s: float = 0.5,
+) -> float:
+    """Median time of ``fn(*inputs)`` in microseconds."""
+    copies = 1
+    if device.type == "cuda" and bytes_per_call:
+        copies = max(1, min(64, -(-L2_FLUSH_BYTES // bytes_per_call)))
+    inputs = [make_inputs() for _ in range(copies)]
+    for i in range(2):  # warm-up (and compilation, for torch.compile)
+        fn(*inputs[i % copies])
+    synchronize(device)
+    start = time.perf_counter()
+    fn(*inputs[0])
+    synchronize(device)
+    once = time.perf_counter() - start
+    reps = int(max(min_reps, min(200, budget_s / max(once, 1e-6))))
+    samples = []
+    if device.type == "cuda":
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(reps)
+        ]
+        for i, (begin, end) in enumerate(events):
+            begin.record()
+            fn(*inputs[i % copies])
+            end.record()
+        synchronize(device)
+        samples = [begin.elapsed_time(end) * 1e3 for begin, end in events]
+    else:
+        for i in range(reps):
+            start = time.perf_counter()
+            fn(*inputs[i % copies])
+            samples.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(samples)
+
+
+def measure_limits(device: torch.device, dtypes: Sequence[torch.dtype]) -> Limits:
+    """The copy bandwidth and matmul peak of this device, measured now."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # bytes per buffer
+    buffers = (
+        torch.ones(n, dtype=torch.uint8, device=device),
+        torch.empty(n, dtype=torch.uint8, device=device),
+    )
+    t = time_call(lambda a, b: b.copy_(a), lambda bufs=buffers: bufs, device, min_reps=10)
+    copy_gbps = 2 * n / t / 1e3  # bytes read + bytes written
+    del buffers
+    peaks = {}
+    for dtype in dtypes:
+        size = 8192 if device.type == "cuda" else 1024
+        pair = tuple(torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        t = time_call(torch.mm, lambda pair=pair: pair, device, min_reps=5)
+        peaks[str(dtype).removeprefix("torch.")] = 2 * size**3 / t / 1e6
+    return Limits(device_name(device), copy_gbps, peaks)
+
+
+def compiled(fn: Callable[..., object]) -> Callable[..., object]:
+    """torch.compile of ``fn``, the strongest baseline PyTorch offers without hand kernels."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Fill vs_eager / vs_compile from the eager and compile rows of the same bench and shape."""
+    base: dict[tuple[str, str, str, str], float] = {}
+    for r in rows:
+        if r.backend in ("eager", "compile"):
+            base[(r.bench, r.shape, r.dtype, r.backend)] = r.time_us
+    for r in rows:
+        eager = base.get((r.bench, r.shape, r.dtype, "eager"))
+        comp = base.get((r.bench, r.shape, r.dtype, "compile"))
+        r.vs_eager = eager / r.time_us if eager else None
+        r.vs_compile = comp / r.time_us if comp else None
+
+
+def _git_commit() -> str:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    return "unknown"
+
+
+def header(device: torch.device) -> dict[str, str]:
+    triton_version = "not installed"
+    with contextlib.suppress(Exception):
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _git_commit(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "triton": triton_version,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    cols = "bench shape dtype backend time_us GB/s TFLOP/s of_limit vs_eager vs_compile note"
+    print(" | ".join(cols.split()))
+    for r in rows:
+        print(
+            " | ".join(
+                [
+                    r.bench,
+                    r.shape,
+                    r.dtype,
+                    r.backend,
+                    f"{r.time_us:.1f}",
+                    _fmt(r.gbps, ".0f"),
+                    _fmt(r.tflops, ".1f"),
+                    _fmt(r.of_limit, ".0%"),
+                    _fmt(r.vs_eager, ".2f"),
+                    _fmt(r.vs_compile, ".2f"),
+                    r.note,
+                ]
+            )
+        )
+
+
+def write_results(
+    out_dir: Path, name: str, rows: Sequence[Row], limits: Limits, head: dict[str, str]
+) -> None:
+    """``<out_dir>/<name>.csv`` and ``<out_dir>/<name>.md``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()) if rows else ["bench"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    lines = [f"# {name}", ""]
+    lines += [f"- {k}: {v}" for k, v in head.items()]
+    lines.append(f"- copy bandwidth measured: {limits.copy_gbps:.0f} GB/s")
+    for dtype, peak in limits.matmul_tflops.items():
+        lines.append(f"- matmul peak measured ({dtype}): {peak:.1f} TFLOP/s")
+    lines += [
+        "",
+        "| bench | shape | dtype | backend | time (us) | GB/s | TFLOP/s | of limit "
+        "| vs eager | vs compile | note |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.bench} | {r.shape} | {r.dtype} | {r.backend} | {r.time_us:.1f} "
+            f"| {_fmt(r.gbps, '.0f')} | {_fmt(r.tflops, '.1f')} | {_fmt(r.of_limit, '.0%')} "
+            f"| {_fmt(r.vs_eager, '.2f')} | {_fmt(r.vs_compile, '.2f')} | {r.note} |"
+        )
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class Context:
+    device: torch.device
+    dtypes: tuple[torch.dtype, ...]
+    quick: bool  # the small CPU default
+    limits: Limits
+    backward: bool = True
+
+
+def kernel_backends(ops: Sequence[object], device: torch.device) -> dict[str, str]:
+    """backend -> '' if it can run every op given here on ``device``, else why not."""
+    from fastdit.backends import unavailable_reason
+
+    result = {}
+    for backend in ("cuda", "triton"):
+        reason = "" if all(backend in op.kernels for op in ops) else "no kernel yet"
+        reason = reason or unavailable_reason(backend, device)
+        if not reason and device.type == "cpu":
+            reason = "Triton's CPU interpreter checks correctness, its timings mean nothing"
+        result[backend] = reason
+    return result
+
+
+def bench_case(
+    rows: list[Row],
+    ctx: Context,
+    bench: str,
+    shape: str,
+    dtype: torch.dtype,
+    make_inputs: Callable[[], Sequence[torch.Tensor]],
+    variants: dict[str, Callable[..., object]],
+    *,
+    bytes_moved: int = 0,
+    flops: int = 0,
+    backward: bool = False,
+) -> None:
+    """Time every variant (name -> fn over the inputs) on one case and append its rows.
+
+    With ``backward``, each call runs the forward and the backward of ``out.float().sum()``-like
+    loss through a fixed random cotangent, with the inputs requiring gradients.
+    """
+    label = f"{bench} {'fwd+bwd' if backward else 'fwd'}"
+    for name, fn in variants.items():
+        call = fn
+        if backward:
+
+            def call(*inputs, fn=fn):
+                out = fn(*inputs)
+                outs = out if isinstance(out, tuple) else (out,)
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+            def make(make_inputs=make_inputs):
+                return [
+                    t.detach().requires_grad_() if t.is_floating_point() else t
+                    for t in make_inputs()
+                ]
+
+        else:
+            make = make_inputs
+        try:
+            with contextlib.nullcontext() if backward else torch.no_grad():
+                t = time_call(call, make, ctx.device, bytes_per_call=bytes_moved)
+        except Exception as e:  # noqa: BLE001  (a failing variant is reported, not fatal)
+            rows.append(Row(label, shape, _dt(dtype), name, float("nan"), note=f"failed: {e}"))
+            continue
+        row = Row(label, shape, _dt(dtype), name, t)
+        if bytes_moved:
+            row.gbps = bytes_moved / t / 1e3
+            row.of_limit = row.gbps / ctx.limits.copy_gbps
+        if flops:
+            row.tflops = flops / t / 1e6
+            peak = ctx.limits.matmul_tflops.get(_dt(dtype))
+            row.of_limit = row.tflops / peak if peak else None
+        rows.append(row)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parser(doc: str | None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small default (automatic on CPU)")
+    p.add_argument("--full", action="store_true", help="the full shapes even on a CPU")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--out", type=Path, help="folder for the CSV and markdown results")
+    return p
+
+
+def context_from(args) -> Context:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or (device.type == "cpu" and not args.full)
+    default = ("bf16", "fp32") if device.type == "cuda" else ("fp32",)
+    dtypes = tuple(DTYPES[d] for d in (args.dtype or default))
+    print(f"device: {device_name(device)}; measuring copy bandwidth and matmul peak ...")
+    limits = measure_limits(device, dtypes)
+    peaks = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in limits.matmul_tflops.items())
+    print(f"limits: copy {limits.copy_gbps:.0f} GB/s; matmul {peaks}")
+    return Context(device, dtypes, quick, limits, backward=not args.no_backward)
+
+
+def standalone_context(doc: str | None) -> tuple[Context, Path | None]:
+    args = parser(doc).parse_args()
+    return context_from(args), args.out
+
+
+def report(rows: Sequence[Row], ctx: Context, name: str, out: Path | None) -> None:
+    print_rows(rows)
+    if out is not None:
+        write_results(out, name, rows, ctx.limits, header(ctx.device))
+        print(f"wrote {out / (name + '.csv')} and .md")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU: build fastdit for it, run every test (the GPU
+# ones included, Triton compiled for the GPU), run the benchmark suite, and write everything
+# under the folder given (default bench/results/<gpu>/<date>).
+#
+#   bash bench/gpu_check.sh [OUT_DIR]
+#
+# Uses the Python on PATH (PY=... to choose) with its own torch; installs nothing from the
+# network (fastdit is built with --no-build-isolation --no-deps). Budget: under 10 minutes on
+# an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' | tr -cd '[:alnum:]_-')
+OUT=${1:-bench/results/${gpu:-unknown_gpu}/$(date -u +%Y-%m-%d)}
+mkdir -p "$OUT"
+status=0
+step() { echo; echo "== $* =="; }
+
+step "machine" | tee "$OUT/machine.txt"
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version | tail -n 2; git rev-parse HEAD; } 2>&1 | tee -a "$OUT/machine.txt"
+
+step "build (FASTDIT_BUILD_CUDA=1, archs: the GPU present)"
+start=$(date +%s)
+if ! FASTDIT_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+$PY -m fastdit info 2>&1 | tee "$OUT/info.txt"
+
+step "tests (Triton compiled for the GPU)"
+FASTDIT_TEST_TRITON_GPU=1 timeout 300 $PY -m pytest -q --no-header -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.txt" | tail -n 30
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "benchmarks"
+timeout 360 $PY bench/run.py --out "$OUT" 2>&1 | tee "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo; echo "results in $OUT (status $status)"
+exit $status

@@ -1,0 +1,171 @@
+// Shared pieces of the fastdit._C kernels: error checks, dtype codes and dispatch, and the
+// load/store helpers that move T <-> float (scalar or 16-byte vectors).
+//
+// This header is included by the .cu files (nvcc) and by bindings.cpp (host compiler); the
+// device-only helpers are guarded by __CUDACC__. No torch, no pybind11 here.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace fastdit {
+
+// ---------------------------------------------------------------------------------------------
+// Errors. A CUDA failure becomes a C++ exception whose message names the op and the CUDA error;
+// pybind11 turns std::runtime_error into RuntimeError and std::invalid_argument into ValueError.
+
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline std::string cuda_error_message(const char* op, cudaError_t err) {
+  return std::string("fastdit._C.") + op + ": " + cudaGetErrorString(err) + " (" +
+         cudaGetErrorName(err) + ")";
+}
+
+// Throws CudaError for anything but cudaSuccess. The runtime's last-error slot is cleared so a
+// non-sticky error does not resurface in the next, unrelated check.
+inline void cuda_check(cudaError_t err, const char* op) {
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    throw CudaError(cuda_error_message(op, err));
+  }
+}
+
+// FASTDIT_CUDA_CHECK("op_name", cudaSomething(...)); FASTDIT_CHECK_LAUNCH("op_name") after <<<>>>.
+#define FASTDIT_CUDA_CHECK(op, expr) ::fastdit::cuda_check((expr), (op))
+#define FASTDIT_CHECK_LAUNCH(op) ::fastdit::cuda_check(cudaGetLastError(), (op))
+
+inline std::invalid_argument invalid_argument(const char* op, const std::string& what) {
+  return std::invalid_argument(std::string("fastdit._C.") + op + ": " + what);
+}
+
+// Selects `device` for the lifetime of the guard and restores the previous device afterwards.
+class DeviceGuard {
+ public:
+  DeviceGuard(int device, const char* op) {
+    FASTDIT_CUDA_CHECK(op, cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      FASTDIT_CUDA_CHECK(op, cudaSetDevice(device));
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) {
+      (void)cudaSetDevice(previous_);
+      (void)cudaGetLastError();
+    }
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dtype codes, shared with fastdit/_ext.py. Output dtype = input dtype.
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+inline bool valid_dtype(int code) { return code == kFloat32 || code == kFloat16 || code == kBFloat16; }
+
+inline std::size_t dtype_size(int code) { return code == kFloat32 ? 4 : 2; }
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with T = float, __half or __nv_bfloat16 for code 0, 1, 2; throws
+// std::invalid_argument (ValueError in Python) for any other code. Usage:
+//   dispatch_dtype(code, "op", [&](auto tag) { using T = typename decltype(tag)::type; ... });
+template <typename F>
+decltype(auto) dispatch_dtype(int code, const char* op, F&& f) {
+  switch (code) {
+    case kFloat32:
+      return f(TypeTag<float>{});
+    case kFloat16:
+      return f(TypeTag<__half>{});
+    case kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    default:
+      break;
+  }
+  throw invalid_argument(op, "unknown dtype code " + std::to_string(code) +
+                                 " (expected 0=float32, 1=float16, 2=bfloat16)");
+}
+
+inline bool is_aligned(const void* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers.
+
+#if defined(__CUDACC__)
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// N elements of T moved as one access of N * sizeof(T) bytes (16 bytes at most).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Elements of T in one 16-byte vector: 4 for float, 8 for __half / __nv_bfloat16.
+template <typename T>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+// Loads N consecutive elements at p (which must be aligned to N * sizeof(T)) as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_float(const T* __restrict__ p, float (&out)[N]) {
+  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(pack.v[i]);
+}
+
+// Rounds N floats once to T and stores them at p (aligned to N * sizeof(T)).
+template <typename T, int N>
+__device__ __forceinline__ void store_float(T* __restrict__ p, const float (&in)[N]) {
+  Pack<T, N> pack;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pack;
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the same, bitwise-identical total.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+#endif  // __CUDACC__
+
+}  // namespace fastdit

@@ -1,0 +1,77 @@
+"""Argument checks shared by the op families: every message names the op and the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(
+    op: str,
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    like: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``t`` is a floating tensor of the given rank, with ``like``'s dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastdit.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"fastdit.{op}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+        )
+    if ndim is not None:
+        ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in ranks:
+            want = " or ".join(f"{r}-D" for r in ranks)
+            raise ValueError(f"fastdit.{op}: {name} must be {want}, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(
+                f"fastdit.{op}: {name} has dtype {t.dtype} but x has {like.dtype}; "
+                "cast them to one dtype"
+            )
+        if t.device != like.device:
+            raise ValueError(f"fastdit.{op}: {name} is on {t.device} but x is on {like.device}")
+    return t
+
+
+def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(
+            f"fastdit.{op}: {name} must have shape {tuple(expected)} ({meaning}), "
+            f"got {tuple(t.shape)}"
+        )
+
+
+def positive(op: str, name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"fastdit.{op}: {name} must be positive, got {value}")
+    return value
+
+
+def same_layout(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``x``'s memory format: channels-last stays channels-last, else contiguous."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+def empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like ``x`` in the layout :func:`same_layout` gives."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

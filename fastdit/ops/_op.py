@@ -1,0 +1,259 @@
+"""The machinery every fastdit op shares: registration, autograd, and dispatch to backends.
+
+An :class:`Op` is built from its reference (plain PyTorch, the spec) and a schema. It registers
+two ``torch.library`` custom ops, ``fastdit::<name>`` and ``fastdit::<name>_backward``, so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque node each way:
+
+- their fake (meta) implementations run the reference on fake tensors for the forward, and
+  give every differentiable input's gradient the input's shape for the backward;
+- the autograd formula saves the inputs and calls the backward op;
+- both ops pick a backend at run time. The reference's backward is the vector-Jacobian product
+  of the reference (``torch.func.vjp``), so every op is differentiable before any backward
+  kernel exists; a kernel backend may bring its own backward.
+
+Both custom ops take the requested backend (a name or ``"auto"``) as their last argument, so a
+compiled graph keeps the caller's choice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import backends as _backends
+from ..backends import AUTO, BACKENDS, BackendError
+
+
+class Kernel(NamedTuple):
+    """One backend's implementation of one op.
+
+    forward(*inputs) -> the op's output(s), same layout as the reference's;
+    backward(grads, inputs) -> gradients of the differentiable inputs, in order (or None: that
+    backend has no backward; ``auto`` then runs the reference's);
+    supports(*inputs) -> "" when this kernel serves the call, else the reason it does not.
+    """
+
+    forward: Callable[..., Any]
+    backward: Callable[..., Sequence[torch.Tensor]] | None = None
+    supports: Callable[..., str] | None = None
+
+
+_ARG = re.compile(r"^\s*(?P<type>[\w\[\]?]+)\s+(?P<name>\w+)\s*$")
+
+
+class Op:
+    """A fastdit op: reference, torch.library registration, backends and dispatch.
+
+    family:          the op family (``adaln``, ``patchify``, ``downsampled_attention``)
+    name:            the op's name; registered as ``fastdit::<name>``
+    args:            the schema's arguments, e.g. ``"Tensor x, Tensor shift, float eps"``
+    outputs:         how many tensors the op returns (1: a tensor; more: a tuple)
+    reference:       the plain PyTorch reference, called with the arguments in order
+    differentiable:  names of the tensor arguments that receive gradients
+    """
+
+    def __init__(
+        self,
+        family: str,
+        name: str,
+        args: str,
+        outputs: int,
+        reference: Callable[..., Any],
+        differentiable: Sequence[str],
+    ):
+        self.family = family
+        self.name = name
+        self.reference = reference
+        self.outputs = outputs
+        self.arg_names, self.arg_types = [], []
+        for item in args.split(","):
+            m = _ARG.match(item)
+            if m is None:
+                raise ValueError(f"bad argument {item!r} in the schema of {name}")
+            self.arg_names.append(m["name"])
+            self.arg_types.append(m["type"])
+        self.diff_index = [self.arg_names.index(n) for n in differentiable]
+        self.kernels: dict[str, Kernel] = {"torch": Kernel(reference)}
+        self.last_backend: str | None = None  # the backend that ran the last eager forward
+        self.last_backward_backend: str | None = None
+        _backends.note_implemented(family, "torch", name)
+
+        out = "Tensor" if outputs == 1 else "(" + ", ".join(["Tensor"] * outputs) + ")"
+        grads = ", ".join(f"Tensor grad{i}" for i in range(outputs))
+        self._fwd = torch.library.custom_op(
+            f"fastdit::{name}",
+            self._forward_impl,
+            mutates_args=(),
+            schema=f"({args}, str backend) -> {out}",
+        )
+        self._bwd = torch.library.custom_op(
+            f"fastdit::{name}_backward",
+            self._backward_impl,
+            mutates_args=(),
+            schema=f"({grads}, {args}, str backend) -> Tensor[]",
+        )
+        self._fwd.register_fake(self._forward_fake)
+        self._bwd.register_fake(self._backward_fake)
+        self._fwd.register_autograd(self._autograd_backward, setup_context=self._setup_context)
+
+    # ------------------------------------------------------------------------------------------
+    # Backends
+
+    def register(
+        self,
+        backend: str,
+        forward: Callable[..., Any],
+        backward: Callable[..., Sequence[torch.Tensor]] | None = None,
+        supports: Callable[..., str] | None = None,
+    ) -> None:
+        """Add a kernel backend (``cuda`` or ``triton``) for this op."""
+        if backend not in BACKENDS or backend == "torch":
+            raise ValueError(f"{self.name}: cannot register backend {backend!r}")
+        self.kernels[backend] = Kernel(forward, backward, supports)
+        _backends.note_implemented(self.family, backend, self.name)
+
+    def _device(self, inputs: Sequence[Any]) -> torch.device | None:
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                return x.device
+        return None
+
+    def why_not(self, backend: str, inputs: Sequence[Any], backward: bool = False) -> str:
+        """'' when ``backend`` can serve this call (its backward too, if asked), else why not."""
+        if backend == "torch":
+            return ""
+        kernel = self.kernels.get(backend)
+        if kernel is None:
+            return f"there is no {backend} kernel for {self.name} yet"
+        if backward and kernel.backward is None:
+            return f"the {backend} kernel of {self.name} has no backward yet"
+        reason = _backends.unavailable_reason(backend, self._device(inputs))
+        if not reason and kernel.supports is not None:
+            reason = kernel.supports(*inputs)
+        return reason
+
+    def _select(self, backend: str, inputs: Sequence[Any], backward: bool) -> str:
+        if backend != AUTO:
+            reason = self.why_not(backend, inputs, backward)
+            if reason:
+                raise BackendError(
+                    f"fastdit.{self.name}: backend {backend!r} cannot serve this call: {reason}"
+                )
+            return backend
+        for name in BACKENDS:
+            if not self.why_not(name, inputs, backward):
+                return name
+        raise AssertionError("unreachable: the torch backend serves every call")
+
+    # ------------------------------------------------------------------------------------------
+    # The public entry point
+
+    def __call__(self, *inputs: Any, backend: str | None = None) -> Any:
+        choice = _backends.requested(self.family, backend)
+        if choice != AUTO and not torch.compiler.is_compiling():
+            # Fail here, with the caller's frame in the traceback, rather than in the backward.
+            needs_grad = torch.is_grad_enabled() and any(
+                isinstance(inputs[i], torch.Tensor) and inputs[i].requires_grad
+                for i in self.diff_index
+            )
+            self._select(choice, inputs, backward=needs_grad)
+        return self._fwd(*inputs, choice)
+
+    # ------------------------------------------------------------------------------------------
+    # The custom ops' implementations
+
+    def _forward_impl(self, *args: Any) -> Any:
+        *inputs, backend = args
+        chosen = self._select(backend, inputs, backward=False)
+        self.last_backend = chosen
+        out = self.kernels[chosen].forward(*inputs)
+        return _no_alias(out, inputs)
+
+    def _forward_fake(self, *args: Any) -> Any:
+        *inputs, _backend = args
+        out = self.reference(*inputs)
+        return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
+
+    def _backward_impl(self, *args: Any) -> list[torch.Tensor]:
+        grads, inputs, backend = args[: self.outputs], args[self.outputs : -1], args[-1]
+        chosen = self._select(backend, inputs, backward=True)
+        self.last_backward_backend = chosen
+        kernel = self.kernels[chosen]
+        if kernel.backward is None:
+            return self._reference_backward(grads, inputs)
+        return [
+            _like(g, inputs[i]) for i, g in zip(self.diff_index, kernel.backward(grads, inputs))
+        ]
+
+    def _backward_fake(self, *args: Any) -> list[torch.Tensor]:
+        inputs = args[self.outputs : -1]
+        return [torch.empty_like(inputs[i]) for i in self.diff_index]
+
+    def _reference_backward(
+        self, grads: Sequence[torch.Tensor], inputs: Sequence[Any]
+    ) -> list[torch.Tensor]:
+        def f(*diff_values: torch.Tensor) -> Any:
+            full = list(inputs)
+            for i, value in zip(self.diff_index, diff_values):
+                full[i] = value
+            return self.reference(*full)
+
+        _, vjp = torch.func.vjp(f, *(inputs[i] for i in self.diff_index))
+        cotangents = grads[0] if self.outputs == 1 else tuple(grads)
+        return [
+            g.clone() if _shares(g, inputs) else _like(g, inputs[i])
+            for i, g in zip(self.diff_index, vjp(cotangents))
+        ]
+
+    # ------------------------------------------------------------------------------------------
+    # Autograd
+
+    def _setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        *op_inputs, backend = inputs
+        tensors = [i for i, x in enumerate(op_inputs) if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(*(op_inputs[i] for i in tensors))
+        ctx.tensor_index = tensors
+        ctx.others = [None if isinstance(x, torch.Tensor) else x for x in op_inputs]
+        ctx.backend = backend
+        outs = (output,) if self.outputs == 1 else output
+        ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
+
+    def _autograd_backward(self, ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        inputs = list(ctx.others)
+        for i, t in zip(ctx.tensor_index, ctx.saved_tensors):
+            inputs[i] = t
+        grads = tuple(
+            torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+            for g, (shape, dtype, device) in zip(grads, ctx.out_meta)
+        )
+        result = self._bwd(*grads, *inputs, ctx.backend)
+        out: list[Any] = [None] * (len(inputs) + 1)  # + the backend argument
+        for i, g in zip(self.diff_index, result):
+            out[i] = g
+        return tuple(out)
+
+
+def _shares(t: torch.Tensor, inputs: Sequence[Any]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(
+        isinstance(x, torch.Tensor) and ptr != 0 and x.untyped_storage().data_ptr() == ptr
+        for x in inputs
+    )
+
+
+def _like(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``g`` laid out as ``torch.empty_like(x)`` would be (what the fake backward promises)."""
+    if g.stride() == x.stride():
+        return g
+    out = torch.empty_like(x)
+    return g if out.stride() == g.stride() else out.copy_(g)
+
+
+def _no_alias(out: Any, inputs: Sequence[Any]) -> Any:
+    """Custom ops may not return views of their inputs: copy where the reference would."""
+    if isinstance(out, torch.Tensor):
+        return out.clone() if _shares(out, inputs) else out
+    return tuple(o.clone() if _shares(o, inputs) else o for o in out)

@@ -1,0 +1,20 @@
+"""Test set-up: Triton runs through its CPU interpreter unless a GPU is present.
+
+TRITON_INTERPRET must be set before Triton defines a kernel, so before fastdit is imported.
+Set FASTDIT_TEST_TRITON_GPU=1 (bench/gpu_check.sh does) to compile the Triton kernels for the GPU
+instead.
+"""
+
+import os
+
+if os.environ.get("FASTDIT_TEST_TRITON_GPU", "0") == "0":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("FASTDIT_BACKEND", None)  # tests choose their backends explicitly
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,272 @@
+"""The adaln family: the reference against hand-derived values and float64, and every backend
+present against the reference under the tolerance rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tolerance import assert_close_to_reference
+
+import fastdit
+from fastdit.backends import BackendError, unavailable_reason
+from fastdit.ops import adaln
+
+LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _device_for(backend: str) -> torch.device:
+    return torch.device("cpu") if backend == "triton" and _interpreting() else torch.device("cuda")
+
+
+def _interpreting() -> bool:
+    from fastdit.backends import triton_interpreting
+
+    return triton_interpreting()
+
+
+def _skip_unless(backend: str) -> torch.device:
+    if backend == "torch":
+        return torch.device("cpu")
+    if not adaln._modulate.kernels.get(backend):
+        pytest.skip(f"no {backend} kernel registered: {unavailable_reason(backend)}")
+    device = _device_for(backend)
+    reason = unavailable_reason(backend, device)
+    if reason:
+        pytest.skip(reason)
+    return device
+
+
+def _inputs(shape, dtype, device, layout="contiguous"):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    batch, dim = shape[0], (shape[-1] if len(shape) == 3 else shape[1])
+    shift, scale = torch.randn(2, batch, dim, dtype=torch.float64) * 0.5
+    x = x.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, shift.to(device=device, dtype=dtype), scale.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference
+
+
+def test_hand_derived_modulate():
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [-2.0, 0.0, 0.0, 2.0]]], dtype=torch.float64)
+    shift = torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    scale = torch.tensor([[1.0, 0.0, -1.0, 1.0]], dtype=torch.float64)
+    out = fastdit.adaln_modulate(x, shift, scale, eps=1e-6)
+    # Row 0: mean 2.5, variance 1.25. Row 1: mean 0, variance 2.
+    n0 = torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=torch.float64) / math.sqrt(1.25 + 1e-6)
+    n1 = torch.tensor([-2.0, 0.0, 0.0, 2.0], dtype=torch.float64) / math.sqrt(2 + 1e-6)
+    factor = torch.tensor([2.0, 1.0, 0.0, 2.0], dtype=torch.float64)
+    expected = torch.stack([n0 * factor + 0.5, n1 * factor + 0.5])[None]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-14)
+
+
+def test_hand_derived_gated():
+    x = torch.tensor([[[1.0, 1.0]]], dtype=torch.float64)
+    y = torch.tensor([[[2.0, -2.0]]], dtype=torch.float64)
+    gate = torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    zero = torch.zeros(1, 2, dtype=torch.float64)
+    residual, h = fastdit.gated_adaln(x, y, gate, zero, zero, eps=0.0 + 1e-12)
+    torch.testing.assert_close(residual, torch.tensor([[[2.0, 0.5]]], dtype=torch.float64))
+    torch.testing.assert_close(h, torch.tensor([[[1.0, -1.0]]], dtype=torch.float64))
+
+
+def test_image_layout_equals_token_layout():
+    x, shift, scale = _inputs((2, 24, 3, 5), torch.float64, "cpu")
+    out = fastdit.adaln_modulate(x, shift, scale)
+    tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, D)
+    expected = fastdit.adaln_modulate(tokens, shift, scale).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    assert out.is_contiguous()
+    cl = fastdit.adaln_modulate(x.contiguous(memory_format=torch.channels_last), shift, scale)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, expected, rtol=0, atol=1e-13)
+
+
+def test_gated_is_residual_then_modulate():
+    x, shift, scale = _inputs((3, 7, 40), torch.float64, "cpu")
+    y, gate = torch.randn_like(x), torch.randn_like(shift)
+    residual, h = fastdit.gated_adaln(x, y, gate, shift, scale, 1e-5)
+    torch.testing.assert_close(residual, x + gate[:, None] * y, rtol=0, atol=0)
+    torch.testing.assert_close(h, fastdit.adaln_modulate(residual, shift, scale, 1e-5))
+
+
+def test_statistics_survive_a_large_mean():
+    # E[x^2] - mean^2 would lose every digit here; the two-pass scheme does not.
+    x = torch.randn(1, 4, 256, dtype=torch.float64) + 1e4
+    zero = torch.zeros(1, 256, dtype=torch.float64)
+    out = fastdit.adaln_modulate(x.float(), zero.float(), zero.float())
+    truth = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True))
+    assert (out.double() - truth).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 12), (2, 12, 3, 4)])
+def test_gradcheck_float64(shape):
+    x, shift, scale = _inputs(shape, torch.float64, "cpu")
+    y, gate = torch.randn_like(x), torch.randn_like(shift)
+    args = [t.requires_grad_() for t in (x, y, gate, shift, scale)]
+    assert torch.autograd.gradcheck(lambda *a: fastdit.gated_adaln(*a, 1e-6), args)
+    assert torch.autograd.gradcheck(
+        lambda x, s, c: fastdit.adaln_modulate(x, s, c), (args[0], args[3], args[4])
+    )
+
+
+@pytest.mark.parametrize("layout", ["tokens", "channels_first", "channels_last"])
+def test_opcheck(layout):
+    shape = (2, 3, 8) if layout == "tokens" else (2, 8, 2, 3)
+    x, shift, scale = _inputs(shape, torch.float32, "cpu", layout)
+    y, gate = torch.randn_like(x), torch.randn_like(shift)
+    for t in (x, y, gate, shift, scale):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fastdit.adaln_modulate, (x, shift, scale, 1e-6, "torch"))
+    torch.library.opcheck(torch.ops.fastdit.gated_adaln, (x, y, gate, shift, scale, 1e-6, "auto"))
+
+
+def test_compile_fullgraph():
+    x, shift, scale = _inputs((2, 6, 32), torch.float32, "cpu")
+    y, gate = torch.randn_like(x), torch.randn_like(shift)
+
+    def step(x, y, gate, shift, scale):
+        r, h = fastdit.gated_adaln(x, y, gate, shift, scale)
+        return fastdit.adaln_modulate(r + h, scale, shift)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y, gate, shift, scale), step(x, y, gate, shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda x, s, c: (x[0], s, c), ValueError, "x must be 3-D or 4-D"),
+        (lambda x, s, c: (x, s[:1], c), ValueError, r"shift must have shape \(2, 8\)"),
+        (lambda x, s, c: (x, s, c[:, :4]), ValueError, r"scale must have shape \(2, 8\)"),
+        (lambda x, s, c: (x, s[:, None], c), ValueError, "shift must be 2-D"),
+        (lambda x, s, c: (x, s.half(), c), TypeError, "shift has dtype torch.float16"),
+        (lambda x, s, c: (x.int(), s, c), TypeError, "x must be float32"),
+        (lambda x, s, c: (x, s.tolist(), c), TypeError, "shift must be a torch.Tensor"),
+        (lambda x, s, c: (x.transpose(1, 2), s, c), ValueError, r"shift must have shape \(2, 3\)"),
+    ],
+)
+def test_bad_input(make, error, match):
+    x, shift, scale = _inputs((2, 3, 8), torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        fastdit.adaln_modulate(*make(x, shift, scale))
+
+
+def test_bad_eps_and_y():
+    x, shift, scale = _inputs((2, 3, 8), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="eps must be positive"):
+        fastdit.adaln_modulate(x, shift, scale, eps=0.0)
+    with pytest.raises(ValueError, match=r"gated_adaln: y must have shape \(2, 3, 8\)"):
+        fastdit.gated_adaln(x, x[:, :2], shift, shift, scale)
+
+
+def test_non_contiguous_tokens_are_handled():
+    _, shift, scale = _inputs((2, 5, 8), torch.float64, "cpu")
+    xt = torch.randn(2, 8, 5, dtype=torch.float64).transpose(1, 2)  # (2, 5, 8), strided
+    torch.testing.assert_close(
+        fastdit.adaln_modulate(xt, shift, scale),
+        fastdit.adaln_modulate(xt.contiguous(), shift, scale),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends against the reference
+
+
+CASES = [
+    ((1, 1, 1), "contiguous"),  # one token, D = 1 (the norm of a single channel is 0)
+    ((1, 3, 96), "contiguous"),  # U-DiT-S width
+    ((2, 7, 1152), "contiguous"),  # DiT-XL width, not a power of two
+    ((3, 5, 1000), "contiguous"),
+    ((2, 2, 4097), "contiguous"),
+    ((1, 2, 8192), "contiguous"),
+    ((2, 96, 3, 5), "contiguous"),  # images, channels-first
+    ((2, 96, 3, 5), "channels_last"),
+    ((1, 1152, 2, 2), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape, layout", CASES, ids=str)
+def test_modulate_forward_backends(backend, dtype, shape, layout):
+    device = _skip_unless(backend)
+    x, shift, scale = _inputs(shape, dtype, device, layout)
+    truth = adaln.reference_modulate(x.double(), shift.double(), scale.double(), 1e-6)
+    eager = adaln.reference_modulate(x, shift, scale, 1e-6)
+    try:
+        got = fastdit.adaln_modulate(x, shift, scale, backend=backend)
+    except BackendError as e:
+        pytest.skip(str(e))  # a layout this backend declines: auto covers it, tested below
+    assert adaln._modulate.last_backend == backend
+    assert got.stride() == eager.stride(), "the output layout must be the reference's"
+    assert_close_to_reference(got, eager, truth, f"{backend} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_modulate_writes_every_element(backend, monkeypatch):
+    """Outputs poisoned with NaN before the call: an element the kernel skips stays NaN."""
+    device = _skip_unless(backend)
+    x, shift, scale = _inputs((2, 9, 200), torch.float32, device)
+    real_empty_like = torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        return real_empty_like(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty_like", poisoned)
+    got = fastdit.adaln_modulate(x, shift, scale, backend=backend)
+    assert adaln._modulate.last_backend == backend
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_strided_inputs(backend):
+    device = _skip_unless(backend)
+    big, shift, scale = _inputs((2, 10, 160), torch.float32, device)
+    x = big[:, 1:8, 16:144]  # non-contiguous rows and an offset start
+    shift, scale = shift[:, 16:144], scale[:, 16:144]
+    truth = adaln.reference_modulate(x.double(), shift.double(), scale.double(), 1e-6)
+    eager = adaln.reference_modulate(x, shift, scale, 1e-6)
+    got = fastdit.adaln_modulate(x, shift, scale)  # auto: whichever backend takes it
+    assert_close_to_reference(got, eager, truth, f"{backend} strided")
+
+
+def test_auto_prefers_a_kernel_and_falls_back():
+    x, shift, scale = _inputs((2, 3, 64), torch.float64, "cpu")
+    fastdit.adaln_modulate(x, shift, scale)
+    assert adaln._modulate.last_backend == "torch"  # no kernel takes float64
+    if not unavailable_reason("triton", torch.device("cpu")):
+        fastdit.adaln_modulate(x.float(), shift.float(), scale.float())
+        assert adaln._modulate.last_backend == "triton"
+
+
+def test_kernel_forward_with_reference_backward():
+    """auto runs the forward kernel and, lacking a backward kernel, the reference's backward."""
+    dtype = torch.float32
+    x, shift, scale = _inputs((2, 4, 48), dtype, "cpu")
+    args = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    ref_args = [t.detach().double().requires_grad_() for t in (x, shift, scale)]
+    weight = torch.randn(2, 4, 48)
+    (fastdit.adaln_modulate(*args) * weight).sum().backward()
+    (adaln.reference_modulate(*ref_args, 1e-6) * weight.double()).sum().backward()
+    for got, truth in zip(args, ref_args):
+        torch.testing.assert_close(got.grad.double(), truth.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_backend_that_cannot_serve_raises():
+    x, shift, scale = _inputs((2, 3, 8), torch.float64, "cpu")
+    with pytest.raises(BackendError, match="adaln_modulate: backend 'cuda' cannot serve"):
+        fastdit.adaln_modulate(x, shift, scale, backend="cuda")
+    with pytest.raises(BackendError, match="gated_adaln: backend 'triton' cannot serve"):
+        fastdit.gated_adaln(x, x, shift, shift, scale, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fastdit.adaln_modulate(x, shift, scale, backend="fast")

@@ -1,0 +1,466 @@
+"""The patchify family: patchify, unpatchify, patch_embed, final_layer (torch reference)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdit
+
+P = importlib.import_module("fastdit.ops.patchify")  # fastdit.ops.patchify is the function
+
+f64 = torch.float64
+
+
+def _randn(*shape: int, dtype: torch.dtype = f64) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-derived cases
+
+# x[0, c, r, col] = 16 c + 4 r + col; p = 2 gives a 2 x 2 grid of patches.
+ARANGE = torch.arange(32, dtype=f64).reshape(1, 2, 4, 4)
+TOKENS_CPQ = [
+    [0, 1, 4, 5, 16, 17, 20, 21],  # patch (0, 0): channel 0 rows 0-1 cols 0-1, then channel 1
+    [2, 3, 6, 7, 18, 19, 22, 23],  # patch (0, 1)
+    [8, 9, 12, 13, 24, 25, 28, 29],  # patch (1, 0)
+    [10, 11, 14, 15, 26, 27, 30, 31],  # patch (1, 1)
+]
+TOKENS_PQC = [
+    [0, 16, 1, 17, 4, 20, 5, 21],  # (a, b) = (0, 0): both channels, then (0, 1), (1, 0), (1, 1)
+    [2, 18, 3, 19, 6, 22, 7, 23],
+    [8, 24, 9, 25, 12, 28, 13, 29],
+    [10, 26, 11, 27, 14, 30, 15, 31],
+]
+
+
+@pytest.mark.parametrize("order, tokens", [("cpq", TOKENS_CPQ), ("pqc", TOKENS_PQC)])
+def test_hand_derived(order, tokens):
+    expected = torch.tensor([tokens], dtype=f64)
+    got = fastdit.patchify(ARANGE, 2, order=order)
+    assert got.shape == (1, 4, 8)
+    assert torch.equal(got, expected)
+    assert torch.equal(fastdit.unpatchify(expected, 2, order=order), ARANGE)
+
+
+def test_hand_derived_non_square():
+    # 1 channel, 2 x 4 pixels, p = 2: a 1 x 2 grid.
+    x = torch.arange(8, dtype=f64).reshape(1, 1, 2, 4)
+    expected = torch.tensor([[[0, 1, 4, 5], [2, 3, 6, 7]]], dtype=f64)
+    for order in ("cpq", "pqc"):
+        assert torch.equal(fastdit.patchify(x, 2, order=order), expected)
+        assert torch.equal(fastdit.unpatchify(expected, 2, (1, 2), order=order), x)
+
+
+def test_patch_size_one_is_flatten():
+    x = _randn(2, 3, 4, 5)
+    flat = x.flatten(2).transpose(1, 2)
+    for order in ("cpq", "pqc"):
+        assert torch.equal(fastdit.patchify(x, 1, order=order), flat)
+        assert torch.equal(fastdit.unpatchify(flat, 1, (4, 5), order=order), x)
+
+
+def test_final_layer_hand_derived():
+    # D = 2: LayerNorm maps a token [a, b] to [-1, 1] if a < b, else [1, -1] (eps ~ 0).
+    x = torch.tensor([[[1.0, 3.0], [5.0, 1.0], [0.0, 2.0], [2.0, 0.0]]], dtype=f64)  # 4 tokens
+    zero = torch.zeros(1, 2, dtype=f64)
+    # Output pixel (a, b) of channel 0 reads component 2a+b of the (p*p*C = 4)-vector.
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]], dtype=f64)
+    bias = torch.tensor([0.0, 0.0, 10.0, 0.0], dtype=f64)
+    got = fastdit.final_layer(x, zero, zero, weight, bias, 2, eps=1e-300)
+    # normalised tokens: [-1, 1], [1, -1], [-1, 1], [1, -1] -> [n0, n1, n0 + n1 + 10, 2 n0]
+    rows = {+1: [-1.0, 1.0, 10.0, -2.0], -1: [1.0, -1.0, 10.0, 2.0]}
+    t = [rows[+1], rows[-1], rows[+1], rows[-1]]  # token n: grid (n // 2, n % 2)
+    expected = torch.tensor(
+        [
+            [t[0][0], t[0][1], t[1][0], t[1][1]],
+            [t[0][2], t[0][3], t[1][2], t[1][3]],
+            [t[2][0], t[2][1], t[3][0], t[3][1]],
+            [t[2][2], t[2][3], t[3][2], t[3][3]],
+        ],
+        dtype=f64,
+    )[None, None]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trips and independent formulations
+
+SHAPES = [  # (B, C, H, W, p)
+    (2, 3, 4, 6, 2),
+    (1, 4, 6, 9, 3),
+    (3, 2, 8, 4, 4),
+    (1, 1, 8, 16, 8),
+]
+
+
+@pytest.mark.parametrize("order", ["cpq", "pqc"])
+@pytest.mark.parametrize("B, C, H, W, p", SHAPES)
+def test_round_trip(order, B, C, H, W, p):
+    x = _randn(B, C, H, W, dtype=torch.float32)
+    tokens = fastdit.patchify(x, p, order=order)
+    assert tokens.shape == (B, (H // p) * (W // p), C * p * p)
+    assert torch.equal(fastdit.unpatchify(tokens, p, (H // p, W // p), order=order), x)
+    t = _randn(*tokens.shape, dtype=torch.bfloat16)
+    back = fastdit.patchify(fastdit.unpatchify(t, p, (H // p, W // p), order=order), p, order=order)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, t)
+
+
+@pytest.mark.parametrize("B, C, H, W, p", SHAPES)
+def test_against_unfold_and_einsum(B, C, H, W, p):
+    x = _randn(B, C, H, W)
+    h, w = H // p, W // p
+    # cpq is F.unfold's order: (C, kh, kw) within a column.
+    cpq = F.unfold(x, p, stride=p).transpose(1, 2)
+    assert torch.equal(fastdit.patchify(x, p, order="cpq"), cpq)
+    assert torch.equal(fastdit.unpatchify(cpq, p, (h, w), order="cpq"), x)
+    assert torch.equal(F.fold(cpq.transpose(1, 2), (H, W), p, stride=p), x)
+    # pqc is DiT's layout: tokens (n, h, w, p, q, c).
+    pqc = torch.einsum("nchpwq->nhwpqc", x.reshape(B, C, h, p, w, p)).reshape(B, h * w, -1)
+    assert torch.equal(fastdit.patchify(x, p, order="pqc"), pqc)
+    dit = torch.einsum("nhwpqc->nchpwq", pqc.reshape(B, h, w, p, p, C)).reshape(B, C, H, W)
+    assert torch.equal(fastdit.unpatchify(pqc, p, (h, w)), dit)
+
+
+def test_patchify_matches_conv():
+    x, weight, bias = _randn(2, 3, 8, 6), _randn(5, 3, 2, 2), _randn(5)
+    conv = F.conv2d(x, weight, bias, stride=2).flatten(2).transpose(1, 2)
+    got = fastdit.patchify(x, 2) @ weight.reshape(5, -1).T + bias
+    torch.testing.assert_close(got, conv, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pos_rank", [2, 3])
+@pytest.mark.parametrize("B, C, H, W, p", SHAPES)
+def test_patch_embed_matches_conv2d(pos_rank, B, C, H, W, p):
+    D, N = 7, (H // p) * (W // p)
+    conv = torch.nn.Conv2d(C, D, p, stride=p, dtype=f64)
+    pos = _randn(1, N, D) if pos_rank == 3 else _randn(N, D)
+    x = _randn(B, C, H, W)
+    with torch.no_grad():
+        expected = conv(x).flatten(2).transpose(1, 2) + pos
+        got = fastdit.patch_embed(x, conv.weight, conv.bias, pos)
+    assert got.shape == (B, N, D) and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _final_layer_einsum(x, shift, scale, weight, bias, p, h, w, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    m = (x - mean) / torch.sqrt(var + eps) * (1 + scale[:, None]) + shift[:, None]
+    y = torch.einsum("bnd,kd->bnk", m, weight) + bias
+    C = weight.shape[0] // (p * p)
+    y = y.reshape(x.shape[0], h, w, p, p, C)
+    return torch.einsum("nhwpqc->nchpwq", y).reshape(x.shape[0], C, h * p, w * p)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("h, w", [(2, 2), (1, 3), (3, 2)])
+def test_final_layer_against_einsum(p, h, w):
+    B, D, C, eps = 2, 12, 3, 1e-6
+    x = _randn(B, h * w, D) * 3 + 1
+    shift, scale = _randn(B, D), _randn(B, D)
+    weight, bias = _randn(p * p * C, D), _randn(p * p * C)
+    grid = None if h == w else (h, w)
+    got = fastdit.final_layer(x, shift, scale, weight, bias, p, grid)
+    expected = _final_layer_einsum(x, shift, scale, weight, bias, p, h, w, eps)
+    assert got.shape == (B, C, h * p, w * p)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_final_layer_eps_is_used():
+    x = torch.tensor([[[1.0, 3.0]]], dtype=f64)  # deviations +-1, var = 1
+    zero = torch.zeros(1, 2, dtype=f64)
+    weight, bias = torch.eye(1, 2, dtype=f64), torch.zeros(1, dtype=f64)
+    got = fastdit.final_layer(x, zero, zero, weight, bias, 1, eps=3.0)
+    torch.testing.assert_close(got.flatten(), torch.tensor([-0.5], dtype=f64))
+
+
+def test_final_layer_float32_close_to_float64():
+    B, N, D, p, C = 2, 4, 16, 2, 4
+    args64 = [_randn(B, N, D), _randn(B, D), _randn(B, D), _randn(p * p * C, D), _randn(p * p * C)]
+    truth = fastdit.final_layer(*args64, p)
+    got = fastdit.final_layer(*(a.float() for a in args64), p)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts and aliasing
+
+
+def test_non_contiguous_and_channels_last():
+    x = _randn(2, 3, 8, 12)
+    weight, bias, pos = _randn(5, 3, 4, 4), _randn(5), _randn(1, 6, 5)
+    layouts = {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "transposed": x.transpose(2, 3).contiguous().transpose(2, 3),
+        "sliced": torch.stack([x, -x], dim=-1)[..., 0],  # W stride 2
+        "strided": _randn(2, 3, 16, 12)[:, :, ::2],
+    }
+    layouts["strided"].copy_(x)
+    for name, y in layouts.items():
+        assert torch.equal(y, x), name
+        for order in ("cpq", "pqc"):
+            got = fastdit.patchify(y, 4, order=order)
+            assert torch.equal(got, fastdit.patchify(x, 4, order=order)), name
+            assert got.is_contiguous(), name
+        expected = fastdit.patch_embed(x, weight, bias, pos)
+        got = fastdit.patch_embed(y, weight, bias, pos)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=name)
+        assert got.is_contiguous(), name
+    cl_weight = weight.contiguous(memory_format=torch.channels_last)
+    got = fastdit.patch_embed(layouts["channels_last"], cl_weight, bias, pos[0].T.contiguous().T)
+    torch.testing.assert_close(got, fastdit.patch_embed(x, weight, bias, pos))
+
+
+def test_non_contiguous_tokens():
+    B, h, w, p, C, D = 2, 2, 3, 2, 3, 8
+    tokens = _randn(B, p * p * C, h * w).transpose(1, 2)  # (B, N, p*p*C), not contiguous
+    for order in ("cpq", "pqc"):
+        got = fastdit.unpatchify(tokens, p, (h, w), order=order)
+        assert got.is_contiguous()
+        assert torch.equal(got, fastdit.unpatchify(tokens.contiguous(), p, (h, w), order=order))
+    x = _randn(B, D, h * w).transpose(1, 2)
+    shift, scale = _randn(D, B).T, _randn(B, D)
+    weight, bias = _randn(D, p * p * C).T, _randn(p * p * C)
+    got = fastdit.final_layer(x, shift, scale, weight, bias, p, (h, w))
+    expected = fastdit.final_layer(
+        x.contiguous(), shift.contiguous(), scale, weight.contiguous(), bias, p, (h, w)
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_outputs_never_alias_inputs():
+    # One patch covering the whole image: patchify is a pure reshape of x in order "cpq".
+    x = _randn(2, 3, 4, 4)
+    tokens = fastdit.patchify(x, 4, order="cpq")
+    assert torch.equal(tokens, x.reshape(2, 1, 48))
+    tokens.zero_()
+    assert x.abs().sum() > 0
+    t = _randn(2, 1, 48)
+    img = fastdit.unpatchify(t, 4, order="cpq")
+    img.zero_()
+    assert t.abs().sum() > 0
+
+
+def test_explicit_torch_backend():
+    x = _randn(1, 2, 4, 4)
+    assert torch.equal(fastdit.patchify(x, 2, backend="torch"), fastdit.patchify(x, 2))
+    assert P.OPS[0].last_backend == "torch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd, torch.library, torch.compile
+
+
+def _embed_inputs():
+    x = _randn(2, 2, 4, 6, dtype=f64).requires_grad_()
+    weight = _randn(3, 2, 2, 2).requires_grad_()
+    bias = _randn(3).requires_grad_()
+    pos = _randn(1, 6, 3).requires_grad_()
+    return x, weight, bias, pos
+
+
+def _final_inputs(p=2, h=1, w=3, D=4, C=2, B=2):
+    x = _randn(B, h * w, D).requires_grad_()
+    shift, scale = _randn(B, D).requires_grad_(), _randn(B, D).requires_grad_()
+    weight = _randn(p * p * C, D).requires_grad_()
+    bias = _randn(p * p * C).requires_grad_()
+    return x, shift, scale, weight, bias
+
+
+def test_gradcheck_patch_embed():
+    assert torch.autograd.gradcheck(lambda *a: fastdit.patch_embed(*a), _embed_inputs())
+    x, weight, bias, pos = _embed_inputs()
+    pos2 = pos.detach()[0].requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: fastdit.patch_embed(*a), (x, weight, bias, pos2))
+
+
+def test_gradcheck_final_layer():
+    for p, h, w in [(2, 1, 3), (1, 2, 2)]:
+        inputs = _final_inputs(p, h, w)
+        grid = (h, w)
+        assert torch.autograd.gradcheck(
+            lambda *a, p=p, grid=grid: fastdit.final_layer(*a, p, grid), inputs
+        )
+
+
+def test_gradcheck_patchify_unpatchify():
+    x = _randn(1, 2, 4, 2).requires_grad_()
+    t = _randn(1, 2, 8).requires_grad_()
+    for order in ("cpq", "pqc"):
+        assert torch.autograd.gradcheck(lambda a, o=order: fastdit.patchify(a, 2, order=o), (x,))
+        assert torch.autograd.gradcheck(
+            lambda a, o=order: fastdit.unpatchify(a, 2, (2, 1), order=o), (t,)
+        )
+
+
+def test_gradients_reach_through_the_op():
+    x, weight, bias, pos = _embed_inputs()
+    fastdit.patch_embed(x, weight, bias, pos).square().sum().backward()
+    assert P.OPS[2].last_backward_backend == "torch"
+    ref = [a.detach().clone().requires_grad_() for a in (x, weight, bias, pos)]
+    P.reference_patch_embed(*ref).square().sum().backward()
+    for a, r in zip((x, weight, bias, pos), ref):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
+def _opcheck(name, args):
+    result = torch.library.opcheck(getattr(torch.ops.fastdit, name).default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_opcheck_patchify():
+    x = _randn(2, 3, 4, 6, dtype=torch.float32).requires_grad_()
+    for order in ("cpq", "pqc"):
+        _opcheck("patchify", (x, 2, order, "auto"))
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    _opcheck("patchify", (x_cl, 2, "cpq", "auto"))
+
+
+def test_opcheck_unpatchify():
+    t = _randn(2, 6, 12, dtype=torch.float32).requires_grad_()
+    for order in ("cpq", "pqc"):
+        _opcheck("unpatchify", (t, 2, [2, 3], order, "auto"))
+
+
+def test_opcheck_patch_embed():
+    args = tuple(a.float().detach().requires_grad_() for a in _embed_inputs())
+    _opcheck("patch_embed", (*args, "auto"))
+    x, weight, bias, pos = args
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    _opcheck("patch_embed", (x_cl, weight, bias, pos.detach()[0], "auto"))
+
+
+def test_opcheck_final_layer():
+    args = tuple(a.float().detach().requires_grad_() for a in _final_inputs())
+    _opcheck("final_layer", (*args, 2, [1, 3], 1e-6, "auto"))
+
+
+def test_compile_fullgraph():
+    B, C, H, W, p, D = 2, 4, 4, 8, 2, 8
+    x = _randn(B, C, H, W, dtype=torch.float32)
+    weight, bias = _randn(D, C, p, p, dtype=torch.float32), _randn(D, dtype=torch.float32)
+    pos = _randn(1, 8, D, dtype=torch.float32)
+    shift, scale = _randn(B, D, dtype=torch.float32), _randn(B, D, dtype=torch.float32)
+    w_out, b_out = _randn(p * p * C, D, dtype=torch.float32), _randn(p * p * C, dtype=torch.float32)
+
+    def f(x):
+        tokens = fastdit.patch_embed(x, weight, bias, pos)
+        tokens = tokens + fastdit.patchify(x, p, order="cpq").sum(-1, keepdim=True)
+        out = fastdit.final_layer(tokens, shift, scale, w_out, b_out, p, (H // p, W // p))
+        return out + fastdit.unpatchify(fastdit.patchify(x, p, order="pqc"), p, (2, 4))
+
+    expected = f(x)
+    got = torch.compile(f, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_patchify_inputs():
+    x = _randn(1, 2, 4, 6)
+    with pytest.raises(ValueError, match=r"fastdit.patchify: x must be 4-D"):
+        fastdit.patchify(x[0], 2)
+    with pytest.raises(TypeError, match=r"fastdit.patchify: x must be float32"):
+        fastdit.patchify(torch.ones(1, 2, 4, 4, dtype=torch.int64), 2)
+    with pytest.raises(TypeError, match=r"fastdit.patchify: x must be a torch.Tensor"):
+        fastdit.patchify([[1.0]], 2)
+    with pytest.raises(ValueError, match=r"fastdit.patchify: the height and width of x"):
+        fastdit.patchify(x, 4)
+    with pytest.raises(ValueError, match=r"fastdit.patchify: patch_size must be >= 1"):
+        fastdit.patchify(x, 0)
+    with pytest.raises(TypeError, match=r"fastdit.patchify: patch_size must be an int"):
+        fastdit.patchify(x, 2.0)
+    with pytest.raises(ValueError, match=r"fastdit.patchify: order must be 'cpq'"):
+        fastdit.patchify(x, 2, order="chw")
+    with pytest.raises(ValueError, match=r"fastdit.patchify: x is empty"):
+        fastdit.patchify(_randn(0, 2, 4, 4), 2)
+
+
+def test_bad_unpatchify_inputs():
+    t = _randn(1, 6, 8)
+    with pytest.raises(ValueError, match=r"fastdit.unpatchify: 6 tokens do not form a square"):
+        fastdit.unpatchify(t, 2)
+    with pytest.raises(ValueError, match=r"fastdit.unpatchify: grid \(2, 2\) must be .* \(6\)"):
+        fastdit.unpatchify(t, 2, (2, 2))
+    with pytest.raises(TypeError, match=r"fastdit.unpatchify: grid must be a pair of ints"):
+        fastdit.unpatchify(t, 2, (6,))
+    with pytest.raises(ValueError, match=r"fastdit.unpatchify: the last dimension of tokens"):
+        fastdit.unpatchify(t, 3, (2, 3))
+    with pytest.raises(ValueError, match=r"fastdit.unpatchify: tokens must be 3-D"):
+        fastdit.unpatchify(t[0], 2, (2, 3))
+    with pytest.raises(ValueError, match=r"fastdit.unpatchify: order must be"):
+        fastdit.unpatchify(t, 2, (2, 3), order="hwc")
+    with pytest.raises(TypeError, match=r"fastdit.unpatchify: tokens must be float32"):
+        fastdit.unpatchify(torch.ones(1, 4, 4, dtype=torch.int32), 2)
+
+
+def test_bad_patch_embed_inputs():
+    x, weight, bias, pos = (a.detach() for a in _embed_inputs())  # x (2, 2, 4, 6), D 3, p 2
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: weight must have shape \(D, C"):
+        fastdit.patch_embed(x, _randn(3, 4, 2, 2), bias, pos)
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: weight must have shape .* square"):
+        fastdit.patch_embed(x, _randn(3, 2, 1, 2), bias, pos)
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: weight must be 4-D"):
+        fastdit.patch_embed(x, weight.flatten(1), bias, pos)
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: the height and width of x"):
+        fastdit.patch_embed(x[:, :, :3], weight, bias, pos)
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: bias must have shape \(3,\)"):
+        fastdit.patch_embed(x, weight, _randn(4), pos)
+    with pytest.raises(ValueError, match=r"pos_embed must have shape \(1, 6, 3\) \(one D-vector"):
+        fastdit.patch_embed(x, weight, bias, _randn(1, 4, 3))
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: pos_embed must have shape \(6, 3"):
+        fastdit.patch_embed(x, weight, bias, _randn(6, 4))
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: pos_embed must have shape \(1, 6"):
+        fastdit.patch_embed(x, weight, bias, _randn(2, 6, 3))  # no per-sample positions
+    with pytest.raises(TypeError, match=r"fastdit.patch_embed: pos_embed has dtype torch.float32"):
+        fastdit.patch_embed(x, weight, bias, pos.float())
+    with pytest.raises(TypeError, match=r"fastdit.patch_embed: weight has dtype"):
+        fastdit.patch_embed(x, weight.float(), bias, pos)
+    with pytest.raises(ValueError, match=r"fastdit.patch_embed: x must be 4-D"):
+        fastdit.patch_embed(x[0], weight, bias, pos)
+
+
+def test_bad_final_layer_inputs():
+    x, shift, scale, weight, bias = (a.detach() for a in _final_inputs())  # B 2, N 3, D 4, C 2
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: shift must have shape \(2, 4\)"):
+        fastdit.final_layer(x, shift[:1], scale, weight, bias, 2, (1, 3))
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: scale must have shape \(2, 4\)"):
+        fastdit.final_layer(x, shift, _randn(2, 5), weight, bias, 2, (1, 3))
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: weight must have shape \(p\*p\*C"):
+        fastdit.final_layer(x, shift, scale, weight[:, :3], bias, 2, (1, 3))
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: weight .* multiple of .* = 4"):
+        fastdit.final_layer(x, shift, scale, weight[:6], bias[:6], 2, (1, 3))
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: bias must have shape \(8,\)"):
+        fastdit.final_layer(x, shift, scale, weight, bias[:4], 2, (1, 3))
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: 3 tokens do not form a square"):
+        fastdit.final_layer(x, shift, scale, weight, bias, 2)
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: grid \(3, 3\) must be positive"):
+        fastdit.final_layer(x, shift, scale, weight, bias, 2, (3, 3))
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: eps must be positive"):
+        fastdit.final_layer(x, shift, scale, weight, bias, 2, (1, 3), eps=0.0)
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: x must be 3-D"):
+        fastdit.final_layer(x[0], shift, scale, weight, bias, 2, (1, 3))
+    with pytest.raises(TypeError, match=r"fastdit.final_layer: bias has dtype"):
+        fastdit.final_layer(x, shift, scale, weight, bias.float(), 2, (1, 3))
+    with pytest.raises(ValueError, match=r"fastdit.final_layer: patch_size must be >= 1"):
+        fastdit.final_layer(x, shift, scale, weight, bias, -2, (1, 3))
+
+
+def test_compile_dynamic_shapes():
+    # Square images of two sizes, one compiled graph: the default square grid is found from a
+    # symbolic N. aot_eager: Dynamo and AOTAutograd without Inductor's slow codegen.
+    def f(x):
+        return fastdit.unpatchify(fastdit.patchify(x, 2, order="pqc"), 2)
+
+    g = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for size in (6, 10):
+        x = _randn(3, 2, size, size)
+        assert torch.equal(g(x), x)

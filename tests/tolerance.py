@@ -1,0 +1,27 @@
+"""The tolerance rule of DESIGN.md, shared by every kernel test.
+
+A backend's result, measured against the float64 reference, may be off by at most twice what
+eager PyTorch is off by in the same dtype, plus a tiny absolute floor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
+
+
+def max_error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    return (value.double() - truth.double()).abs().max().item()
+
+
+def assert_close_to_reference(
+    got: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, what: str = ""
+) -> None:
+    """got: the backend's output; eager: the reference in got's dtype; truth: float64 reference."""
+    assert got.shape == truth.shape, f"{what}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype} != {eager.dtype}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an element left unwritten?)"
+    err, eager_err = max_error(got, truth), max_error(eager, truth)
+    bound = 2 * eager_err + FLOOR[got.dtype] * max(1.0, truth.abs().max().item())
+    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e})"
