@@ -155,7 +155,17 @@ def test_pure_python_install(tmp_path):
         "import fastdit._ext as e; m, r = e.load(); "
         f"assert e.__file__.startswith({str(site)!r}), e.__file__; "
         "assert m is None and r, (m, r); "
-        "assert e.cuda_unavailable_reason() == r; print(r)"
+        "assert e.cuda_unavailable_reason() == r; "
+        "import torch, fastdit; from fastdit.models import create; "
+        "assert fastdit.__file__.startswith(e.__file__.rsplit('/', 1)[0]); "
+        "x, s = torch.randn(1, 2, 8), torch.zeros(1, 8); "
+        "assert torch.allclose(fastdit.adaln_modulate(x, s, s), "
+        "torch.nn.functional.layer_norm(x, (8,), eps=1e-6), atol=1e-6); "
+        "status = fastdit.backends()['adaln']['cuda']; "
+        "assert not status.available and 'not built' in status.reason, status; "
+        "m = create('DiT-S/8', input_size=8); "
+        "assert m(torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.tensor([1])).shape "
+        "== (1, 8, 8, 8); print(r)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(site)

@@ -17,6 +17,7 @@ compiled graph keeps the caller's choice.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -234,6 +235,17 @@ class Op:
         for i, g in zip(self.diff_index, result):
             out[i] = g
         return tuple(out)
+
+
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported on first call: registering a kernel never imports its backend
+    (Triton may be missing; the backend's availability check says so before any call)."""
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args)
+
+    call.__name__ = call.__qualname__ = f"{module}.{name}"
+    return call
 
 
 def _shares(t: torch.Tensor, inputs: Sequence[Any]) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._op import Op
+from ._op import Op, lazy
 
 FAMILY = "adaln"
 
@@ -176,17 +176,9 @@ def _cuda_modulate(
     return out
 
 
-def _register_kernels() -> None:
-    from .. import _ext
-    from ..backends import triton_import_reason
-
-    if not triton_import_reason():
-        from ..triton import adaln as triton_adaln
-
-        _modulate.register("triton", triton_adaln.modulate_forward, supports=triton_adaln.supports)
-    module, _ = _ext.load()
-    if module is not None:
-        _modulate.register("cuda", _cuda_modulate, supports=_cuda_supports)
-
-
-_register_kernels()
+_modulate.register(
+    "triton",
+    lazy("fastdit.triton.adaln", "modulate_forward"),
+    supports=lazy("fastdit.triton.adaln", "supports"),
+)
+_modulate.register("cuda", _cuda_modulate, supports=_cuda_supports)

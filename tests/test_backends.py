@@ -1,0 +1,125 @@
+"""Backend selection: FASTDIT_BACKEND, backend=, auto's fallback, and the report of what runs."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdit
+from fastdit.backends import BackendError
+from fastdit.ops import adaln
+
+backends = importlib.import_module("fastdit.backends")  # fastdit.backends is the function
+
+
+def test_requested_reads_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.requested("adaln", None) == "auto"
+    assert backends.requested("adaln", "torch") == "torch"
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    assert all(backends.requested(f, None) == "triton" for f in backends.FAMILIES)
+    assert backends.requested("adaln", "cuda") == "cuda"  # the argument wins
+    monkeypatch.setenv(backends.ENV_VAR, "adaln=triton, patchify=cuda")
+    assert backends.requested("adaln", None) == "triton"
+    assert backends.requested("patchify", None) == "cuda"
+    assert backends.requested("downsampled_attention", None) == "auto"
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("fast", "unknown backend 'fast'"),
+        ("adaln=fast", "unknown backend 'fast'"),
+        ("attention=cuda", "not 'family=backend' with a family among"),
+        ("adaln", "unknown backend 'adaln'"),
+        ("adaln=torch,cuda", "'cuda' is not 'family=backend'"),
+    ],
+)
+def test_bad_environment_values_are_errors(monkeypatch, value, match):
+    monkeypatch.setenv(backends.ENV_VAR, value)
+    with pytest.raises(ValueError, match=match):
+        backends.requested("adaln", None)
+
+
+def test_environment_choice_reaches_the_op(monkeypatch):
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    shift, scale = torch.randn(2, 2, 8, dtype=torch.float64)
+    monkeypatch.setenv(backends.ENV_VAR, "adaln=cuda")
+    with pytest.raises(BackendError, match="adaln_modulate: backend 'cuda' cannot serve"):
+        fastdit.adaln_modulate(x, shift, scale)
+    monkeypatch.setenv(backends.ENV_VAR, "patchify=cuda")  # another family: adaln is auto
+    fastdit.adaln_modulate(x, shift, scale)
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    fastdit.adaln_modulate(x.float(), shift.float(), scale.float())
+    assert adaln._modulate.last_backend == "torch"
+
+
+def test_auto_never_fails_where_the_reference_serves(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "auto")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        x = torch.randn(1, 2, 5, dtype=dtype)
+        shift = torch.randn(1, 5, dtype=dtype)
+        out = fastdit.adaln_modulate(x, shift, shift)
+        assert out.dtype == dtype
+
+
+def test_an_explicit_backend_without_backward_fails_before_running():
+    """A backend named explicitly must serve the backward too when gradients are needed."""
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    shift, scale = torch.randn(2, 2, 8)
+    if adaln._modulate.why_not("triton", (x, shift, scale, 1e-6)):
+        pytest.skip("the triton kernel cannot run here")
+    with pytest.raises(BackendError, match="has no backward yet"):
+        fastdit.adaln_modulate(x, shift, scale, backend="triton")
+    with torch.no_grad():
+        fastdit.adaln_modulate(x, shift, scale, backend="triton")  # no gradient: fine
+
+
+def test_backends_table():
+    table = fastdit.backends()
+    assert set(table) == set(backends.FAMILIES)
+    for family, row in table.items():
+        assert set(row) == set(backends.BACKENDS)
+        assert row["torch"].available and row["torch"].reason == ""
+        assert row["torch"].ops, f"{family} has no reference ops"
+        for status in row.values():
+            assert status.available == (status.reason == "")
+    assert "adaln_modulate" in table["adaln"]["torch"].ops
+    assert "gated_adaln" in table["adaln"]["torch"].ops
+    if not torch.cuda.is_available():
+        assert not table["adaln"]["cuda"].available
+        assert table["adaln"]["cuda"].reason
+
+
+def test_reasons_name_the_cause():
+    cpu = torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert backends.unavailable_reason("cuda", cpu)
+        assert backends.unavailable_reason("cuda", None)
+    if backends.triton_interpreting() and not backends.triton_import_reason():
+        assert backends.unavailable_reason("triton", cpu) == ""
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.unavailable_reason("metal", cpu)
+
+
+def test_info_command_lists_every_family_and_backend():
+    env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
+    out = subprocess.run(
+        [sys.executable, "-m", "fastdit", "info"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert "torch " in out and "fastdit._C" in out
+    for family in backends.FAMILIES:
+        for backend in backends.BACKENDS:
+            assert any(line.split()[:2] == [family, backend] for line in out.splitlines()), (
+                f"no line for {family} {backend}:\n{out}"
+            )
