@@ -48,6 +48,26 @@ def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], meaning:
         )
 
 
+def nonempty(op: str, name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"fastdit.{op}: {name} is empty, shape {tuple(t.shape)}")
+
+
+def count(op: str, name: str, value: object) -> int:
+    """A whole number >= 1 (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"fastdit.{op}: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"fastdit.{op}: {name} must be >= 1, got {value}")
+    return value
+
+
+def flag(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"fastdit.{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def positive(op: str, name: str, value: float) -> float:
     value = float(value)
     if not value > 0:

@@ -244,29 +244,10 @@ OPS = (_split, _merge, _rope2d, _attention, _layer)
 # Argument checks
 
 
-def _nonempty(op: str, name: str, t: torch.Tensor) -> None:
-    if t.numel() == 0:
-        raise ValueError(f"fastdit.{op}: {name} is empty, shape {tuple(t.shape)}")
-
-
-def _int(op: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"fastdit.{op}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"fastdit.{op}: {name} must be >= 1, got {value}")
-    return value
-
-
-def _flag(op: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"fastdit.{op}: {name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _image(op: str, x: torch.Tensor) -> None:
     """x is a non-empty (B, d, H, W) image with H and W even."""
     _checks.tensor(op, "x", x, ndim=4)
-    _nonempty(op, "x", x)
+    _checks.nonempty(op, "x", x)
     H, W = x.shape[-2:]
     if H % 2 or W % 2:
         raise ValueError(
@@ -361,13 +342,13 @@ def polyphase_merge(
     """
     op = "polyphase_merge"
     _checks.tensor(op, "t", t, ndim=4)
-    _nonempty(op, "t", t)
+    _checks.nonempty(op, "t", t)
     if t.shape[1] != 4:
         raise ValueError(
             f"fastdit.{op}: t must be (B, 4, n, d), four groups, got shape {tuple(t.shape)}"
         )
     hw = _grid(op, grid, t.shape[2])
-    return _merge(t, hw, _flag(op, "channels_last", channels_last), backend=backend)
+    return _merge(t, hw, _checks.flag(op, "channels_last", channels_last), backend=backend)
 
 
 def rope2d(
@@ -389,7 +370,7 @@ def rope2d(
     _checks.tensor(op, "x", x)
     if x.dim() < 2:
         raise ValueError(f"fastdit.{op}: x must be (..., n, h), got shape {tuple(x.shape)}")
-    _nonempty(op, "x", x)
+    _checks.nonempty(op, "x", x)
     _rope_head_dim(op, x.shape[-1], "h =")
     hw = _grid(op, grid, x.shape[-2])
     return _rope2d(x, hw, backend=backend)
@@ -418,9 +399,9 @@ def attention_in_groups(
     Runs in float32 (float64 for float64 inputs); returns q's shape and dtype, contiguous.
     """
     op = "attention_in_groups"
-    cosine = _flag(op, "cosine", cosine)
+    cosine = _checks.flag(op, "cosine", cosine)
     _checks.tensor(op, "q", q, ndim=(4, 5))
-    _nonempty(op, "q", q)
+    _checks.nonempty(op, "q", q)
     for name, t in (("k", k), ("v", v)):
         _checks.tensor(op, name, t, like=q)
         _checks.shape(op, name, t, q.shape, "the shape of q")
@@ -459,10 +440,10 @@ def downsampled_attention(
     dtype and memory format; differentiable in x and every weight.
     """
     op = "downsampled_attention"
-    rope = _flag(op, "rope", rope)
-    cosine = _flag(op, "cosine", cosine)
-    shortcut = _flag(op, "shortcut", shortcut)
-    heads = _int(op, "num_heads", num_heads)
+    rope = _checks.flag(op, "rope", rope)
+    cosine = _checks.flag(op, "cosine", cosine)
+    shortcut = _checks.flag(op, "shortcut", shortcut)
+    heads = _checks.count(op, "num_heads", num_heads)
     _image(op, x)
     d = x.shape[1]
     if d % heads:

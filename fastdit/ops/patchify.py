@@ -141,14 +141,6 @@ OPS = (_patchify, _unpatchify, _patch_embed, _final_layer)
 # Argument checks
 
 
-def _patch_size(op: str, patch_size: object) -> int:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int):
-        raise TypeError(f"fastdit.{op}: patch_size must be an int, got {type(patch_size).__name__}")
-    if patch_size < 1:
-        raise ValueError(f"fastdit.{op}: patch_size must be >= 1, got {patch_size}")
-    return patch_size
-
-
 def _order(op: str, order: object) -> str:
     if order not in ORDERS:
         raise ValueError(
@@ -184,15 +176,10 @@ def _grid(op: str, grid: object, n: int) -> list[int]:
     return [h, w]
 
 
-def _nonempty(op: str, name: str, t: torch.Tensor) -> None:
-    if t.numel() == 0:
-        raise ValueError(f"fastdit.{op}: {name} is empty, shape {tuple(t.shape)}")
-
-
 def _image(op: str, x: torch.Tensor, p: int) -> None:
     """x is a non-empty (B, C, H, W) image with H and W multiples of p."""
     _checks.tensor(op, "x", x, ndim=4)
-    _nonempty(op, "x", x)
+    _checks.nonempty(op, "x", x)
     H, W = x.shape[-2:]
     if H % p or W % p:
         raise ValueError(
@@ -215,7 +202,7 @@ def patchify(
     token the values are ordered (channel, row, column) for ``order="cpq"`` (a Conv2d
     weight's order) or (row, column, channel) for ``order="pqc"``.
     """
-    p = _patch_size("patchify", patch_size)
+    p = _checks.count("patchify", "patch_size", patch_size)
     order = _order("patchify", order)
     _image("patchify", x, p)
     return _patchify(x, p, order, backend=backend)
@@ -236,10 +223,10 @@ def unpatchify(
     (B, h, w, p, p, C), then the einsum ``nhwpqc->nchpwq``.
     """
     op = "unpatchify"
-    p = _patch_size(op, patch_size)
+    p = _checks.count(op, "patch_size", patch_size)
     order = _order(op, order)
     _checks.tensor(op, "tokens", tokens, ndim=3)
-    _nonempty(op, "tokens", tokens)
+    _checks.nonempty(op, "tokens", tokens)
     if tokens.shape[-1] % (p * p):
         raise ValueError(
             f"fastdit.{op}: the last dimension of tokens (B, N, p*p*C) = {tuple(tokens.shape)} "
@@ -305,10 +292,10 @@ def final_layer(
     shape (B, C, h*p, w*p); LayerNorm without affine weights, biased variance, eps as given.
     """
     op = "final_layer"
-    p = _patch_size(op, patch_size)
+    p = _checks.count(op, "patch_size", patch_size)
     eps = _checks.positive(op, "eps", eps)
     _checks.tensor(op, "x", x, ndim=3)
-    _nonempty(op, "x", x)
+    _checks.nonempty(op, "x", x)
     B, N, D = x.shape
     for name, t in (("shift", shift), ("scale", scale)):
         _checks.tensor(op, name, t, ndim=2, like=x)
