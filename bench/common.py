@@ -327,7 +327,7 @@ def parser(doc: str | None):
 def context_from(args) -> Context:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or (device.type == "cpu" and not args.full)
-    default = ("bf16", "fp32") if device.type == "cuda" else ("fp32",)
+    default = ("bf16",) if device.type == "cuda" else ("fp32",)
     dtypes = tuple(DTYPES[d] for d in (args.dtype or default))
     print(f"device: {device_name(device)}; measuring copy bandwidth and matmul peak ...")
     limits = measure_limits(device, dtypes)

@@ -1,9 +1,9 @@
 """fastdit's benchmark suite: every op family and the end-to-end models, against eager PyTorch,
 torch.compile and this machine's limits.
 
-On a GPU the default is the full suite in bf16 and fp32 (the DiT-XL/2 end-to-end forward at
-256 px in bf16 included). On a CPU it is a small fp32 default that finishes in a few minutes on
-2 cores; each backend that cannot run here gets one line saying why.
+On a GPU the default is the full suite in bf16 (the DiT-XL/2 end-to-end forward at 256 px
+included); --dtype picks other dtypes. On a CPU it is a small fp32 default that finishes in a
+few minutes on 2 cores. Each backend that cannot run here gets one line saying why.
 
     python bench/run.py [--quick | --full] [--dtype bf16 ...] [--no-backward] [--out DIR]
                         [--only adaln,patchify,downsampled_attention,models]

@@ -1,7 +1,9 @@
 """The tolerance rule of DESIGN.md, shared by every kernel test.
 
 A backend's result, measured against the float64 reference, may be off by at most twice what
-eager PyTorch is off by in the same dtype, plus a tiny absolute floor.
+eager PyTorch is off by in the same dtype, plus a tiny floor (FLOOR[dtype] times the larger of 1
+and the result's magnitude), so that an eager result that happens to be exact does not demand
+an exact kernel.
 """
 
 from __future__ import annotations
