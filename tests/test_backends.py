@@ -68,16 +68,22 @@ def test_auto_never_fails_where_the_reference_serves(monkeypatch):
         assert out.dtype == dtype
 
 
-def test_an_explicit_backend_without_backward_fails_before_running():
+def test_an_explicit_backend_without_backward_fails_before_running(monkeypatch):
     """A backend named explicitly must serve the backward too when gradients are needed."""
     x = torch.randn(2, 3, 8, requires_grad=True)
     shift, scale = torch.randn(2, 2, 8)
     if adaln._modulate.why_not("triton", (x, shift, scale, 1e-6)):
         pytest.skip("the triton kernel cannot run here")
+    kernel = adaln._modulate.kernels["triton"]
+    monkeypatch.setitem(adaln._modulate.kernels, "triton", kernel._replace(backward=None))
     with pytest.raises(BackendError, match="has no backward yet"):
         fastdit.adaln_modulate(x, shift, scale, backend="triton")
     with torch.no_grad():
         fastdit.adaln_modulate(x, shift, scale, backend="triton")  # no gradient: fine
+    # auto runs the kernel's forward and, lacking its backward, the reference's.
+    fastdit.adaln_modulate(x, shift, scale).sum().backward()
+    assert adaln._modulate.last_backward_backend == "torch"
+    assert x.grad is not None
 
 
 def test_backends_table():

@@ -1,4 +1,4 @@
-"""Complete models and the name registry (``"DiT-XL/2"``, ...).
+"""Complete models and the name registry (``"DiT-XL/2"``, ``"U-DiT-B"``, ...).
 
 ``MODELS`` maps every name to its constructor; a model family adds its names with
 :func:`register` (or ``MODELS.update``). ``create(name, **kwargs)`` builds one.
@@ -28,6 +28,7 @@ from .dit import (
     DiT_XL_8,
     get_2d_sincos_pos_embed,
 )
+from .udit import U_DiT, U_DiT_B, U_DiT_L, U_DiT_S, UDiT, UDiT_models
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -46,7 +47,7 @@ def names() -> list[str]:
 
 def create(name: str, **kwargs) -> nn.Module:
     """Build the model registered as ``name`` (e.g. ``"DiT-XL/2"``) with ``kwargs`` passed on
-    (``input_size=64`` for 512 px DiT, ``backend=...``, ...)."""
+    (``input_size=64`` for 512 px DiT, ``num_classes=...``, ``backend=...``, ...)."""
     try:
         constructor = MODELS[name]
     except KeyError:
@@ -56,7 +57,7 @@ def create(name: str, **kwargs) -> nn.Module:
     return constructor(**kwargs)
 
 
-for _name, _constructor in DiT_models.items():
+for _name, _constructor in {**DiT_models, **UDiT_models}.items():
     register(_name, _constructor)
 
 __all__ = [
@@ -75,6 +76,12 @@ __all__ = [
     "DiT_XL_4",
     "DiT_XL_8",
     "DiT_models",
+    "UDiT",
+    "UDiT_models",
+    "U_DiT",
+    "U_DiT_B",
+    "U_DiT_L",
+    "U_DiT_S",
     "create",
     "get_2d_sincos_pos_embed",
     "load_checkpoint",
