@@ -1,26 +1,59 @@
-// adaLN modulate, forward:
+// The adaLN family: modulate and gated residual + modulate, forward and backward.
 //
-//   out[b, l, :] = LayerNorm(x[b, l, :]) * (1 + scale[b, :]) + shift[b, :]
+//   modulate:  out[b, l, :] = LayerNorm(x[b, l, :]) * (1 + scale[b, :]) + shift[b, :]
+//   gated:     r = x + gate[b, :] * y;  out = modulate(r)       (both r and out are outputs)
 //
-// x, out: (B, L, D) contiguous; shift, scale: (B, D) contiguous; one dtype for all four.
+// Rows: x, y, r, out and the gradients are B * L rows of D contiguous elements: (B, L, D)
+// tokens, or channels-last (B, D, H, W) images (L = H * W), which are the same in memory.
+// shift, scale, gate and their gradients: (B, D) contiguous. One dtype for all (float, __half,
+// __nv_bfloat16); every value is computed in fp32 and rounded once to the dtype.
 // LayerNorm has no affine weights, uses the biased variance and eps inside the square root, as
-// torch.nn.functional.layer_norm. Statistics are taken in fp32 in two passes over the row held
-// in registers (mean first, then the sum of squared deviations), and each output is computed in
-// fp32 and rounded once to the output dtype.
+// torch.nn.functional.layer_norm. Statistics are taken in fp32 in two passes over the row held in
+// registers (mean first, then the sum of squared deviations). For gated, r is rounded to the
+// dtype before it is normalised, so out is exactly modulate(r) of the r that is returned.
 //
-// The op is memory-bound. The floor is the bytes moved:
-//   2 * B * L * D * sizeof(T)   (read x once, write out once)
-// + 2 * B * D * sizeof(T)       (shift and scale; re-read per row, but from L1/L2)
-// so the kernels read each x element from global memory exactly once (the row stays in
-// registers) and use 16-byte accesses where the row length and the pointers allow.
+// Backward, with n = (x' - mean) * rstd (x' = x for modulate, r for gated) and
+// g = dout * (1 + scale):
+//   dx'       = rstd * (g - mean_D(g) - n * mean_D(g * n))
+//   modulate: dx = dx'
+//   gated:    dx = dr + dx',  dy = gate * dx,  dgate = sum_L(dx * y)
+//   both:     dshift = sum_L(dout),  dscale = sum_L(dout * n)
+// The statistics (and r) are recomputed from the inputs; nothing else is saved by the forward.
+// The sums over the L rows of a sample are deterministic: block (b, split) adds its rows in a
+// fixed order (each thread owns fixed columns; the row groups of a block are combined in group
+// order through shared memory) and writes one fp32 partial row per gradient into `partial`, a
+// scratch buffer of planes * B * splits * D floats that the caller allocates; a second kernel
+// adds each sample's partials in split order and rounds once. Same inputs and same `splits`:
+// bitwise-identical gradients.
 //
-// Kernel shapes, by the number of vectors per row (nvec = D / V, V elements per access):
+// The ops are memory-bound. The floor is the bytes that must move (N = B * L * D, e = sizeof(T)):
+//   modulate forward   2 N e   (read x, write out)
+//   gated forward      4 N e   (read x, y; write r, out)
+//   modulate backward  3 N e   (read x, dout; write dx)
+//   gated backward     6 N e   (read x, y, dr, dout; write dx, dy)
+// plus a few B * D for the conditioning vectors (re-read per row, from L1/L2) and, for the
+// backward, 2 or 3 partial planes of B * splits * D fp32 written once and read once.
+// adaln_bwd_splits picks splits from the backward kernel's occupancy: one wave of resident
+// blocks, >= 16 rows each, so the partials are a few percent of the traffic (and mostly stay in
+// L2); at B >= the number of resident blocks, one split per sample.
+// Expected on an H100 (HBM3 3.35 TB/s, a device-to-device copy measures ~2.6-3.0 TB/s), not yet
+// measured: forward ~85-90 % of the copy bandwidth at DiT-XL/2 and U-DiT-B channels-last shapes,
+// backward ~70-80 %. At DiT-XL/2 B 256 bf16 (N e = 151 MB) and ~2.8 TB/s copy: modulate forward
+// ~125 us, gated forward ~245 us, gated backward ~430 us.
+// Register use (ptxas -v, sm_90): forward 25-96 registers, no spills; backward 40-128, no spills
+// on the 16-byte path except fp32 D > 4096 gated (68 bytes); the scalar path (misaligned
+// pointers, or D * sizeof(T) not a multiple of 16) spills at D > 4096: correct, not fast.
+//
+// Forward kernel shapes, by the number of vectors per row (nvec = D / V, V elements per access):
 //   nvec <= 256          one warp per row, 4 rows per 128-thread block, ITERS = ceil(nvec / 32)
 //   nvec <= 1024 * K     one block of 128..1024 threads per row, K vectors per thread
 //                        (K = 4 for 16-byte vectors, 8 for scalars)
 //   larger               one 1024-thread block per row that re-reads the row from global
 //                        memory (L2) for each pass: correct for any D, not the fast path
-// V = 16 / sizeof(T) when D * sizeof(T) and all four pointers are multiples of 16 bytes; V = 1
+// Backward kernel: a row group of G threads holds a row, ITERS vectors per thread (at most 16
+// elements); a block holds R = max(1, 256 / G) groups working on R rows of the same sample at
+// once, and loops over the rows of its (sample, split). D <= kBwdMaxD.
+// V = 16 / sizeof(T) when D * sizeof(T) and all pointers are multiples of 16 bytes; V = 1
 // (scalar accesses) otherwise.
 
 #include <algorithm>
@@ -30,12 +63,19 @@
 #include "common.cuh"
 
 namespace fastdit {
+
+constexpr int64_t kBwdMaxD = 8192;
+
 namespace {
 
 constexpr int kWarp = 32;
 constexpr int kWarpModeBlock = 128;  // threads per block in warp-per-row mode (4 rows)
 constexpr int kWarpModeMaxIters = 8;
 constexpr int kBigThreads = 1024;
+constexpr int kBwdMaxThreads = 512;
+constexpr int kBwdMaxWarps = kBwdMaxThreads / kWarp;
+constexpr int kBwdBlockTarget = 256;  // threads per backward block when a row needs fewer
+constexpr int kBwdMaxElems = 16;      // row elements per thread per tensor in the backward
 
 // a / d for d >= 1, given inv_d = 1 / d correctly rounded: one Newton correction of a * inv_d,
 // which gives the correctly rounded quotient (so it is exact when representable, e.g. the mean
@@ -43,6 +83,11 @@ constexpr int kBigThreads = 1024;
 __device__ __forceinline__ float divide(float a, float d, float inv_d) {
   const float q = a * inv_d;
   return fmaf(fmaf(-q, d, a), inv_d, q);
+}
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
 }
 
 // Sum of v over the TPR threads that share a row. For TPR == 32 that is the warp; for larger
@@ -63,18 +108,32 @@ __device__ __forceinline__ float row_sum(float v, float* smem) {
   return v;
 }
 
+template <typename T>
+struct FwdParams {
+  const T* x;
+  const T* y;     // gated only
+  const T* gate;  // gated only
+  const T* shift;
+  const T* scale;
+  T* r;  // gated only
+  T* out;
+  uint32_t rows;  // rows of this launch (a chunk of B * L, see launch_chunks)
+  uint32_t L;
+  int D;
+  float eps;
+};
+
 // The row in registers: thread t of a row holds vectors t, t + TPR, t + 2 * TPR, ... (ITERS of
 // them, V elements each), so each access instruction of a warp covers 32 * V consecutive
 // elements.
-template <typename T, int V, int TPR, int ITERS>
+template <typename T, int V, int TPR, int ITERS, bool GATED>
 __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
-    adaln_fwd_regs_kernel(const T* __restrict__ x, const T* __restrict__ shift,
-                          const T* __restrict__ scale, T* __restrict__ out, uint32_t rows,
-                          uint32_t L, int D, float eps) {
+    adaln_fwd_regs_kernel(const FwdParams<T> p) {
   constexpr int kRowsPerBlock = TPR > kWarp ? 1 : kWarpModeBlock / TPR;
   __shared__ float smem_mean[TPR > kWarp ? kWarp : 1];
   __shared__ float smem_var[TPR > kWarp ? kWarp : 1];
 
+  const int D = p.D;
   const int t = static_cast<int>(threadIdx.x % TPR);
   const int nvec = D / V;
   const float d_f = static_cast<float>(D);
@@ -82,17 +141,28 @@ __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
 
   // Grid-stride over rows; `row` is uniform over the threads of a row (a warp or the block).
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
-       row < rows; row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const T* xr = x + row * D;
+       row < p.rows; row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t b = static_cast<uint32_t>(row) / p.L;
+    const T* __restrict__ xr = p.x + row * D;
 
-    // Pass 1: load the row once, sum it.
+    // Pass 1: load the row once (and, gated, form r = x + gate * y, rounded, and store it),
+    // sum it.
     float v[ITERS][V];
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int c = i * TPR + t;
       if (c < nvec) {
-        load_float<T, V>(xr + static_cast<int64_t>(c) * V, v[i]);
+        const int64_t e = static_cast<int64_t>(c) * V;
+        load_float<T, V>(xr + e, v[i]);
+        if constexpr (GATED) {
+          float yv[V], gv[V];
+          load_float<T, V>(p.y + row * D + e, yv);
+          load_float<T, V>(p.gate + b * D + e, gv);
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[i][j] = round_to<T>(fmaf(gv[j], yv[j], v[i][j]));
+          store_float<T, V>(p.r + row * D + e, v[i]);
+        }
 #pragma unroll
         for (int j = 0; j < V; ++j) sum += v[i][j];
       }
@@ -112,46 +182,55 @@ __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
       }
     }
     const float var = divide(row_sum<TPR>(m2, smem_var), d_f, inv_d);
-    const float rstd = __frsqrt_rn(var + eps);  // 1 / sqrt, correctly rounded
+    const float rstd = __frsqrt_rn(var + p.eps);  // 1 / sqrt, correctly rounded
 
     // Normalize, modulate, round once, store.
-    const uint32_t b = static_cast<uint32_t>(row) / L;
-    const T* sh = shift + static_cast<int64_t>(b) * D;
-    const T* sc = scale + static_cast<int64_t>(b) * D;
-    T* o = out + row * D;
+    const T* __restrict__ sh = p.shift + b * D;
+    const T* __restrict__ sc = p.scale + b * D;
+    T* __restrict__ o = p.out + row * D;
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int c = i * TPR + t;
       if (c < nvec) {
+        const int64_t e = static_cast<int64_t>(c) * V;
         float shv[V], scv[V], y[V];
-        load_float<T, V>(sh + static_cast<int64_t>(c) * V, shv);
-        load_float<T, V>(sc + static_cast<int64_t>(c) * V, scv);
+        load_float<T, V>(sh + e, shv);
+        load_float<T, V>(sc + e, scv);
 #pragma unroll
         for (int j = 0; j < V; ++j) y[j] = ((v[i][j] - mean) * rstd) * (1.f + scv[j]) + shv[j];
-        store_float<T, V>(o + static_cast<int64_t>(c) * V, y);
+        store_float<T, V>(o + e, y);
       }
     }
   }
 }
 
-// Rows too long for registers: the same three steps, each re-reading the row from memory.
-template <typename T, int V>
-__global__ void __launch_bounds__(kBigThreads)
-    adaln_fwd_big_kernel(const T* __restrict__ x, const T* __restrict__ shift,
-                         const T* __restrict__ scale, T* __restrict__ out, uint32_t rows,
-                         uint32_t L, int D, float eps) {
+// Rows too long for registers: the same three steps, each re-reading the row from memory (for
+// gated, pass 1 writes r and the later passes read it back: the same thread, the same elements).
+template <typename T, int V, bool GATED>
+__global__ void __launch_bounds__(kBigThreads) adaln_fwd_big_kernel(const FwdParams<T> p) {
   __shared__ float smem_mean[kWarp];
   __shared__ float smem_var[kWarp];
+  const int D = p.D;
   const int nvec = D / V;
   const float d_f = static_cast<float>(D);
   const float inv_d = __frcp_rn(d_f);
 
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* xr = x + row * D;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t b = static_cast<uint32_t>(row) / p.L;
+    const T* src = GATED ? p.r + row * D : p.x + row * D;  // the row that is normalised
     float sum = 0.f;
     for (int c = threadIdx.x; c < nvec; c += kBigThreads) {
+      const int64_t e = static_cast<int64_t>(c) * V;
       float v[V];
-      load_float<T, V>(xr + static_cast<int64_t>(c) * V, v);
+      load_float<T, V>(p.x + row * D + e, v);
+      if constexpr (GATED) {
+        float yv[V], gv[V];
+        load_float<T, V>(p.y + row * D + e, yv);
+        load_float<T, V>(p.gate + b * D + e, gv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = round_to<T>(fmaf(gv[j], yv[j], v[j]));
+        store_float<T, V>(p.r + row * D + e, v);
+      }
 #pragma unroll
       for (int j = 0; j < V; ++j) sum += v[j];
     }
@@ -160,7 +239,7 @@ __global__ void __launch_bounds__(kBigThreads)
     float m2 = 0.f;
     for (int c = threadIdx.x; c < nvec; c += kBigThreads) {
       float v[V];
-      load_float<T, V>(xr + static_cast<int64_t>(c) * V, v);
+      load_float<T, V>(src + static_cast<int64_t>(c) * V, v);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const float d = v[j] - mean;
@@ -168,16 +247,15 @@ __global__ void __launch_bounds__(kBigThreads)
       }
     }
     const float var = divide(row_sum<kBigThreads>(m2, smem_var), d_f, inv_d);
-    const float rstd = __frsqrt_rn(var + eps);  // 1 / sqrt, correctly rounded
+    const float rstd = __frsqrt_rn(var + p.eps);
 
-    const uint32_t b = static_cast<uint32_t>(row) / L;
-    const T* sh = shift + static_cast<int64_t>(b) * D;
-    const T* sc = scale + static_cast<int64_t>(b) * D;
-    T* o = out + row * D;
+    const T* sh = p.shift + b * D;
+    const T* sc = p.scale + b * D;
+    T* o = p.out + row * D;
     for (int c = threadIdx.x; c < nvec; c += kBigThreads) {
       const int64_t e = static_cast<int64_t>(c) * V;
       float v[V], shv[V], scv[V], y[V];
-      load_float<T, V>(xr + e, v);
+      load_float<T, V>(src + e, v);
       load_float<T, V>(sh + e, shv);
       load_float<T, V>(sc + e, scv);
 #pragma unroll
@@ -187,12 +265,310 @@ __global__ void __launch_bounds__(kBigThreads)
   }
 }
 
-struct Args {
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+struct BwdParams {
+  const T* x;
+  const T* y;     // gated only
+  const T* gate;  // gated only
+  const T* scale;
+  const T* dr;  // gated only: the cotangent of r
+  const T* dh;  // the cotangent of out
+  T* dx;
+  T* dy;           // gated only
+  float* partial;  // planes x [B][splits][D]: d shift, d scale (, d gate) partial sums
+  int64_t plane;   // B * splits * D
+  uint32_t L;
+  uint32_t splits;
+  uint32_t rows_per_split;
+  int D;
+  int group;  // G, threads per row (SUB when SUB < 32, else a multiple of 32)
+  float eps;
+};
+
+// Sum of v over the G threads of a row group. SUB < 32: G = SUB lanes of one warp (shuffles).
+// SUB == 32: G = wpg whole warps; for wpg > 1 through smem (one slot per warp of the block) and
+// one __syncthreads, so every thread of the block must call it. The wpg partial sums are added
+// in warp order by every thread of the group, so all get the same, bitwise-identical total.
+// Callers use a distinct smem array for each reduction of a row (see adaln_fwd_regs_kernel).
+template <int SUB>
+__device__ __forceinline__ float group_sum(float v, float* smem, int wpg) {
+  if constexpr (SUB < kWarp) {
+#pragma unroll
+    for (int offset = SUB / 2; offset > 0; offset >>= 1) {
+      v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+  } else {
+    v = warp_sum(v);
+    if (wpg == 1) return v;
+    const int warp = static_cast<int>(threadIdx.x) / kWarp;
+    if (threadIdx.x % kWarp == 0) smem[warp] = v;
+    __syncthreads();
+    const int first = warp - warp % wpg;
+    float total = 0.f;
+    for (int w = 0; w < wpg; ++w) total += smem[first + w];
+    return total;
+  }
+}
+
+// Two sums at once (one __syncthreads for both).
+template <int SUB>
+__device__ __forceinline__ void group_sum2(float& a, float& b, float* smem_a, float* smem_b,
+                                           int wpg) {
+  if constexpr (SUB < kWarp) {
+#pragma unroll
+    for (int offset = SUB / 2; offset > 0; offset >>= 1) {
+      a += __shfl_xor_sync(0xffffffffu, a, offset);
+      b += __shfl_xor_sync(0xffffffffu, b, offset);
+    }
+  } else {
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (wpg == 1) return;
+    const int warp = static_cast<int>(threadIdx.x) / kWarp;
+    if (threadIdx.x % kWarp == 0) {
+      smem_a[warp] = a;
+      smem_b[warp] = b;
+    }
+    __syncthreads();
+    const int first = warp - warp % wpg;
+    a = 0.f;
+    b = 0.f;
+    for (int w = 0; w < wpg; ++w) {
+      a += smem_a[first + w];
+      b += smem_b[first + w];
+    }
+  }
+}
+
+// Block (b, split): R row groups of G threads; group g takes rows begin + g, begin + g + R, ...
+// Thread t of a group owns vectors t, t + G, ... (ITERS of them) of every row, and adds its
+// columns' contributions to d shift, d scale (and d gate) in registers as the rows go by.
+template <typename T, int V, int ITERS, int SUB, bool GATED>
+__global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdParams<T> p) {
+  extern __shared__ float combine[];  // R * D floats, when R > 1
+  __shared__ float sm_mean[kBwdMaxWarps];
+  __shared__ float sm_var[kBwdMaxWarps];
+  __shared__ float sm_g[kBwdMaxWarps];
+  __shared__ float sm_gn[kBwdMaxWarps];
+  // Up to 8 elements per thread and tensor, every load of a row is issued at its start; with
+  // 16, dr is loaded at the end and y re-read there (from L1), to stay within 128 registers.
+  constexpr bool kHold = ITERS * V <= 8;
+
+  const int D = p.D;
+  const int nvec = D / V;
+  const int G = SUB < kWarp ? SUB : p.group;
+  const int wpg = SUB < kWarp ? 1 : G / kWarp;
+  const int R = static_cast<int>(blockDim.x) / G;
+  const int g = static_cast<int>(threadIdx.x) / G;
+  const int t = static_cast<int>(threadIdx.x) % G;
+  const float d_f = static_cast<float>(D);
+  const float inv_d = __frcp_rn(d_f);
+
+  const uint32_t b = blockIdx.x / p.splits;
+  const uint32_t split = blockIdx.x % p.splits;
+  // split * rows_per_split < L + rows_per_split <= 2 L < 2^32 (bindings: L < 2^31).
+  const uint32_t begin = min(p.L, split * p.rows_per_split);
+  const uint32_t end = min(p.L, begin + p.rows_per_split);
+  const uint32_t steps = (end - begin + R - 1) / R;  // the same for every thread of the block
+
+  const T* __restrict__ scale = p.scale + static_cast<int64_t>(b) * D;
+  const T* __restrict__ gate = GATED ? p.gate + static_cast<int64_t>(b) * D : nullptr;
+
+  float acc_shift[ITERS][V], acc_scale[ITERS][V], acc_gate[GATED ? ITERS : 1][V];
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      acc_shift[i][j] = 0.f;
+      acc_scale[i][j] = 0.f;
+      if constexpr (GATED) acc_gate[i][j] = 0.f;
+    }
+  }
+
+  for (uint32_t step = 0; step < steps; ++step) {
+    const uint32_t row = begin + step * R + g;
+    const bool active = row < end;
+    const int64_t base = (static_cast<int64_t>(b) * p.L + row) * D;
+
+    // Load the row (x, and y, dh, dr where held), form x' and sum it.
+    float v[ITERS][V];   // x', then n
+    float gv[ITERS][V];  // dh, then g = dh * (1 + scale)
+    float yv[GATED && kHold ? ITERS : 1][V];
+    float drv[GATED && kHold ? ITERS : 1][V];
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int c = i * G + t;
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[i][j] = gv[i][j] = 0.f;
+      if (active && c < nvec) {
+        const int64_t e = static_cast<int64_t>(c) * V;
+        load_float<T, V>(p.x + base + e, v[i]);
+        load_float<T, V>(p.dh + base + e, gv[i]);
+        if constexpr (GATED) {
+          float yl[V], gl[V];
+          load_float<T, V>(p.y + base + e, yl);
+          load_float<T, V>(gate + e, gl);
+          if constexpr (kHold) {
+            load_float<T, V>(p.dr + base + e, drv[i]);
+#pragma unroll
+            for (int j = 0; j < V; ++j) yv[i][j] = yl[j];
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[i][j] = round_to<T>(fmaf(gl[j], yl[j], v[i][j]));
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) sum += v[i][j];
+      }
+    }
+    const float mean = divide(group_sum<SUB>(sum, sm_mean, wpg), d_f, inv_d);
+
+    float m2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      if (active && i * G + t < nvec) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float d = v[i][j] - mean;
+          m2 += d * d;
+        }
+      }
+    }
+    const float var = divide(group_sum<SUB>(m2, sm_var, wpg), d_f, inv_d);
+    const float rstd = __frsqrt_rn(var + p.eps);
+
+    // n, g, and the per-column sums of dh and dh * n.
+    float sum_g = 0.f, sum_gn = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int c = i * G + t;
+      if (active && c < nvec) {
+        float scv[V];
+        load_float<T, V>(scale + static_cast<int64_t>(c) * V, scv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float n = (v[i][j] - mean) * rstd;
+          const float dh = gv[i][j];
+          const float gg = dh * (1.f + scv[j]);
+          v[i][j] = n;
+          gv[i][j] = gg;
+          sum_g += gg;
+          sum_gn += gg * n;
+          acc_shift[i][j] += dh;
+          acc_scale[i][j] += dh * n;
+        }
+      }
+    }
+    group_sum2<SUB>(sum_g, sum_gn, sm_g, sm_gn, wpg);
+    const float mean_g = divide(sum_g, d_f, inv_d);
+    const float mean_gn = divide(sum_gn, d_f, inv_d);
+
+    // dx' = rstd * (g - mean(g) - n * mean(g n)); gated: dx = dr + dx', dy = gate * dx.
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int c = i * G + t;
+      if (active && c < nvec) {
+        const int64_t e = static_cast<int64_t>(c) * V;
+        float dx[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) dx[j] = rstd * (gv[i][j] - mean_g - v[i][j] * mean_gn);
+        if constexpr (GATED) {
+          float dr[V], yl[V], gl[V], dy[V];
+          if constexpr (kHold) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              dr[j] = drv[i][j];
+              yl[j] = yv[i][j];
+            }
+          } else {
+            load_float<T, V>(p.dr + base + e, dr);
+            load_float<T, V>(p.y + base + e, yl);
+          }
+          load_float<T, V>(gate + e, gl);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            dx[j] += dr[j];
+            dy[j] = gl[j] * dx[j];
+            acc_gate[i][j] += dx[j] * yl[j];
+          }
+          store_float<T, V>(p.dy + base + e, dy);
+        }
+        store_float<T, V>(p.dx + base + e, dx);
+      }
+    }
+  }
+
+  // This block's partial sums: one row per plane, the R groups added in group order.
+  const int64_t prow = (static_cast<int64_t>(b) * p.splits + split) * D;
+  const auto write_plane = [&](const float (&acc)[ITERS][V], int k) {
+    float* dst = p.partial + k * p.plane + prow;
+    if (R == 1) {
+#pragma unroll
+      for (int i = 0; i < ITERS; ++i) {
+        const int c = i * G + t;
+        if (c < nvec) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) dst[static_cast<int64_t>(c) * V + j] = acc[i][j];
+        }
+      }
+      return;
+    }
+    __syncthreads();  // the previous plane's reads of `combine` are done
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int c = i * G + t;
+      if (c < nvec) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) combine[g * D + c * V + j] = acc[i][j];
+      }
+    }
+    __syncthreads();
+    for (int e = static_cast<int>(threadIdx.x); e < D; e += static_cast<int>(blockDim.x)) {
+      float total = 0.f;
+      for (int k2 = 0; k2 < R; ++k2) total += combine[k2 * D + e];
+      dst[e] = total;
+    }
+  };
+  write_plane(acc_shift, 0);
+  write_plane(acc_scale, 1);
+  if constexpr (GATED) write_plane(acc_gate, 2);
+}
+
+// out_k[b, e] = sum over s in order of partial[k][b][s][e], rounded once; k < planes.
+template <typename T>
+__global__ void adaln_sum_splits_kernel(const float* __restrict__ partial, T* __restrict__ out0,
+                                        T* __restrict__ out1, T* __restrict__ out2, int planes,
+                                        int64_t plane, uint32_t splits, int D, int64_t count) {
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < count;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / D;
+    const int64_t e = idx - b * D;
+    const float* src = partial + b * splits * D + e;
+    for (int k = 0; k < planes; ++k) {
+      float total = 0.f;
+      for (uint32_t s = 0; s < splits; ++s) total += src[k * plane + static_cast<int64_t>(s) * D];
+      T* out = k == 0 ? out0 : (k == 1 ? out1 : out2);
+      out[idx] = from_float<T>(total);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+
+struct FwdArgs {
   const void* x;
+  const void* y;
+  const void* gate;
   const void* shift;
   const void* scale;
+  void* r;
   void* out;
-  uint32_t rows;  // rows of this launch (a chunk of B * L, see launch_chunks)
+  uint32_t rows;
   uint32_t L;
   int D;
   float eps;
@@ -203,123 +579,321 @@ inline unsigned grid_for(int64_t groups) {
   return static_cast<unsigned>(std::min<int64_t>(groups, INT_MAX));
 }
 
-template <typename T, int V, int TPR, int ITERS>
-void launch_regs(const Args& a) {
+template <typename T>
+FwdParams<T> fwd_params(const FwdArgs& a) {
+  return FwdParams<T>{static_cast<const T*>(a.x),     static_cast<const T*>(a.y),
+                      static_cast<const T*>(a.gate),  static_cast<const T*>(a.shift),
+                      static_cast<const T*>(a.scale), static_cast<T*>(a.r),
+                      static_cast<T*>(a.out),         a.rows,
+                      a.L,                            a.D,
+                      a.eps};
+}
+
+template <typename T, int V, int TPR, int ITERS, bool GATED>
+void launch_regs(const FwdArgs& a) {
   constexpr int kThreads = TPR > kWarp ? TPR : kWarpModeBlock;
   constexpr int kRowsPerBlock = kThreads / TPR;
   const int64_t groups = (a.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  adaln_fwd_regs_kernel<T, V, TPR, ITERS><<<grid_for(groups), kThreads, 0, a.stream>>>(
-      static_cast<const T*>(a.x), static_cast<const T*>(a.shift),
-      static_cast<const T*>(a.scale), static_cast<T*>(a.out), a.rows, a.L, a.D, a.eps);
+  adaln_fwd_regs_kernel<T, V, TPR, ITERS, GATED>
+      <<<grid_for(groups), kThreads, 0, a.stream>>>(fwd_params<T>(a));
 }
 
-template <typename T, int V>
-void launch_big(const Args& a) {
-  adaln_fwd_big_kernel<T, V><<<grid_for(a.rows), kBigThreads, 0, a.stream>>>(
-      static_cast<const T*>(a.x), static_cast<const T*>(a.shift),
-      static_cast<const T*>(a.scale), static_cast<T*>(a.out), a.rows, a.L, a.D, a.eps);
+template <typename T, int V, bool GATED>
+void launch_big(const FwdArgs& a) {
+  adaln_fwd_big_kernel<T, V, GATED>
+      <<<grid_for(a.rows), kBigThreads, 0, a.stream>>>(fwd_params<T>(a));
 }
 
-template <typename T, int V>
-void launch_with_vec(const Args& a) {
+template <typename T, int V, bool GATED>
+void launch_with_vec(const FwdArgs& a) {
   const int nvec = a.D / V;
   if (nvec <= kWarp * kWarpModeMaxIters) {
     switch ((nvec + kWarp - 1) / kWarp) {
-      case 1: return launch_regs<T, V, kWarp, 1>(a);
-      case 2: return launch_regs<T, V, kWarp, 2>(a);
-      case 3: return launch_regs<T, V, kWarp, 3>(a);
-      case 4: return launch_regs<T, V, kWarp, 4>(a);
-      case 5: return launch_regs<T, V, kWarp, 5>(a);
-      case 6: return launch_regs<T, V, kWarp, 6>(a);
-      case 7: return launch_regs<T, V, kWarp, 7>(a);
-      default: return launch_regs<T, V, kWarp, 8>(a);
+      case 1: return launch_regs<T, V, kWarp, 1, GATED>(a);
+      case 2: return launch_regs<T, V, kWarp, 2, GATED>(a);
+      case 3: return launch_regs<T, V, kWarp, 3, GATED>(a);
+      case 4: return launch_regs<T, V, kWarp, 4, GATED>(a);
+      case 5: return launch_regs<T, V, kWarp, 5, GATED>(a);
+      case 6: return launch_regs<T, V, kWarp, 6, GATED>(a);
+      case 7: return launch_regs<T, V, kWarp, 7, GATED>(a);
+      default: return launch_regs<T, V, kWarp, 8, GATED>(a);
     }
   }
   // At most 32 floats of row per thread (<= 64 registers at 1024 threads per block).
   constexpr int K = V == 1 ? 8 : 4;
-  if (nvec <= 128 * K) return launch_regs<T, V, 128, K>(a);
-  if (nvec <= 256 * K) return launch_regs<T, V, 256, K>(a);
-  if (nvec <= 512 * K) return launch_regs<T, V, 512, K>(a);
-  if (nvec <= 1024 * K) return launch_regs<T, V, 1024, K>(a);
-  return launch_big<T, V>(a);
+  if (nvec <= 128 * K) return launch_regs<T, V, 128, K, GATED>(a);
+  if (nvec <= 256 * K) return launch_regs<T, V, 256, K, GATED>(a);
+  if (nvec <= 512 * K) return launch_regs<T, V, 512, K, GATED>(a);
+  if (nvec <= 1024 * K) return launch_regs<T, V, 1024, K, GATED>(a);
+  return launch_big<T, V, GATED>(a);
 }
 
-// The kernels index rows with 32 bits (a 64-bit division per row is a long subroutine on the
-// GPU); element offsets are 64-bit. More than 2^31 rows go in several launches, each starting
-// at a batch boundary, or inside one batch when L alone is that large.
-template <typename T, int V>
-void launch_chunks(const Args& base, int64_t B, int64_t L) {
+// The forward kernels index rows with 32 bits (a 64-bit division per row is a long subroutine
+// on the GPU); element offsets are 64-bit. More than 2^31 rows go in several launches, each
+// starting at a batch boundary, or inside one batch when L alone is that large.
+template <typename T, int V, bool GATED>
+void launch_chunks(const FwdArgs& base, int64_t B, int64_t L) {
   constexpr int64_t kMaxRows = int64_t{1} << 31;
   const int64_t D = base.D;
   const auto at = [](const void* p, int64_t elems) {
-    return static_cast<const void*>(static_cast<const T*>(p) + elems);
+    return p == nullptr ? p : static_cast<const void*>(static_cast<const T*>(p) + elems);
   };
-  Args a = base;
+  const auto at_mut = [](void* p, int64_t elems) {
+    return p == nullptr ? p : static_cast<void*>(static_cast<T*>(p) + elems);
+  };
+  FwdArgs a = base;
   if (B * L <= kMaxRows) {
     a.rows = static_cast<uint32_t>(B * L);
     a.L = static_cast<uint32_t>(L);
-    return launch_with_vec<T, V>(a);
+    return launch_with_vec<T, V, GATED>(a);
   }
+  const auto point = [&](int64_t b, int64_t row0) {  // row0: first row (of B * L) of the launch
+    a.x = at(base.x, row0 * D);
+    a.y = at(base.y, row0 * D);
+    a.r = at_mut(base.r, row0 * D);
+    a.out = at_mut(base.out, row0 * D);
+    a.gate = at(base.gate, b * D);
+    a.shift = at(base.shift, b * D);
+    a.scale = at(base.scale, b * D);
+  };
   if (L <= kMaxRows) {
     const int64_t per_launch = kMaxRows / L;  // whole batches per launch
     for (int64_t b0 = 0; b0 < B; b0 += per_launch) {
       const int64_t nb = std::min(per_launch, B - b0);
-      a.x = at(base.x, b0 * L * D);
-      a.out = const_cast<void*>(at(base.out, b0 * L * D));
-      a.shift = at(base.shift, b0 * D);
-      a.scale = at(base.scale, b0 * D);
+      point(b0, b0 * L);
       a.rows = static_cast<uint32_t>(nb * L);
       a.L = static_cast<uint32_t>(L);
-      launch_with_vec<T, V>(a);
+      launch_with_vec<T, V, GATED>(a);
     }
     return;
   }
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t l0 = 0; l0 < L; l0 += kMaxRows) {
       const int64_t n = std::min(kMaxRows, L - l0);
-      a.x = at(base.x, (b * L + l0) * D);
-      a.out = const_cast<void*>(at(base.out, (b * L + l0) * D));
-      a.shift = at(base.shift, b * D);
-      a.scale = at(base.scale, b * D);
+      point(b, b * L + l0);
       a.rows = static_cast<uint32_t>(n);
       a.L = static_cast<uint32_t>(n);  // every row of this launch is in batch b
-      launch_with_vec<T, V>(a);
+      launch_with_vec<T, V, GATED>(a);
     }
   }
 }
 
-template <typename T>
-void launch_typed(const Args& a, int64_t B, int64_t L) {
-  const bool vec = (static_cast<int64_t>(a.D) * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
-                   is_aligned(a.x, 16) && is_aligned(a.shift, 16) && is_aligned(a.scale, 16) &&
-                   is_aligned(a.out, 16);
-  if (vec) {
-    launch_chunks<T, kVec16<T>>(a, B, L);
-  } else {
-    launch_chunks<T, 1>(a, B, L);
+template <typename T, bool GATED>
+void launch_fwd_typed(const FwdArgs& a, int64_t B, int64_t L) {
+  bool vec = (static_cast<int64_t>(a.D) * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+             is_aligned(a.x, 16) && is_aligned(a.shift, 16) && is_aligned(a.scale, 16) &&
+             is_aligned(a.out, 16);
+  if (GATED) {
+    vec = vec && is_aligned(a.y, 16) && is_aligned(a.gate, 16) && is_aligned(a.r, 16);
   }
+  if (vec) {
+    launch_chunks<T, kVec16<T>, GATED>(a, B, L);
+  } else {
+    launch_chunks<T, 1, GATED>(a, B, L);
+  }
+}
+
+struct BwdArgs {
+  const void* x;
+  const void* y;
+  const void* gate;
+  const void* scale;
+  const void* dr;
+  const void* dh;
+  void* dx;
+  void* dy;
+  void* dgate;
+  void* dshift;
+  void* dscale;
+  float* partial;
+  int64_t B;
+  int64_t L;
+  int D;
+  int64_t splits;
+  float eps;
+  cudaStream_t stream;
+};
+
+// The backward kernel chosen for a row length: its address, block shape and dynamic smem.
+struct BwdPlan {
+  const void* func;
+  int group;    // G, threads per row
+  int threads;  // R * G
+  size_t smem;  // R * D floats when R > 1
+};
+
+template <typename T, int V, int ITERS, int SUB, bool GATED>
+BwdPlan bwd_plan(int group, int D) {
+  const int rows_per_block = std::max(1, kBwdBlockTarget / group);
+  const size_t smem =
+      rows_per_block > 1 ? static_cast<size_t>(rows_per_block) * D * sizeof(float) : 0;
+  return BwdPlan{reinterpret_cast<const void*>(&adaln_bwd_kernel<T, V, ITERS, SUB, GATED>),
+                 group, rows_per_block * group, smem};
+}
+
+// Picks the row group: ITERS, the smallest of 1, 2, 4, ... (up to 16 elements per thread) for
+// which a row needs at most kBwdBlockTarget threads (kBwdMaxThreads with the largest ITERS);
+// G = 8 or 16 lanes for short rows, else that many threads rounded up to whole warps.
+template <typename T, int V, bool GATED>
+BwdPlan bwd_plan_vec(int D) {
+  constexpr int kMaxIters = kBwdMaxElems / V;
+  const int nvec = D / V;
+  if (nvec <= 8) return bwd_plan<T, V, 1, 8, GATED>(8, D);
+  if (nvec <= 16) return bwd_plan<T, V, 1, 16, GATED>(16, D);
+  int iters = 1;
+  while (iters < kMaxIters && (nvec + iters - 1) / iters > kBwdBlockTarget) iters *= 2;
+  const int need = (nvec + iters - 1) / iters;
+  const int group = (need + kWarp - 1) / kWarp * kWarp;  // <= kBwdMaxThreads (D <= kBwdMaxD)
+  if constexpr (kMaxIters >= 16) {
+    if (iters == 16) return bwd_plan<T, V, 16, kWarp, GATED>(group, D);
+    if (iters == 8) return bwd_plan<T, V, 8, kWarp, GATED>(group, D);
+  }
+  if constexpr (kMaxIters >= 4) {
+    if (iters == 4) return bwd_plan<T, V, 4, kWarp, GATED>(group, D);
+  }
+  if (iters == 2) return bwd_plan<T, V, 2, kWarp, GATED>(group, D);
+  return bwd_plan<T, V, 1, kWarp, GATED>(group, D);
+}
+
+template <typename T, bool GATED>
+BwdPlan bwd_plan_typed(int D, bool vec) {
+  return vec ? bwd_plan_vec<T, kVec16<T>, GATED>(D) : bwd_plan_vec<T, 1, GATED>(D);
+}
+
+template <typename T, bool GATED>
+void launch_bwd_typed(const BwdArgs& a) {
+  bool vec = (static_cast<int64_t>(a.D) * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+             is_aligned(a.x, 16) && is_aligned(a.scale, 16) && is_aligned(a.dh, 16) &&
+             is_aligned(a.dx, 16);
+  if (GATED) {
+    vec = vec && is_aligned(a.y, 16) && is_aligned(a.gate, 16) && is_aligned(a.dr, 16) &&
+          is_aligned(a.dy, 16);
+  }
+  const BwdPlan plan = bwd_plan_typed<T, GATED>(a.D, vec);
+  BwdParams<T> p{static_cast<const T*>(a.x),
+                 static_cast<const T*>(a.y),
+                 static_cast<const T*>(a.gate),
+                 static_cast<const T*>(a.scale),
+                 static_cast<const T*>(a.dr),
+                 static_cast<const T*>(a.dh),
+                 static_cast<T*>(a.dx),
+                 static_cast<T*>(a.dy),
+                 a.partial,
+                 a.B * a.splits * a.D,
+                 static_cast<uint32_t>(a.L),
+                 static_cast<uint32_t>(a.splits),
+                 static_cast<uint32_t>((a.L + a.splits - 1) / a.splits),
+                 a.D,
+                 plan.group,
+                 a.eps};
+  void* args[] = {&p};
+  const cudaError_t err = cudaLaunchKernel(plan.func, dim3(static_cast<unsigned>(a.B * a.splits)),
+                                           dim3(plan.threads), args, plan.smem, a.stream);
+  if (err != cudaSuccess) return;  // the caller's cudaGetLastError() reports it
+  const int64_t count = a.B * a.D;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65536);
+  adaln_sum_splits_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, a.stream>>>(
+      a.partial, static_cast<T*>(a.dshift), static_cast<T*>(a.dscale), static_cast<T*>(a.dgate),
+      GATED ? 3 : 2, a.B * a.splits * a.D, static_cast<uint32_t>(a.splits), a.D, count);
 }
 
 }  // namespace
 
-// Enqueues the kernel(s) on `stream` on the current device; returns cudaGetLastError(). Sizes
-// must be validated by the caller (bindings.cpp): B, L >= 0, 1 <= D <= INT_MAX, B * L * D in
-// int64.
+// Enqueue the kernel(s) on `stream` on the current device and return cudaGetLastError(). Sizes
+// and pointers are validated by the caller (bindings.cpp): B, L >= 0, 1 <= D <= INT_MAX,
+// B * L * D in int64; for the backward also D <= kBwdMaxD, L < 2^31, 1 <= splits <= L and
+// B * splits < 2^31.
+
 cudaError_t adaln_modulate_fwd_launch(const void* x, const void* shift, const void* scale,
                                       void* out, int64_t B, int64_t L, int64_t D, float eps,
                                       int dtype, cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
-  const Args a{x, shift, scale, out, 0, 0, static_cast<int>(D), eps, stream};
+  const FwdArgs a{x,       nullptr, nullptr, shift, scale, nullptr, out, 0, 0,
+                  static_cast<int>(D), eps, stream};
   dispatch_dtype(dtype, "adaln_modulate_fwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch_typed<T>(a, B, L);
+    launch_fwd_typed<T, false>(a, B, L);
   });
   return cudaGetLastError();
 }
 
+cudaError_t adaln_gated_fwd_launch(const void* x, const void* y, const void* gate,
+                                   const void* shift, const void* scale, void* r, void* out,
+                                   int64_t B, int64_t L, int64_t D, float eps, int dtype,
+                                   cudaStream_t stream) {
+  if (B == 0 || L == 0) return cudaSuccess;
+  const FwdArgs a{x, y, gate, shift, scale, r, out, 0, 0, static_cast<int>(D), eps, stream};
+  dispatch_dtype(dtype, "adaln_gated_fwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_fwd_typed<T, true>(a, B, L);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t adaln_modulate_bwd_launch(const void* x, const void* scale, const void* dout,
+                                      void* dx, void* dshift, void* dscale, void* partial,
+                                      int64_t B, int64_t L, int64_t D, int64_t splits, float eps,
+                                      int dtype, cudaStream_t stream) {
+  if (B == 0 || L == 0) return cudaSuccess;
+  const BwdArgs a{x,       nullptr, nullptr, scale,  nullptr,
+                  dout,    dx,      nullptr, nullptr, dshift,
+                  dscale,  static_cast<float*>(partial),
+                  B,       L,       static_cast<int>(D), splits, eps, stream};
+  dispatch_dtype(dtype, "adaln_modulate_bwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_bwd_typed<T, false>(a);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t adaln_gated_bwd_launch(const void* x, const void* y, const void* gate,
+                                   const void* scale, const void* dr, const void* dout, void* dx,
+                                   void* dy, void* dgate, void* dshift, void* dscale,
+                                   void* partial, int64_t B, int64_t L, int64_t D,
+                                   int64_t splits, float eps, int dtype, cudaStream_t stream) {
+  if (B == 0 || L == 0) return cudaSuccess;
+  const BwdArgs a{x,  y,     gate,   scale,  dr,     dout,
+                  dx, dy,    dgate,  dshift, dscale, static_cast<float*>(partial),
+                  B,  L,     static_cast<int>(D),    splits, eps, stream};
+  dispatch_dtype(dtype, "adaln_gated_bwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_bwd_typed<T, true>(a);
+  });
+  return cudaGetLastError();
+}
+
+int64_t adaln_bwd_max_d() { return kBwdMaxD; }
+
+// The backward's `splits` for this shape on the current device: as many (sample, split) blocks
+// as the backward kernel (16-byte path) can keep resident in one wave, at least
+// kBwdMinSplitRows rows per split, one split per sample when B alone fills the GPU. Sizes are
+// validated by the caller (D <= kBwdMaxD, B, L >= 1).
+cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated,
+                             int device, int64_t* splits) {
+  constexpr int64_t kBwdMinSplitRows = 16;
+  int sms = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  BwdPlan plan{};
+  dispatch_dtype(dtype, "adaln_bwd_splits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int d = static_cast<int>(D);
+    const bool vec = (D * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+    plan = gated ? bwd_plan_typed<T, true>(d, vec) : bwd_plan_typed<T, false>(d, vec);
+  });
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan.func, plan.threads,
+                                                      plan.smem);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+  *splits = std::max<int64_t>(1, std::min({resident / B, L / kBwdMinSplitRows, L}));
+  return cudaSuccess;
+}
+
 // A kernel of this family, for runtime_check's "is there an image for this GPU" probe.
 const void* adaln_probe_kernel() {
-  return reinterpret_cast<const void*>(&adaln_fwd_regs_kernel<float, 1, kWarp, 1>);
+  return reinterpret_cast<const void*>(&adaln_fwd_regs_kernel<float, 1, kWarp, 1, false>);
 }
 
 }  // namespace fastdit

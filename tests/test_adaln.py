@@ -249,14 +249,15 @@ def test_auto_prefers_a_kernel_and_falls_back():
         assert adaln._modulate.last_backend == "triton"
 
 
-def test_kernel_forward_with_reference_backward():
-    """auto runs the forward kernel and, lacking a backward kernel, the reference's backward."""
-    dtype = torch.float32
-    x, shift, scale = _inputs((2, 4, 48), dtype, "cpu")
+def test_auto_runs_the_kernel_backward():
+    """auto runs a kernel's forward and, where it has one, its backward."""
+    device = _skip_unless("triton")
+    x, shift, scale = _inputs((2, 4, 48), torch.float32, device)
     args = [t.clone().requires_grad_() for t in (x, shift, scale)]
     ref_args = [t.detach().double().requires_grad_() for t in (x, shift, scale)]
-    weight = torch.randn(2, 4, 48)
+    weight = torch.randn(2, 4, 48, device=device)
     (fastdit.adaln_modulate(*args) * weight).sum().backward()
+    assert adaln._modulate.last_backward_backend in ("cuda", "triton")
     (adaln.reference_modulate(*ref_args, 1e-6) * weight.double()).sum().backward()
     for got, truth in zip(args, ref_args):
         torch.testing.assert_close(got.grad.double(), truth.grad, rtol=1e-4, atol=1e-4)
@@ -270,3 +271,258 @@ def test_explicit_backend_that_cannot_serve_raises():
         fastdit.gated_adaln(x, x, shift, shift, scale, backend="triton")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         fastdit.adaln_modulate(x, shift, scale, backend="fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# gated_adaln and the backward of both ops, every backend against the float64 reference
+
+
+def _gated_inputs(shape, dtype, device, layout="contiguous"):
+    x, shift, scale = _inputs(shape, dtype, device, layout)
+    y = (torch.randn(shape, dtype=torch.float64) * 1.5).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    gate = (torch.randn(shift.shape, dtype=torch.float64) * 0.5).to(device=device, dtype=dtype)
+    return x, y, gate, shift, scale
+
+
+def _op_inputs(name, shape, dtype, device, layout="contiguous"):
+    """(op, inputs without eps) for "modulate" or "gated"."""
+    if name == "modulate":
+        return adaln._modulate, list(_inputs(shape, dtype, device, layout))
+    return adaln._gated, list(_gated_inputs(shape, dtype, device, layout))
+
+
+def _cotangents(op, inputs):
+    """Random cotangents of the op's outputs, in the reference's layout."""
+    outs = op.reference(*inputs, 1e-6)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+    return [torch.randn(o.shape, dtype=torch.float64).to(o.dtype).to(o.device) for o in outs]
+
+
+def _kernel_backward(op, backend, grads, inputs):
+    """The backend's backward through the framework (its layout fix-ups included)."""
+    return op._bwd(*grads, *inputs, 1e-6, backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape, layout", CASES, ids=str)
+def test_gated_forward_backends(backend, dtype, shape, layout):
+    device = _skip_unless(backend)
+    inputs = _gated_inputs(shape, dtype, device, layout)
+    truth = adaln.reference_gated(*(t.double() for t in inputs), 1e-6)
+    eager = adaln.reference_gated(*inputs, 1e-6)
+    try:
+        got = fastdit.gated_adaln(*inputs, backend=backend)
+    except BackendError as e:
+        pytest.skip(str(e))
+    assert adaln._gated.last_backend == backend
+    for name, g, e, t in zip(("r", "out"), got, eager, truth):
+        assert g.stride() == e.stride(), f"{name}: the output layout must be the reference's"
+        assert_close_to_reference(g, e, t, f"{backend} {dtype} {shape} {name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op_name", ["modulate", "gated"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("shape, layout", CASES, ids=str)
+def test_backward_backends(backend, op_name, dtype, shape, layout):
+    device = _skip_unless(backend)
+    op, inputs = _op_inputs(op_name, shape, dtype, device, layout)
+    reason = op.why_not(backend, [*inputs, 1e-6], backward=True)
+    if reason:
+        pytest.skip(reason)
+    grads = _cotangents(op, inputs)
+    got = _kernel_backward(op, backend, grads, inputs)
+    assert op.last_backward_backend == backend
+    eager = op._reference_backward(grads, [*inputs, 1e-6])
+    truth = op._reference_backward(
+        [g.double() for g in grads], [t.double() for t in inputs] + [1e-6]
+    )
+    names = [op.arg_names[i] for i in op.diff_index]
+    for name, g, e, t, x in zip(names, got, eager, truth, (inputs[i] for i in op.diff_index)):
+        assert g.stride() == torch.empty_like(x).stride(), f"d {name}: layout"
+        assert_close_to_reference(g, e, t, f"{backend} {op_name} {dtype} {shape} d {name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op_name", ["modulate", "gated"])
+def test_every_element_is_written(backend, op_name, monkeypatch):
+    """Outputs and gradients (and scratch) poisoned with NaN: a skipped element stays NaN."""
+    device = _skip_unless(backend)
+    op, inputs = _op_inputs(op_name, (3, 37, 200), torch.float32, device)
+    grads = _cotangents(op, inputs)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    outs = op(*inputs, 1e-6, backend=backend)
+    assert op.last_backend == backend
+    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+    assert all(torch.isfinite(o).all() for o in outs), "forward left elements unwritten"
+    got = _kernel_backward(op, backend, grads, inputs)
+    assert op.last_backward_backend == backend
+    for i, g in zip(op.diff_index, got):
+        assert torch.isfinite(g).all(), f"backward left d {op.arg_names[i]} partly unwritten"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op_name", ["modulate", "gated"])
+def test_backward_is_deterministic(backend, op_name):
+    """The sums over tokens go in a fixed order: two runs give bitwise-equal gradients."""
+    device = _skip_unless(backend)
+    shape = (2, 300, 64) if device.type == "cpu" else (4, 4096, 1152)
+    op, inputs = _op_inputs(op_name, shape, torch.float32, device)
+    grads = _cotangents(op, inputs)
+    first = _kernel_backward(op, backend, grads, inputs)
+    second = _kernel_backward(op, backend, grads, inputs)
+    for i, a, b in zip(op.diff_index, first, second):
+        assert torch.equal(a, b), f"d {op.arg_names[i]} differs between two runs"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backward_through_autograd_with_odd_cotangents(backend):
+    """Cotangents as autograd makes them: expanded (stride 0 everywhere, from r.sum()) and
+    permuted with a broadcast dimension (from a weighted sum over a permuted h)."""
+    device = _skip_unless(backend)
+    x, y, gate, shift, scale = _gated_inputs((2, 96, 5, 3), torch.float32, device, "channels_last")
+    leaves = [t.clone().requires_grad_() for t in (x, y, gate, shift, scale)]
+    weight = torch.linspace(-1, 1, 96, device=device)
+
+    def loss(args, chosen):
+        r, h = fastdit.gated_adaln(*args, backend=chosen)
+        return r.sum() + (h.permute(0, 2, 3, 1) * weight).sum()
+
+    loss(leaves, backend).backward()
+    assert adaln._gated.last_backward_backend == backend
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    loss(ref_leaves, "torch").backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "channels_first", "channels_last"])
+def test_opcheck_triton(layout):
+    """opcheck with the triton kernels: schema, fake, autograd registration, the backward op."""
+    device = _skip_unless("triton")
+    shape = (2, 3, 8) if layout == "tokens" else (2, 8, 2, 3)
+    x, y, gate, shift, scale = _gated_inputs(shape, torch.float32, device, layout)
+    for t in (x, y, gate, shift, scale):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fastdit.adaln_modulate, (x, shift, scale, 1e-6, "triton"))
+    torch.library.opcheck(torch.ops.fastdit.gated_adaln, (x, y, gate, shift, scale, 1e-6, "triton"))
+
+
+def test_compile_fullgraph_through_a_dit_block():
+    """torch.compile(fullgraph=True) of a DiT block on the triton kernels, forward and backward,
+    against the same block run eagerly on the reference."""
+    device = _skip_unless("triton")
+    from fastdit.nn import DiTBlock
+
+    block = DiTBlock(32, 2, mlp_ratio=2.0, backend="triton").to(device)
+    with torch.no_grad():
+        for p in block.adaLN_modulation.parameters():
+            p.normal_(0, 0.3)  # not adaLN-Zero: the gates and modulations must matter
+    x, c = torch.randn(2, 5, 32, device=device), torch.randn(2, 32, device=device)
+
+    def run(fn):
+        xs = x.clone().requires_grad_()
+        out = fn(xs, c)
+        (out * torch.linspace(-1, 1, 32, device=device)).sum().backward()
+        grads = [p.grad.clone() for p in block.parameters()] + [xs.grad]
+        block.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out, grads = run(compiled)
+    assert adaln._gated.last_backend == "triton"
+    assert adaln._gated.last_backward_backend == "triton"
+    block.backend = "torch"
+    for module in block.modules():
+        if hasattr(module, "backend"):
+            module.backend = "torch"
+    ref_out, ref_grads = run(block)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_declines_with_reasons():
+    """What the cuda backend leaves to triton/torch under auto, and why (checked on CPU)."""
+    x, y, gate, shift, scale = _gated_inputs((2, 8, 3, 4), torch.float32, "cpu")
+    reason = adaln._cuda_supports_gated(x, y, gate, shift, scale, 1e-6)
+    assert "channels-first images go to the triton kernel" in reason
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, y)]
+    assert adaln._cuda_supports_gated(*cl, gate, shift, scale, 1e-6) == ""
+    tokens = torch.randn(2, 4, 8)
+    assert "contiguous (B, L, D) tokens" in adaln._cuda_supports_modulate(
+        tokens.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6
+    )
+    assert "D <= 8192" in adaln._cuda_supports_modulate(
+        torch.randn(1, 1, 8193), torch.zeros(1, 8193), torch.zeros(1, 8193), 1e-6
+    )
+    assert "float64" in adaln._cuda_supports_modulate(tokens.double(), shift, scale, 1e-6)
+    assert "contiguous shift" in adaln._cuda_supports_modulate(
+        tokens, torch.randn(8, 2).t(), scale, 1e-6
+    )
+
+
+def test_extension_validates_the_adaln_entries():
+    """fastdit._C's new entries reject bad arguments naming the op (no GPU needed)."""
+    from fastdit import _ext
+
+    C, reason = _ext.load()
+    if C is None:
+        pytest.skip(reason)
+    assert C.ADALN_BWD_MAX_D == adaln.CUDA_MAX_D
+    p = 256
+    gated_fwd = dict(
+        x_ptr=p, y_ptr=p, gate_ptr=p, shift_ptr=p, scale_ptr=p, r_ptr=p, out_ptr=p,
+        B=2, L=3, D=8, eps=1e-6, dtype=0, device=0, stream=0,
+    )  # fmt: skip
+    mod_bwd = dict(
+        x_ptr=p, scale_ptr=p, dout_ptr=p, dx_ptr=p, dshift_ptr=p, dscale_ptr=p, partial_ptr=p,
+        B=2, L=3, D=8, splits=2, eps=1e-6, dtype=0, device=0, stream=0,
+    )  # fmt: skip
+    gated_bwd = dict(
+        x_ptr=p, y_ptr=p, gate_ptr=p, scale_ptr=p, dr_ptr=p, dout_ptr=p, dx_ptr=p, dy_ptr=p,
+        dgate_ptr=p, dshift_ptr=p, dscale_ptr=p, partial_ptr=p,
+        B=2, L=3, D=8, splits=3, eps=1e-6, dtype=0, device=0, stream=0,
+    )  # fmt: skip
+    common_bad = [
+        dict(dtype=3), dict(B=-1), dict(L=-2), dict(D=0), dict(eps=-1.0), dict(device=-1),
+        dict(x_ptr=0), dict(B=2**40, L=2**20, D=2**10),
+    ]  # fmt: skip
+    backward_bad = [
+        dict(D=8193), dict(splits=0), dict(splits=4), dict(partial_ptr=0), dict(dx_ptr=0),
+        dict(L=2**31, splits=1),
+    ]  # fmt: skip
+    for name, good, bad in [
+        ("adaln_gated_fwd", gated_fwd, common_bad + [dict(r_ptr=0), dict(y_ptr=0)]),
+        ("adaln_modulate_bwd", mod_bwd, common_bad + backward_bad),
+        ("adaln_gated_bwd", gated_bwd, common_bad + backward_bad + [dict(dgate_ptr=0)]),
+    ]:
+        fn = getattr(C, name)
+        for change in bad:
+            with pytest.raises(ValueError, match=rf"fastdit\._C\.{name}"):
+                fn(**{**good, **change})
+        assert fn(**{**good, "B": 0}) is None  # no work: a no-op, even without a GPU
+        if C.device_count() == 0:
+            with pytest.raises(RuntimeError, match=rf"^fastdit\._C\.{name}: "):
+                fn(**good)
+    good = dict(B=2, L=3, D=8, dtype=0, gated=True, device=0)
+    for change in [dict(B=0), dict(L=0), dict(D=8193), dict(dtype=5), dict(device=-1)]:
+        with pytest.raises(ValueError, match=r"fastdit\._C\.adaln_bwd_splits"):
+            C.adaln_bwd_splits(**{**good, **change})
+    if C.device_count() == 0:
+        with pytest.raises(RuntimeError, match=r"^fastdit\._C\.adaln_bwd_splits: "):
+            C.adaln_bwd_splits(**good)

@@ -18,9 +18,17 @@ Ops:
 - ``gated_adaln(x, y, gate, shift, scale, eps)`` = ``(r, adaln_modulate(r, shift, scale, eps))``
   with ``r = x + gate * y``: the gated residual add that closes one sub-layer fused with the
   norm and modulation that open the next.
+
+Backends (bottom of this file): ``cuda`` and ``triton`` run both ops forward and backward in one
+pass over the rows each way; the backward recomputes the row statistics (and r) from the
+inputs and sums over tokens in a fixed order (deterministic). ``cuda`` takes tokens and
+channels-last images (D <= 8192) and declines channels-first images, which ``auto`` then serves
+with ``triton``; float64 goes to ``torch``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -141,22 +149,100 @@ def gated_adaln(
 
 # ----------------------------------------------------------------------------------------------
 # Kernel backends
+#
+# triton (fastdit/triton/adaln.py): forward and backward of both ops, every layout the reference
+# takes that reads as rows of D with one stride per dimension (tokens, channels-first and
+# channels-last images, strided views), D <= 16384; float64 is declined (auto: torch).
+#
+# cuda (csrc/adaln.cu through fastdit._C): forward and backward of both ops for contiguous
+# (B, L, D) tokens and channels-last (B, D, H, W) images, with contiguous (B, D) conditioning
+# vectors, D <= 8192 (the backward holds a row in registers). Channels-first images and strided
+# tokens are declined with the reason, so auto serves them with triton (or torch).
+#
+# Both backwards recompute the row statistics (and r) from the saved inputs, and reduce over
+# tokens deterministically: fixed-order partial sums per (sample, split) in a float32 scratch
+# tensor allocated in Python (here for cuda; fastdit._C never allocates), then a fixed-order sum
+# over the splits.
+
+_TRITON = "fastdit.triton.adaln"
+_modulate.register(
+    "triton",
+    lazy(_TRITON, "modulate_forward"),
+    backward=lazy(_TRITON, "modulate_backward"),
+    supports=lazy(_TRITON, "supports_modulate"),
+)
+_gated.register(
+    "triton",
+    lazy(_TRITON, "gated_forward"),
+    backward=lazy(_TRITON, "gated_backward"),
+    supports=lazy(_TRITON, "supports_gated"),
+)
+
+CUDA_MAX_D = 8192  # fastdit._C.ADALN_BWD_MAX_D
 
 
-def _cuda_supports(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> str:
+def _cuda_reason(
+    x: torch.Tensor, rows: dict[str, torch.Tensor], conds: dict[str, torch.Tensor]
+) -> str:
     from .. import _ext
 
     if x.dtype not in _ext.DTYPE_CODES:
         return f"the cuda kernel takes float32, float16 or bfloat16, got {x.dtype}"
-    if x.dim() != 3 and not (
-        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    ):
-        return "the cuda kernel takes (B, L, D) tokens or channels-last (B, D, H, W) images"
-    if x.dim() == 3 and not x.is_contiguous():
-        return "the cuda kernel takes contiguous (B, L, D) tokens"
-    if not (shift.is_contiguous() and scale.is_contiguous()):
-        return "the cuda kernel takes contiguous shift and scale"
+    dim = x.shape[-1] if x.dim() == 3 else x.shape[1]
+    if dim > CUDA_MAX_D:
+        return f"the cuda kernels keep a row in registers and take D <= {CUDA_MAX_D}, got {dim}"
+    for name, t in rows.items():
+        if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+            return (
+                f"the cuda kernel takes channels-last (B, D, H, W) images ({name} is not): "
+                "channels-first images go to the triton kernel"
+            )
+        if t.dim() == 3 and not t.is_contiguous():
+            return f"the cuda kernel takes contiguous (B, L, D) tokens ({name} is strided)"
+    for name, t in conds.items():
+        if not t.is_contiguous():
+            return f"the cuda kernel takes a contiguous {name}"
     return ""
+
+
+def _cuda_supports_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> str:
+    return _cuda_reason(x, {"x": x}, {"shift": shift, "scale": scale})
+
+
+def _cuda_supports_gated(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+) -> str:
+    return _cuda_reason(x, {"x": x, "y": y}, {"gate": gate, "shift": shift, "scale": scale})
+
+
+def _rows_of(x: torch.Tensor) -> tuple[int, int, int]:
+    """(B, L, D) of x read as rows: channels-last images are (B, H*W, D) in memory."""
+    batch = x.shape[0]
+    dim = x.shape[-1] if x.dim() == 3 else x.shape[1]
+    return batch, x.numel() // (batch * dim), dim
+
+
+def _row_major(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (a cotangent) with the memory order of ``like``, rows of D (copied if needed)."""
+    fmt = torch.channels_last if like.dim() == 4 else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+@functools.lru_cache(maxsize=256)
+def _cuda_splits(batch: int, length: int, dim: int, dtype: int, gated: bool, index: int) -> int:
+    """Blocks per sample in the backward: fastdit._C sizes one wave of resident blocks from the
+    kernel's occupancy on this GPU (each block >= 16 rows)."""
+    from .. import _ext
+
+    C, _ = _ext.load()
+    return C.adaln_bwd_splits(batch, length, dim, dtype, gated, index)
 
 
 def _cuda_modulate(
@@ -166,19 +252,73 @@ def _cuda_modulate(
 
     C, _ = _ext.load()
     out = _checks.empty_like_layout(x)  # channels-last stays so: (B, H*W, D) rows in memory
-    batch = x.shape[0]
-    dim = x.shape[-1] if x.dim() == 3 else x.shape[1]
     C.adaln_modulate_fwd(
-        x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(),
-        batch, x.numel() // (batch * dim), dim, eps,
+        x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(), *_rows_of(x), eps,
         _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
     )  # fmt: skip
     return out
 
 
+def _cuda_gated(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .. import _ext
+
+    C, _ = _ext.load()
+    residual, out = _checks.empty_like_layout(x), _checks.empty_like_layout(x)
+    C.adaln_gated_fwd(
+        x.data_ptr(), y.data_ptr(), gate.data_ptr(), shift.data_ptr(), scale.data_ptr(),
+        residual.data_ptr(), out.data_ptr(), *_rows_of(x), eps,
+        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+    )  # fmt: skip
+    return residual, out
+
+
+def _cuda_modulate_backward(grads, inputs) -> list[torch.Tensor]:
+    from .. import _ext
+
+    C, _ = _ext.load()
+    x, shift, scale, eps = inputs
+    dout = _row_major(grads[0], x)
+    batch, length, dim = _rows_of(x)
+    splits = _cuda_splits(batch, length, dim, _ext.dtype_code(x), False, x.device.index)
+    dx = torch.empty_like(x)  # x's own memory order: what the fake backward promises
+    dshift, dscale = torch.empty_like(shift), torch.empty_like(scale)
+    partial = torch.empty(2 * batch * splits * dim, dtype=torch.float32, device=x.device)
+    C.adaln_modulate_bwd(
+        x.data_ptr(), scale.data_ptr(), dout.data_ptr(), dx.data_ptr(), dshift.data_ptr(),
+        dscale.data_ptr(), partial.data_ptr(), batch, length, dim, splits, eps,
+        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+    )  # fmt: skip
+    return [dx, dshift, dscale]
+
+
+def _cuda_gated_backward(grads, inputs) -> list[torch.Tensor]:
+    from .. import _ext
+
+    C, _ = _ext.load()
+    x, y, gate, shift, scale, eps = inputs
+    dres, dout = _row_major(grads[0], x), _row_major(grads[1], x)
+    batch, length, dim = _rows_of(x)
+    splits = _cuda_splits(batch, length, dim, _ext.dtype_code(x), True, x.device.index)
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    dgate, dshift, dscale = (torch.empty_like(t) for t in (gate, shift, scale))
+    partial = torch.empty(3 * batch * splits * dim, dtype=torch.float32, device=x.device)
+    C.adaln_gated_bwd(
+        x.data_ptr(), y.data_ptr(), gate.data_ptr(), scale.data_ptr(), dres.data_ptr(),
+        dout.data_ptr(), dx.data_ptr(), dy.data_ptr(), dgate.data_ptr(), dshift.data_ptr(),
+        dscale.data_ptr(), partial.data_ptr(), batch, length, dim, splits, eps,
+        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+    )  # fmt: skip
+    return [dx, dy, dgate, dshift, dscale]
+
+
 _modulate.register(
-    "triton",
-    lazy("fastdit.triton.adaln", "modulate_forward"),
-    supports=lazy("fastdit.triton.adaln", "supports"),
+    "cuda", _cuda_modulate, backward=_cuda_modulate_backward, supports=_cuda_supports_modulate
 )
-_modulate.register("cuda", _cuda_modulate, supports=_cuda_supports)
+_gated.register("cuda", _cuda_gated, backward=_cuda_gated_backward, supports=_cuda_supports_gated)
