@@ -11,7 +11,7 @@
 VENV      ?= .venv
 TORCH     ?= torch==2.13.0
 TRITON    ?= triton==3.6.0
-TOOLS     ?= numpy pytest ruff pybind11 cmake ninja "setuptools>=64" wheel
+TOOLS     ?= numpy pytest ruff pybind11 cmake ninja "setuptools>=64" wheel onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 onnxruntime==1.32.0
 BENCH_ARGS ?=
 TEST_ARGS  ?=
 
@@ -26,7 +26,7 @@ endif
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+$(STAMP): Makefile pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	@if [ "$(PY)" = "$(VENV)/bin/python" ] && [ ! -x "$(PY)" ]; then python3 -m venv $(VENV); fi
 	$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null && echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')" \

@@ -7,6 +7,7 @@ see :func:`backends` for what can run here.
 from . import models, nn, ops
 from .backends import BackendError, backends
 from .models import load_checkpoint
+from .onnx import export_onnx
 from .ops.adaln import adaln_modulate, gated_adaln
 from .ops.downsampled_attention import (
     attention_in_groups,
@@ -25,6 +26,7 @@ __all__ = [
     "attention_in_groups",
     "backends",
     "downsampled_attention",
+    "export_onnx",
     "final_layer",
     "gated_adaln",
     "load_checkpoint",

@@ -1,4 +1,4 @@
-"""``python -m fastdit info | bench [args]``."""
+"""``python -m fastdit info | bench [args] | export --model NAME --out FILE [...]``."""
 
 from __future__ import annotations
 
@@ -59,16 +59,83 @@ def bench(args: list[str]) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+_EXPORT_ARGS = [
+    ("--model", dict(required=True, help="a registered name: DiT-XL/2, U-DiT-B, ...")),
+    ("--checkpoint", dict(help="weights to load first (a state dict, or a training checkpoint "
+                          "with 'ema'); default: the model's initial weights")),
+    ("--out", dict(required=True, help="the .onnx file to write")),
+    ("--dtype", dict(default="fp32", choices=["fp32", "fp16"])),
+    ("--opset", dict(type=int, help="ONNX opset, 17..25 (default: the exporter's)")),
+    ("--input-size", dict(type=int, help="latent H = W (default: the model's, 32 = 256 px)")),
+    ("--batch-size", dict(type=int, default=2, help="example batch (fixed: --static-batch)")),
+    ("--static-batch", dict(action="store_true", help="fix the batch size in the graph")),
+    ("--cfg", dict(action="store_true", help="export forward_with_cfg: the doubled batch and "
+                   "a cfg_scale input")),
+    ("--guidance-channels", dict(default="3", help="with --cfg: output channels to guide (3, "
+                                 "the released quirk; 'all': every noise channel)")),
+    ("--check", dict(action="store_true", help="then run the graph in onnxruntime (CPU) on "
+                     "random inputs and print its error against PyTorch")),
+]  # fmt: skip
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a DiT or U-DiT to ONNX (needs pip install 'fastdit[onnx]')",
+        description="Export a fastdit model to an ONNX graph that onnxruntime, TensorRT, ... "
+        "run: inputs x (B, C, H, W), t (B,) int64, y (B,) int64 [, cfg_scale], output out. "
+        "U-DiT is exported in its folded inference form.",
+    )
+    for flag, kwargs in _EXPORT_ARGS:
+        p.add_argument(flag, **kwargs)
+
+
+def export(args: argparse.Namespace) -> None:
+    import torch
+
+    from fastdit.models import create, load_checkpoint
+    from fastdit.onnx import check_export_args, compare_with_torch, export_onnx
+
+    channels = args.guidance_channels
+    channels = int(channels) if channels.isdigit() else channels
+    options = dict(
+        batch_size=args.batch_size, dtype=args.dtype, opset=args.opset,
+        dynamic_batch=not args.static_batch, cfg=args.cfg, guidance_channels=channels,
+    )  # fmt: skip
+    try:
+        check_export_args(args.out, **options)  # fail before building the model
+        kwargs = {} if args.input_size is None else {"input_size": args.input_size}
+        model = create(args.model, **kwargs)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+    except (ValueError, TypeError, ImportError, OSError, KeyError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    path = export_onnx(model, args.out, **options)
+    files = [path, path.with_name(path.name + ".data")]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    print(f"wrote {path} ({size / 1e6:.1f} MB) from {args.model}, {args.dtype}")
+    if args.check:
+        batch = args.batch_size if args.static_batch else 3 + (1 if args.cfg else 0)
+        err = compare_with_torch(model.to(torch.float32), path, batch_size=batch, cfg=args.cfg,
+                                 guidance_channels=channels)  # fmt: skip
+        print(f"onnxruntime (CPU) vs PyTorch (fp32), batch {batch}: max relative error {err:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m fastdit")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, and which backends can run here and why not")
     sub.add_parser("bench", help="the benchmark suite (arguments pass to bench/run.py)")
+    _export_parser(sub)
     args, rest = parser.parse_known_args()
     if args.command == "info":
         info()
     elif args.command == "bench":
         bench(rest)
+    elif args.command == "export":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        export(args)
 
 
 if __name__ == "__main__":
