@@ -86,7 +86,7 @@ def run(ctx: common.Context) -> list[common.Row]:
             for backend, reason in common.kernel_backends([A._layer], dev).items():
                 if not reason:
                     variants[backend] = lambda *a, b=backend, h=heads: A._layer(
-                        *a, h, True, True, True, backend=b
+                        *a, h, True, True, True, None, backend=b
                     )
             shape = f"{label} d{d} h{heads} {side}x{side}"
             for backward in (False, True) if ctx.backward else (False,):

@@ -443,11 +443,12 @@ def test_opcheck():
             torch.ops.fastdit.attention_in_groups, (q, k, v, scale, cosine, "auto")
         )
     params = [p.requires_grad_() for p in _params(8, 2, torch.float32)]
-    for layout in (torch.contiguous_format, torch.channels_last):
+    table = importlib.import_module("fastdit.ops.downsampled_attention").rope_table(4, (2, 2))
+    for layout, rope_table in ((torch.contiguous_format, None), (torch.channels_last, table)):
         x = torch.randn(1, 8, 4, 4).contiguous(memory_format=layout).requires_grad_()
         torch.library.opcheck(
             torch.ops.fastdit.downsampled_attention,
-            (x, *params, 2, True, True, True, "auto"),
+            (x, *params, 2, True, True, True, rope_table, "auto"),
         )
 
 
@@ -582,3 +583,20 @@ def test_backends():
         assert op.last_backend == "torch"  # no kernels yet: auto takes the reference
         with pytest.raises(BackendError, match=f"{op.name}: backend 'triton' cannot serve"):
             call("triton")
+
+
+def test_layer_takes_a_cached_rope_table():
+    ops = importlib.import_module("fastdit.ops.downsampled_attention")
+    x = torch.randn(2, 16, 6, 4, dtype=torch.float64)
+    params = random_attention_params(16, 2)
+    args = [params[k] for k in ("dw_weight", "dw_bias", "qkv_weight", "qkv_bias", "logit_scale",
+                                "out_weight", "out_bias")]  # fmt: skip
+    table = ops.rope_table(8, (3, 2), torch.float64)
+    assert table.shape == (2, 6, 4)
+    expected = fastdit.downsampled_attention(x, *args, 2)
+    got = fastdit.downsampled_attention(x, *args, 2, rope_table=table)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"rope_table must have shape \(2, 6, 4\)"):
+        fastdit.downsampled_attention(x, *args, 2, rope_table=table[:, :4])
+    with pytest.raises(TypeError, match="rope_table must be a torch.float64 tensor"):
+        fastdit.downsampled_attention(x, *args, 2, rope_table=table.float())

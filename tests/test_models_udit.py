@@ -639,3 +639,16 @@ def test_compile_inductor_block():
     block(h, c).square().sum().backward()
     for k, p in block.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_attention_uses_the_cached_rope_table():
+    """The default (fused) attention path passes each layer's cached table to the op."""
+    model = models.create("U-DiT-S", **TINY, backend="torch").eval()
+    x, t, y = torch.randn(1, 4, 16, 16), torch.tensor([5]), torch.tensor([3])
+    model(x, t, y)
+    ropes = [m for m in model.modules() if isinstance(m, RoPE2D)]
+    assert ropes and all(dict(r.named_buffers()) for r in ropes)
+    before = {id(b) for r in ropes for b in r.buffers()}
+    model(x, t, y)
+    assert {id(b) for r in ropes for b in r.buffers()} == before  # reused, not rebuilt
+    assert not any(".table_" in k for k in model.state_dict())

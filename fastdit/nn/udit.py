@@ -323,11 +323,15 @@ class DownsampledAttention(nn.Module):
             qkv_bias = x.new_zeros(3 * self.dim)
         if self.fused:
             dw = self.downsampler.layer
+            table = None
+            if self.rope is not None:
+                grid = (x.shape[-2] // 2, x.shape[-1] // 2)
+                table = self.rope.table(grid, x.device, _compute_dtype(x.dtype))
             return downsampled_attention(
                 x, dw.weight, dw.bias, self.to_qkv.weight, qkv_bias, self.logit_scale,
                 self.to_out.weight, self.to_out.bias, self.heads,
                 rope=self.rope is not None, cosine=self.logit_scale is not None,
-                shortcut=self.downsampler.down_shortcut, backend=self.backend,
+                shortcut=self.downsampler.down_shortcut, rope_table=table, backend=self.backend,
             )  # fmt: skip
         return self.staged(x)
 

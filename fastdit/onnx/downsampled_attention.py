@@ -119,7 +119,8 @@ def downsampled_attention(
     rope: bool,
     cosine: bool,
     shortcut: bool,
-    backend: str,
+    rope_table=None,  # the cached table equals the constants _rope builds: not read
+    backend: str = "auto",
 ):
     d, gh, gw = _image_sizes(x)
     n, heads, dtype = gh * gw, int(num_heads), x.dtype

@@ -128,6 +128,20 @@ def _rope_tables(
     return torch.cos(angles), torch.sin(angles)
 
 
+def rope_table(
+    head_dim: int,
+    grid: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """The RoPE2D table of a grid: ``(2, gh*gw, head_dim/2)``, cos then sin of every angle.
+
+    Build it once per grid, device and dtype (float32, or float64 for float64 models) and pass
+    it to :func:`downsampled_attention` as ``rope_table`` so the layer does not rebuild it.
+    """
+    return torch.stack(_rope_tables(head_dim, [int(g) for g in grid], dtype, device))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
@@ -168,6 +182,7 @@ def reference_layer(
     rope: bool,
     cosine: bool,
     shortcut: bool,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     B, d, H, W = x.shape
     grid = (H // 2, W // 2)
@@ -178,7 +193,10 @@ def reference_layer(
     qkv = F.linear(reference_split(y), qkv_weight, qkv_bias)  # (B, 4, n, 3d)
     q, k, v = (u.unflatten(-1, (num_heads, -1)).transpose(2, 3) for u in qkv.chunk(3, dim=-1))
     if rope:
-        cos, sin = _rope_tables(q.shape[-1], grid, _compute_dtype(x.dtype), x.device)
+        if table is None:
+            cos, sin = _rope_tables(q.shape[-1], grid, _compute_dtype(x.dtype), x.device)
+        else:
+            cos, sin = table.to(_compute_dtype(x.dtype)).unbind(0)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     o = reference_attention(q, k, v, logit_scale, cosine)  # (B, 4, heads, n, hd)
     o = o.transpose(2, 3).flatten(-2)  # (B, 4, n, d): channel = head * hd + i
@@ -223,7 +241,7 @@ _layer = Op(
     "downsampled_attention",
     "Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor qkv_weight, Tensor qkv_bias, "
     "Tensor logit_scale, Tensor out_weight, Tensor out_bias, int num_heads, bool rope, "
-    "bool cosine, bool shortcut",
+    "bool cosine, bool shortcut, Tensor? rope_table",
     outputs=1,
     reference=reference_layer,
     differentiable=(
@@ -423,6 +441,7 @@ def downsampled_attention(
     rope: bool = True,
     cosine: bool = True,
     shortcut: bool = True,
+    rope_table: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """U-DiT's downsampled-token attention layer (``DownSample_Attn``), as one op.
@@ -437,7 +456,8 @@ def downsampled_attention(
     ``q, k, v = Linear(polyphase_split(dwconv(x) + x), qkv_weight, qkv_bias)`` split into heads;
     see the module docstring for each step. ``rope``, ``cosine`` and ``shortcut`` are the
     released ablation switches (all True in the released models). Returns (B, d, H, W) in x's
-    dtype and memory format; differentiable in x and every weight.
+    dtype and memory format; differentiable in x and every weight. ``rope_table``: the cached
+    :func:`rope_table` of the group grid (H/2, W/2) for this head dim; None builds it here.
     """
     op = "downsampled_attention"
     rope = _checks.flag(op, "rope", rope)
@@ -477,7 +497,17 @@ def downsampled_attention(
         _checks.tensor(op, name, given[name], like=x)
         _checks.shape(op, name, given[name], expected, meaning)
     scale = _logit_scale(op, logit_scale, cosine, heads, x)
+    if rope_table is not None:
+        n, hd = (x.shape[2] // 2) * (x.shape[3] // 2), d // heads
+        if not isinstance(rope_table, torch.Tensor) or rope_table.dtype != _compute_dtype(x.dtype):
+            raise TypeError(
+                f"fastdit.{op}: rope_table must be a {_compute_dtype(x.dtype)} tensor "
+                "(fastdit.ops.downsampled_attention.rope_table)"
+            )
+        if rope_table.device != x.device:
+            raise ValueError(f"fastdit.{op}: rope_table is on {rope_table.device}, x on {x.device}")
+        _checks.shape(op, "rope_table", rope_table, (2, n, hd // 2), "cos and sin of each angle")
     return _layer(
         x, dw_weight, dw_bias, qkv_weight, qkv_bias, scale, out_weight, out_bias, heads,
-        rope, cosine, shortcut, backend=backend,
+        rope, cosine, shortcut, rope_table if rope else None, backend=backend,
     )  # fmt: skip
