@@ -205,26 +205,39 @@ class DiT(nn.Module):
         ``"all"`` guides all ``in_channels`` noise channels (the usual form, never the
         variance channels).
         """
-        if guidance_channels is None or guidance_channels == "all":
-            g = self.in_channels
-        elif isinstance(guidance_channels, int) and not isinstance(guidance_channels, bool):
-            g = guidance_channels
-            if not 0 < g <= self.out_channels:
-                raise ValueError(
-                    f"DiT.forward_with_cfg: guidance_channels must be in 1..{self.out_channels}, "
-                    f"got {g}"
-                )
-        else:
-            raise TypeError(
-                "DiT.forward_with_cfg: guidance_channels must be an int, None or 'all', "
-                f"got {guidance_channels!r}"
+        return guided_forward(self, "DiT", x, t, y, cfg_scale, guidance_channels)
+
+
+def guided_forward(
+    model: nn.Module,
+    name: str,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    cfg_scale: float,
+    guidance_channels: int | str | None,
+) -> torch.Tensor:
+    """The body of ``forward_with_cfg`` shared by DiT and U-DiT (``name`` prefixes errors)."""
+    if guidance_channels is None or guidance_channels == "all":
+        g = model.in_channels
+    elif isinstance(guidance_channels, int) and not isinstance(guidance_channels, bool):
+        g = guidance_channels
+        if not 0 < g <= model.out_channels:
+            raise ValueError(
+                f"{name}.forward_with_cfg: guidance_channels must be in 1..{model.out_channels}, "
+                f"got {g}"
             )
-        half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = model_out[:, :g], model_out[:, g:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+    else:
+        raise TypeError(
+            f"{name}.forward_with_cfg: guidance_channels must be an int, None or 'all', "
+            f"got {guidance_channels!r}"
+        )
+    half = x[: len(x) // 2]
+    model_out = model.forward(torch.cat([half, half], dim=0), t, y)
+    eps, rest = model_out[:, :g], model_out[:, g:]
+    cond_eps, uncond_eps = eps[: len(eps) // 2], eps[len(eps) // 2 :]
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ..nn.udit import (
     run_udit_blocks,
     unfold,
 )
+from .dit import guided_forward
 
 STAGES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
 
@@ -289,26 +290,7 @@ class UDiT(nn.Module):
         ``guidance_channels=3`` (the default) is the released quirk (3 of the 4 noise
         channels); ``None`` or ``"all"`` guides all ``in_channels`` noise channels.
         """
-        if guidance_channels is None or guidance_channels == "all":
-            g = self.in_channels
-        elif isinstance(guidance_channels, int) and not isinstance(guidance_channels, bool):
-            g = guidance_channels
-            if not 0 < g <= self.out_channels:
-                raise ValueError(
-                    f"U-DiT.forward_with_cfg: guidance_channels must be in "
-                    f"1..{self.out_channels}, got {g}"
-                )
-        else:
-            raise TypeError(
-                "U-DiT.forward_with_cfg: guidance_channels must be an int, None or 'all', "
-                f"got {guidance_channels!r}"
-            )
-        half = x[: len(x) // 2]
-        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = model_out[:, :g], model_out[:, g:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return guided_forward(self, "U-DiT", x, t, y, cfg_scale, guidance_channels)
 
 
 U_DiT = UDiT  # the authors' name
