@@ -464,3 +464,296 @@ def test_compile_dynamic_shapes():
     for size in (6, 10):
         x = _randn(3, 2, size, size)
         assert torch.equal(g(x), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel backends against the float64 reference (tolerance rule: tests/tolerance.py)
+
+LOW = (torch.float32, torch.float16, torch.bfloat16)
+KERNELS = ["triton", "cuda"]
+
+
+def _skip_unless(backend: str) -> torch.device:
+    from fastdit.backends import triton_interpreting, unavailable_reason
+
+    if backend not in P.OPS[0].kernels:
+        pytest.skip(f"no {backend} kernel registered")
+    on_cpu = backend == "triton" and triton_interpreting()
+    device = torch.device("cpu") if on_cpu else torch.device("cuda")
+    reason = unavailable_reason(backend, device)
+    if reason:
+        pytest.skip(reason)
+    return device
+
+
+def _rand(*shape, dtype, device, scale=1.0, offset=0.0):
+    return (torch.randn(*shape, dtype=f64) * scale + offset).to(device=device, dtype=dtype)
+
+
+def _check_backend(op, backend, inputs, what):
+    """Forward and backward of ``op`` on ``backend`` against float64, under the tolerance rule;
+    outputs and gradients must have the reference's layout."""
+    from tolerance import assert_close_to_reference
+
+    try:
+        got = op(*inputs, backend=backend)
+    except fastdit.BackendError as e:
+        pytest.skip(str(e))
+    assert op.last_backend == backend
+    as64 = [t.double() if isinstance(t, torch.Tensor) else t for t in inputs]
+    eager, truth = op.reference(*inputs), op.reference(*as64)
+    assert got.stride() == eager.stride(), f"{what}: output layout"
+    assert_close_to_reference(got, eager, truth, f"{what} forward")
+
+    grad = _rand(*got.shape, dtype=got.dtype, device=got.device)
+    reason = op.why_not(backend, inputs, backward=True)
+    if reason:
+        pytest.skip(reason)
+    grads = op._bwd(grad, *inputs, backend)
+    assert op.last_backward_backend == backend
+    eager = op._reference_backward([grad], inputs)
+    truth = op._reference_backward([grad.double()], as64)
+    for i, g, e, t in zip(op.diff_index, grads, eager, truth):
+        name = op.arg_names[i]
+        assert g.stride() == torch.empty_like(inputs[i]).stride(), f"{what} d {name}: layout"
+        assert_close_to_reference(g, e, t, f"{what} d {name}")
+    return grads
+
+
+LAYOUT_CASES = [  # (B, C, H, W, p)
+    (1, 4, 16, 16, 2),  # DiT's latent channels, a small square grid
+    (3, 8, 8, 12, 4),  # non-square
+    (2, 4, 16, 8, 8),
+    (1, 3, 6, 10, 2),  # K = 12: not a power of two
+    (2, 5, 3, 4, 1),  # p = 1: a flatten
+]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("B, C, H, W, p", LAYOUT_CASES)
+def test_layout_ops_backends(backend, dtype, layout, B, C, H, W, p):
+    """patchify and unpatchify only move values: the kernels must be exact, both ways."""
+    device = _skip_unless(backend)
+    x = _rand(B, C, H, W, dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grid = (H // p, W // p)
+    for order in P.ORDERS:
+        tokens = fastdit.patchify(x, p, order=order, backend=backend)
+        assert P._patchify.last_backend == backend
+        assert tokens.is_contiguous()
+        assert torch.equal(tokens, P.reference_patchify(x, p, order))
+        image = fastdit.unpatchify(tokens, p, grid, order=order, backend=backend)
+        assert P._unpatchify.last_backend == backend
+        assert image.is_contiguous() and torch.equal(image, x)
+        # Backward: each op's is the other, into the input's own layout.
+        (dx,) = P._patchify._bwd(tokens, x, p, order, backend)
+        assert P._patchify.last_backward_backend == backend
+        assert dx.stride() == torch.empty_like(x).stride() and torch.equal(dx, x)
+        (dt,) = P._unpatchify._bwd(x, tokens, p, list(grid), order, backend)
+        assert torch.equal(dt, tokens)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_layout_ops_strided_backends(backend):
+    device = _skip_unless(backend)
+    base = _rand(2, 6, 16, 24, dtype=torch.float32, device=device)
+    x = base[:, 1:5, ::2, 4:20]  # channel offset, row stride 2, column window: (2, 4, 8, 16)
+    tokens = fastdit.patchify(x, 4, order="pqc", backend=backend)
+    assert torch.equal(tokens, P.reference_patchify(x, 4, "pqc"))
+    t = _rand(2, 24, 8, dtype=torch.float32, device=device).transpose(1, 2)  # (2, 8, 24) strided
+    image = fastdit.unpatchify(t, 2, (2, 4), order="cpq", backend=backend)
+    assert torch.equal(image, P.reference_unpatchify(t, 2, (2, 4), "cpq"))
+
+
+EMBED_CASES = [  # (B, C, H, W, p, D)
+    (2, 4, 8, 8, 2, 40),
+    (1, 4, 16, 16, 2, 1152),  # DiT-XL/2's width on a small grid
+    (3, 3, 12, 8, 4, 100),  # C = 3 (K = 48), D not a multiple of the block
+    (2, 4, 16, 16, 8, 72),  # p = 8: K = 256 spans several K-blocks
+    (1, 8, 6, 10, 2, 33),  # non-square grid, one sample
+]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("B, C, H, W, p, D", EMBED_CASES)
+def test_patch_embed_backends(backend, dtype, B, C, H, W, p, D):
+    device = _skip_unless(backend)
+    N = (H // p) * (W // p)
+    x = _rand(B, C, H, W, dtype=dtype, device=device)
+    weight = _rand(D, C, p, p, dtype=dtype, device=device, scale=(C * p * p) ** -0.5)
+    bias = _rand(D, dtype=dtype, device=device, scale=0.5)
+    pos = _rand(1, N, D, dtype=dtype, device=device)
+    _check_backend(P._patch_embed, backend, [x, weight, bias, pos], f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_patch_embed_layouts_backends(backend):
+    """Channels-last x (its gradient keeps that layout) and a 2-D, transposed pos_embed."""
+    device = _skip_unless(backend)
+    x = _rand(2, 4, 8, 12, dtype=torch.float32, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = _rand(24, 4, 2, 2, dtype=torch.float32, device=device)
+    bias = _rand(24, dtype=torch.float32, device=device)
+    pos = _rand(24, 24, dtype=torch.float32, device=device).T  # (N, D), strided
+    _check_backend(P._patch_embed, backend, [x, weight, bias, pos], f"{backend} layouts")
+
+
+FINAL_CASES = [  # (B, h, w, p, C, D)
+    (2, 4, 4, 2, 8, 40),  # learned sigma: C = 8
+    (1, 8, 8, 2, 8, 1152),  # DiT-XL/2's width
+    (3, 3, 5, 4, 4, 100),  # non-square grid, D not a multiple of the block
+    (1, 2, 2, 8, 8, 72),  # p = 8: K = 512 spans several K-blocks
+    (2, 5, 3, 1, 3, 17),  # p = 1, C = 3
+]
+
+
+def _final_layer_inputs(B, h, w, p, C, D, dtype, device):
+    K = p * p * C
+    return [
+        _rand(B, h * w, D, dtype=dtype, device=device, scale=2.0, offset=0.5),
+        _rand(B, D, dtype=dtype, device=device, scale=0.5),
+        _rand(B, D, dtype=dtype, device=device, scale=0.5),
+        _rand(K, D, dtype=dtype, device=device, scale=D**-0.5),
+        _rand(K, dtype=dtype, device=device, scale=0.5),
+        p,
+        [h, w],
+        1e-6,
+    ]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("B, h, w, p, C, D", FINAL_CASES)
+def test_final_layer_backends(backend, dtype, B, h, w, p, C, D):
+    device = _skip_unless(backend)
+    inputs = _final_layer_inputs(B, h, w, p, C, D, dtype, device)
+    _check_backend(P._final_layer, backend, inputs, f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_final_layer_strided_backends(backend):
+    device = _skip_unless(backend)
+    x, shift, scale, weight, bias, *rest = _final_layer_inputs(
+        2, 2, 3, 2, 4, 48, torch.float32, device
+    )
+    x = torch.cat([x, x], dim=-1)[..., 48:]  # rows of stride 96
+    weight = weight.T.contiguous().T  # (K, D) column-major
+    _check_backend(P._final_layer, backend, [x, shift, scale, weight, bias, *rest], "strided")
+
+
+def _all_inputs(device):
+    x = _rand(2, 4, 8, 12, dtype=torch.float32, device=device)
+    embed = [x, _rand(20, 4, 2, 2, dtype=torch.float32, device=device),
+             _rand(20, dtype=torch.float32, device=device),
+             _rand(1, 24, 20, dtype=torch.float32, device=device)]  # fmt: skip
+    final = _final_layer_inputs(3, 3, 5, 2, 8, 70, torch.float32, device)
+    tokens = P.reference_patchify(x, 2, "pqc")
+    return {
+        "patchify": (P._patchify, [x, 2, "pqc"]),
+        "unpatchify": (P._unpatchify, [tokens, 2, [4, 6], "cpq"]),
+        "patch_embed": (P._patch_embed, embed),
+        "final_layer": (P._final_layer, final),
+    }
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("name", ["patchify", "unpatchify", "patch_embed", "final_layer"])
+def test_every_element_is_written(backend, name, monkeypatch):
+    """Outputs, gradients and scratch poisoned with NaN: an element a kernel skips stays NaN."""
+    device = _skip_unless(backend)
+    op, inputs = _all_inputs(device)[name]
+    out = op.reference(*inputs)
+    grad = torch.randn_like(out)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    got = op(*inputs, backend=backend)
+    assert op.last_backend == backend
+    assert torch.isfinite(got).all(), "forward left elements unwritten"
+    for i, g in zip(op.diff_index, op._bwd(grad, *inputs, backend)):
+        assert torch.isfinite(g).all(), f"backward left d {op.arg_names[i]} partly unwritten"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("name", ["patch_embed", "final_layer"])
+def test_backward_is_deterministic(backend, name):
+    """The sums over tokens and samples go in a fixed order: bitwise-equal reruns."""
+    device = _skip_unless(backend)
+    op, inputs = _all_inputs(device)[name]
+    grad = torch.randn_like(op.reference(*inputs))
+    first, second = op._bwd(grad, *inputs, backend), op._bwd(grad, *inputs, backend)
+    for i, a, b in zip(op.diff_index, first, second):
+        assert torch.equal(a, b), f"d {op.arg_names[i]} differs between two runs"
+
+
+def test_auto_takes_a_kernel_and_float64_goes_to_torch():
+    from fastdit.backends import unavailable_reason
+
+    x = _randn(1, 4, 4, 4)
+    fastdit.patchify(x, 2)
+    assert P._patchify.last_backend == "torch"  # no kernel takes float64
+    if not unavailable_reason("triton", torch.device("cpu")):
+        fastdit.patchify(x.float(), 2)
+        assert P._patchify.last_backend == "triton"
+        with pytest.raises(fastdit.BackendError, match="patchify: backend 'triton' cannot serve"):
+            fastdit.patchify(x, 2, backend="triton")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck_kernels(backend):
+    """opcheck on the kernels: schema, fake, autograd registration, the backward op."""
+    device = _skip_unless(backend)
+    for name, (_, inputs) in _all_inputs(device).items():
+        args = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
+        _opcheck(name, (*args, backend))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compile_fullgraph_through_dit_ends(backend):
+    """torch.compile(fullgraph=True) of DiT's embedding and final layer on the kernels, forward
+    and backward, against the reference run eagerly."""
+    device = _skip_unless(backend)
+    from fastdit.nn import FinalLayer, PatchEmbed
+
+    embed = PatchEmbed(8, 2, 4, 32, backend=backend).to(device)
+    final = FinalLayer(32, 2, 8, backend=backend).to(device)
+    with torch.no_grad():
+        for p in final.parameters():
+            p.normal_(0, 0.3)  # not zero-initialised: every gradient must matter
+    x, c = torch.randn(2, 4, 8, 8, device=device), torch.randn(2, 32, device=device)
+    pos = torch.randn(1, 16, 32, device=device)
+
+    def step(x, c):
+        return final(embed(x, pos), c, (4, 4))
+
+    def run(fn):
+        xs = x.clone().requires_grad_()
+        out = fn(xs, c)
+        (out * torch.linspace(-1, 1, 8, device=device)[:, None, None]).sum().backward()
+        params = [*embed.parameters(), *final.parameters()]
+        grads = [p.grad.clone() for p in params if p.grad is not None] + [xs.grad]
+        embed.zero_grad(set_to_none=True)
+        final.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    out, grads = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    assert P._final_layer.last_backend == backend == P._patch_embed.last_backward_backend
+    embed.backend = final.backend = "torch"
+    ref_out, ref_grads = run(step)
+    assert P._final_layer.last_backend == "torch"
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._op import Op
+from ._op import Op, lazy
 from .adaln import reference_modulate
 
 FAMILY = "patchify"
@@ -312,3 +312,24 @@ def final_layer(
     _checks.shape(op, "bias", bias, (K,), "one per output of weight (p*p*C, D)")
     hw = _grid(op, grid, N)
     return _final_layer(x, shift, scale, weight, bias, p, hw, eps, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel backends
+#
+# triton (fastdit/triton/patchify.py): every op forward and backward, any input strides,
+# float32 / float16 / bfloat16 (float64 is declined: auto serves it with torch).
+
+_TRITON = "fastdit.triton.patchify"
+for _op, _name in (
+    (_patchify, "patchify"),
+    (_unpatchify, "unpatchify"),
+    (_patch_embed, "patch_embed"),
+    (_final_layer, "final_layer"),
+):
+    _op.register(
+        "triton",
+        lazy(_TRITON, f"{_name}_forward"),
+        backward=lazy(_TRITON, f"{_name}_backward"),
+        supports=lazy(_TRITON, f"supports_{_name}"),
+    )

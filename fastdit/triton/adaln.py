@@ -44,27 +44,16 @@ backward ~430 us.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreting
 from ..ops import _checks
-
-
-@triton.jit
-def _round(v, DTYPE: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """fp32 ``v`` rounded to DTYPE. Compiled, ``.to`` rounds to nearest even; Triton's CPU
-    interpreter truncates float32 -> bfloat16, so there (RTNE_BF16) the rounding is done on the
-    bits first: add 0x7FFF plus the lowest kept bit, clear the 16 dropped bits."""
-    if RTNE_BF16 and DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(DTYPE)
+from ._common import DTYPES as _DTYPES
+from ._common import RTNE_BF16 as _RTNE_BF16
+from ._common import _round, dtype_reason
+from ._common import device_context as _device_context
+from ._common import sm_count as _sm_count
 
 
 @triton.jit
@@ -261,8 +250,6 @@ def _sum_splits_kernel(
 # Python side: layouts, launch shapes, and the functions the op registers
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_RTNE_BF16 = triton_interpreting()  # see _round
 MAX_D = 16384
 MIN_SPLIT_ROWS = 16  # rows per (sample, split) program in the backward, at least (on a GPU)
 
@@ -291,7 +278,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _reason(name: str, t: torch.Tensor) -> str:
     if t.dtype not in _DTYPES:
-        return f"the triton kernel takes float32, float16 or bfloat16, got {t.dtype}"
+        return dtype_reason(t)
     dim = t.shape[-1] if t.dim() == 3 else t.shape[1]
     if dim > MAX_D:
         return f"the triton kernel keeps a row in registers and takes D <= {MAX_D}, got {dim}"
@@ -341,11 +328,6 @@ def _launch_shape(
     return rows, block_d, max(1, min(32, rows * block_d // 128))
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _splits(
     batch: int, length: int, rows: int, warps: int, device: torch.device
 ) -> tuple[int, int]:
@@ -375,10 +357,6 @@ def _wide(rows: int, block_d: int, tensors) -> bool:
             _, _, _, sl, sd = _rows_view(t)
             extent = max(extent, rows * abs(sl) + block_d * abs(sd))
     return extent >= 2**31
-
-
-def _device_context(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _forward(x, y, gate, shift, scale, eps):

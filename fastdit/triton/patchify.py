@@ -1,0 +1,740 @@
+"""Triton kernels of the patchify family (reference and formulas: fastdit/ops/patchify.py).
+
+Every kernel addresses the image through one map, :func:`_pixel_offsets`: token ``t`` (flat
+over the B * N tokens, row-major over the h x w patch grid) and token component ``k`` (order
+"cpq" or "pqc") name the pixel ``x[b, c, i*p + a, j*p + q]``; the image may have any strides
+(channels-first, channels-last, views). Nothing is copied to change a layout: the kernels read
+and write the tensors where they lie.
+
+Kernels, with the bytes each must move (e = bytes of the dtype; M = B*N tokens, K = C*p*p
+values per token for the embedding, p*p*C_out for the final layer, D the model width):
+
+- ``_layout_kernel``: patchify or unpatchify (and each other's backward), one read and one
+  write of every element: 2 M K e.
+- ``_embed_fwd_kernel`` (patch_embed): gathers each token's patch, multiplies by the (D, K)
+  weight on the tensor cores (fp32 in IEEE precision), adds bias and pos_embed in fp32 and
+  writes the tokens once: M K e + M D e (+ pos_embed, N D e, L2-resident).
+- ``_embed_dx_kernel`` (patch_embed backward, d x): d tokens @ weight, scattered into x's
+  layout: M D e + M K e.
+- ``_embed_params_kernel`` (patch_embed backward, d weight, d bias, d pos_embed): program
+  (D-block, token split) walks its tokens for every sample, summing d pos_embed over the batch
+  in registers and d weight^T = patches^T @ d tokens on the tensor cores: M D e + M K e, plus
+  fp32 partials (splits x K x D) summed afterwards in a fixed order.
+  The backward reads d tokens twice (two kernels): one kernel would have to hold either a
+  (K, D) or a (tokens, K) accumulator for a whole sweep, too large for registers; the second
+  read is the price of keeping both reductions deterministic and in registers.
+- ``_final_fwd_kernel`` (final_layer): per (sample, token block): the row statistics over D
+  (chunked two-level Welford: exact chunk means and squared deviations, merged), then the
+  normalised, modulated rows (rounded to the dtype, as the reference rounds its modulate
+  output) times the (K, D) weight on the tensor cores, plus bias, scattered into the image:
+  M D e (read twice: the second pass mostly from L2) + M K e.
+- ``_final_dx_kernel`` (final_layer backward): d modulated = d tokens @ weight, recomputed per
+  D-chunk (K is small), the LayerNorm backward (two sweeps over D: the row sums, then d x),
+  per-(sample, token block) partial sums of d shift and d scale; stores the row statistics for
+  the next kernel: M D e read (2-3 times, mostly L2) + M D e written.
+- ``_final_wgrad_kernel`` (final_layer backward, d weight, d bias): program (D-block, row split)
+  recomputes the modulated rows from x and the stored statistics: M D e + M K e, plus fp32
+  partials (splits x K x D).
+
+All sums over tokens go in a fixed order (register tiles per program, partials summed by
+torch's deterministic reductions), so two runs give bitwise-equal gradients. Accumulation is
+fp32; every output is rounded once, to the input dtype. float64 is declined (auto: torch).
+
+Verified without a GPU: every kernel under TRITON_INTERPRET=1 against the float64 reference
+(tests/test_patchify.py). Speed: not measured yet (needs a GPU; bench/bench_patchify.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, RTNE_BF16, _dot, _round, device_context, dtype_reason, sm_count
+
+# ----------------------------------------------------------------------------------------------
+# The pixel map
+
+
+@triton.jit
+def _pixel_offsets(t, k, N, w, C, sx_b, sx_c, sx_h, sx_w, P: tl.constexpr, PQC: tl.constexpr):
+    """Element offsets, in the image, of component ``k[None, :]`` of token ``t[:, None]``.
+
+    t: int64 token indices (flat over B * N); k: component indices. Token t = b * N + i * w + j
+    covers pixels (i*p + a, j*p + q); component k is (c, a, q) in the order "cpq" (k = (c*p +
+    a)*p + q) or "pqc" (k = (a*p + q)*C + c)."""
+    b = t // N
+    n = t % N
+    i = n // w
+    j = n % w
+    row = b * sx_b + (i * P) * sx_h + (j * P) * sx_w
+    k = k.to(tl.int64)
+    if PQC:
+        c = k % C
+        aq = k // C
+        a = aq // P
+        q = aq % P
+    else:
+        q = k % P
+        ca = k // P
+        a = ca % P
+        c = ca // P
+    col = c * sx_c + a * sx_h + q * sx_w
+    return row[:, None] + col[None, :]
+
+
+@triton.jit
+def _token_offsets(t, N, st_b, st_n):
+    return (t // N) * st_b + (t % N) * st_n
+
+
+# ----------------------------------------------------------------------------------------------
+# patchify / unpatchify
+
+
+@triton.jit
+def _layout_kernel(
+    IMG, TOK,
+    T, N, w, C, K,
+    sx_b, sx_c, sx_h, sx_w, st_b, st_n, st_k,
+    P: tl.constexpr, PQC: tl.constexpr, TO_TOKENS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """tokens[t, k] = image[pixel(t, k)] (TO_TOKENS), or the reverse, for one tile."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (t < T)[:, None] & (k < K)[None, :]
+    img = _pixel_offsets(t, k, N, w, C, sx_b, sx_c, sx_h, sx_w, P, PQC)
+    tok = _token_offsets(t, N, st_b, st_n)[:, None] + k.to(tl.int64)[None, :] * st_k
+    if TO_TOKENS:
+        tl.store(TOK + tok, tl.load(IMG + img, mask=mask), mask=mask)
+    else:
+        tl.store(IMG + img, tl.load(TOK + tok, mask=mask), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# patch_embed
+
+
+@triton.jit
+def _embed_fwd_kernel(
+    X, W, BIAS, POS, OUT,
+    T, N, w, C, K, D,
+    sx_b, sx_c, sx_h, sx_w, sw_d, sw_k, sb, sp_n, sp_d, so_b, so_n, so_d,
+    P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """out[t, d] = sum_k patch[t, k] W[d, k] + bias[d] + pos[t % N, d], one (BM, BD) tile."""
+    t = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    t_ok = t < T
+    d_ok = d < D
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        k0 += BK
+        a = tl.load(
+            X + _pixel_offsets(t, k, N, w, C, sx_b, sx_c, sx_h, sx_w, P, False),
+            mask=t_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            W + (k[:, None] * sw_k + d[None, :] * sw_d),
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = _dot(a, wt, acc, INTERPRETED)
+    mask = t_ok[:, None] & d_ok[None, :]
+    bias = tl.load(BIAS + d * sb, mask=d_ok, other=0.0).to(tl.float32)
+    pos = tl.load(POS + ((t % N) * sp_n)[:, None] + (d * sp_d)[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    out = acc + bias[None, :] + pos
+    tl.store(
+        OUT + _token_offsets(t, N, so_b, so_n)[:, None] + (d * so_d)[None, :],
+        _round(out, OUT.dtype.element_ty, RTNE_BF16),
+        mask=mask,
+    )
+
+
+@triton.jit
+def _embed_dx_kernel(
+    DOUT, W, DX,
+    T, N, w, C, K, D,
+    sg_b, sg_n, sg_d, sw_d, sw_k, sx_b, sx_c, sx_h, sx_w,
+    P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """d x[pixel(t, k)] = sum_d d out[t, d] W[d, k], one (BM, BK) tile of patches."""
+    t = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    t_ok = t < T
+    k_ok = k < K
+    rows = _token_offsets(t, N, sg_b, sg_n)
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    d0 = 0
+    while d0 < D:
+        d = d0 + tl.arange(0, BD)
+        d_ok = d < D
+        d0 += BD
+        g = tl.load(
+            DOUT + rows[:, None] + (d * sg_d)[None, :],
+            mask=t_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        wk = tl.load(
+            W + (d[:, None] * sw_d + k[None, :] * sw_k),
+            mask=d_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = _dot(g, wk, acc, INTERPRETED)
+    tl.store(
+        DX + _pixel_offsets(t, k, N, w, C, sx_b, sx_c, sx_h, sx_w, P, False),
+        _round(acc, DX.dtype.element_ty, RTNE_BF16),
+        mask=t_ok[:, None] & k_ok[None, :],
+    )
+
+
+@triton.jit
+def _embed_params_kernel(
+    X, DOUT, DPOS, DW,
+    B, N, w, C, K, D, tokens_per_split,
+    sx_b, sx_c, sx_h, sx_w, sg_b, sg_n, sg_d,
+    P: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """Program (D-block, split s, K-block): for the grid tokens of split s, over every sample:
+    DPOS[n, d] = sum_b d out[b, n, d] (fp32, written by K-block 0) and
+    DW[s, k, d] = sum_b sum_n patch[b, n, k] d out[b, n, d] (fp32 partial over the split)."""
+    d = tl.program_id(0) * BD + tl.arange(0, BD)
+    s = tl.program_id(1)
+    k = tl.program_id(2) * BK + tl.arange(0, BK)
+    d_ok = d < D
+    k_ok = k < K
+    dw = tl.zeros([BK, BD], dtype=tl.float32)
+    start = s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, N)
+    n0 = start
+    while n0 < end:
+        n = (n0 + tl.arange(0, BN)).to(tl.int64)
+        n_ok = n < end
+        n0 += BN
+        mask = n_ok[:, None] & d_ok[None, :]
+        dpos = tl.zeros([BN, BD], dtype=tl.float32)
+        b = 0
+        while b < B:
+            t = b * N + n
+            b += 1
+            g = tl.load(
+                DOUT + _token_offsets(t, N, sg_b, sg_n)[:, None] + (d * sg_d)[None, :],
+                mask=mask,
+                other=0.0,
+            )
+            a = tl.load(
+                X + _pixel_offsets(t, k, N, w, C, sx_b, sx_c, sx_h, sx_w, P, False),
+                mask=n_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            dpos += g.to(tl.float32)
+            dw = _dot(tl.trans(a), g, dw, INTERPRETED)
+        if tl.program_id(2) == 0:
+            tl.store(DPOS + n[:, None] * D + d[None, :], dpos, mask=mask)
+    tl.store(
+        DW + (s.to(tl.int64) * K + k[:, None]) * D + d[None, :],
+        dw,
+        mask=k_ok[:, None] & d_ok[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# final_layer
+
+
+@triton.jit
+def _row_stats(X, rows, row_ok, D, sx_d, eps, BM: tl.constexpr, BD: tl.constexpr):
+    """(mean, rstd) over D of the rows at offsets ``rows``, in fp32, D-chunk by D-chunk: each
+    chunk's exact mean and sum of squared deviations, merged into the running ones (Chan et
+    al.'s pairwise update), never E[x^2] - mean^2."""
+    mean = tl.zeros([BM], dtype=tl.float32)
+    m2 = tl.zeros([BM], dtype=tl.float32)
+    d0 = 0
+    while d0 < D:
+        d = d0 + tl.arange(0, BD)
+        d_ok = d < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+        seen = d0 * 1.0
+        d0 += BD
+        count = tl.sum(d_ok.to(tl.float32), axis=0)
+        chunk_mean = tl.sum(x, axis=1) / count
+        dev = tl.where(mask, x - chunk_mean[:, None], 0.0)
+        chunk_m2 = tl.sum(dev * dev, axis=1)
+        total = seen + count
+        delta = chunk_mean - mean
+        mean += delta * (count / total)
+        m2 += chunk_m2 + delta * delta * (seen * count / total)
+    return mean, 1.0 / tl.sqrt_rn(m2 / D + eps)
+
+
+@triton.jit
+def _final_fwd_kernel(
+    X, SHIFT, SCALE, W, BIAS, OUT,
+    N, w, C, K, D, blocks_per_sample, eps,
+    sx_b, sx_n, sx_d, ssh_b, ssh_d, ssc_b, ssc_d, sw_k, sw_d, sb,
+    so_b, so_c, so_h, so_w,
+    P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """image[pixel(t, k)] = sum_d round(LN(x)[t, d] (1 + scale[d]) + shift[d]) W[k, d] + bias[k]
+    for BM tokens of one sample and BK outputs."""
+    pid = tl.program_id(0)
+    b = (pid // blocks_per_sample).to(tl.int64)
+    n = (pid % blocks_per_sample) * BM + tl.arange(0, BM)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    n_ok = n < N
+    k_ok = k < K
+    rows = b * sx_b + n.to(tl.int64) * sx_n
+    mean, rstd = _row_stats(X, rows, n_ok, D, sx_d, eps, BM, BD)
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    d0 = 0
+    while d0 < D:
+        d = d0 + tl.arange(0, BD)
+        d_ok = d < D
+        d0 += BD
+        mask = n_ok[:, None] & d_ok[None, :]
+        x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + b * ssh_b + d * ssh_d, mask=d_ok, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + b * ssc_b + d * ssc_d, mask=d_ok, other=0.0).to(tl.float32)
+        mod = (x - mean[:, None]) * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+        mod = _round(tl.where(mask, mod, 0.0), X.dtype.element_ty, RTNE_BF16)
+        wt = tl.load(
+            W + (k[None, :] * sw_k + d[:, None] * sw_d),
+            mask=d_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = _dot(mod, wt, acc, INTERPRETED)
+    bias = tl.load(BIAS + k * sb, mask=k_ok, other=0.0).to(tl.float32)
+    t = b * N + n.to(tl.int64)
+    tl.store(
+        OUT + _pixel_offsets(t, k, N, w, C, so_b, so_c, so_h, so_w, P, True),
+        _round(acc + bias[None, :], OUT.dtype.element_ty, RTNE_BF16),
+        mask=n_ok[:, None] & k_ok[None, :],
+    )
+
+
+@triton.jit
+def _final_dmod(
+    G, W, t, row_ok, d, d_ok, N, w, C, K,
+    sg_b, sg_c, sg_h, sg_w, sw_k, sw_d,
+    P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """d modulated[t, d] = sum_k d out[pixel(t, k)] W[k, d], fp32, for a (BM, BD) tile."""
+    dmod = tl.zeros([BM, BD], dtype=tl.float32)
+    k0 = 0
+    while k0 < K:
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        k0 += BK
+        g = tl.load(
+            G + _pixel_offsets(t, k, N, w, C, sg_b, sg_c, sg_h, sg_w, P, True),
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        wk = tl.load(
+            W + (k[:, None] * sw_k + d[None, :] * sw_d),
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        dmod = _dot(g, wk, dmod, INTERPRETED)
+    return dmod
+
+
+@triton.jit
+def _final_dx_kernel(
+    X, SCALE, W, G, DX, STATS, PART,
+    N, w, C, K, D, blocks_per_sample, plane, eps,
+    sx_b, sx_n, sx_d, ssc_b, ssc_d, sw_k, sw_d, sg_b, sg_c, sg_h, sg_w, sdx_b, sdx_n, sdx_d,
+    P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """For BM tokens of one sample, with xh = LN(x), dm = d modulated, g = dm (1 + scale):
+    d x = rstd (g - mean_D(g) - xh mean_D(g xh)); PART[0][b, block, d] = sum_n dm,
+    PART[1][b, block, d] = sum_n dm xh (fp32 partials of d shift and d scale);
+    STATS[t] = (mean, rstd) for the weight-gradient kernel."""
+    pid = tl.program_id(0)
+    b = (pid // blocks_per_sample).to(tl.int64)
+    block = pid % blocks_per_sample
+    n = block * BM + tl.arange(0, BM)
+    n_ok = n < N
+    t = b * N + n.to(tl.int64)
+    rows = b * sx_b + n.to(tl.int64) * sx_n
+    mean, rstd = _row_stats(X, rows, n_ok, D, sx_d, eps, BM, BD)
+    tl.store(STATS + 2 * t, mean, mask=n_ok)
+    tl.store(STATS + 2 * t + 1, rstd, mask=n_ok)
+
+    # Sweep 1: the row sums of g and g * xh.
+    sum_g = tl.zeros([BM], dtype=tl.float32)
+    sum_gx = tl.zeros([BM], dtype=tl.float32)
+    d0 = 0
+    while d0 < D:
+        d = d0 + tl.arange(0, BD)
+        d_ok = d < D
+        d0 += BD
+        mask = n_ok[:, None] & d_ok[None, :]
+        x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+        xh = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        scale = tl.load(SCALE + b * ssc_b + d * ssc_d, mask=d_ok, other=0.0).to(tl.float32)
+        dm = _final_dmod(
+            G,
+            W,
+            t,
+            n_ok,
+            d,
+            d_ok,
+            N,
+            w,
+            C,
+            K,
+            sg_b,
+            sg_c,
+            sg_h,
+            sg_w,
+            sw_k,
+            sw_d,
+            P,
+            BM,
+            BD,
+            BK,
+            INTERPRETED,
+        )
+        g = dm * (1.0 + scale[None, :])
+        sum_g += tl.sum(g, axis=1)
+        sum_gx += tl.sum(g * xh, axis=1)
+
+    # Sweep 2: d x, and the partial sums over this block's tokens.
+    dx_rows = b * sdx_b + n.to(tl.int64) * sdx_n
+    part = PART + (b * blocks_per_sample + block) * D
+    d0 = 0
+    while d0 < D:
+        d = d0 + tl.arange(0, BD)
+        d_ok = d < D
+        d0 += BD
+        mask = n_ok[:, None] & d_ok[None, :]
+        x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+        xh = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        scale = tl.load(SCALE + b * ssc_b + d * ssc_d, mask=d_ok, other=0.0).to(tl.float32)
+        dm = _final_dmod(
+            G,
+            W,
+            t,
+            n_ok,
+            d,
+            d_ok,
+            N,
+            w,
+            C,
+            K,
+            sg_b,
+            sg_c,
+            sg_h,
+            sg_w,
+            sw_k,
+            sw_d,
+            P,
+            BM,
+            BD,
+            BK,
+            INTERPRETED,
+        )
+        g = dm * (1.0 + scale[None, :])
+        dx = rstd[:, None] * (g - (sum_g[:, None] + xh * sum_gx[:, None]) / D)
+        tl.store(
+            DX + dx_rows[:, None] + (d * sdx_d)[None, :],
+            _round(dx, DX.dtype.element_ty, RTNE_BF16),
+            mask=mask,
+        )
+        tl.store(part + d, tl.sum(dm, axis=0), mask=d_ok)  # dm is 0 on masked rows
+        tl.store(part + plane + d, tl.sum(dm * xh, axis=0), mask=d_ok)
+
+
+@triton.jit
+def _final_wgrad_kernel(
+    X, SHIFT, SCALE, G, STATS, DW, DBIAS,
+    T, N, w, C, K, D, rows_per_split,
+    sx_b, sx_n, sx_d, ssh_b, ssh_d, ssc_b, ssc_d, sg_b, sg_c, sg_h, sg_w,
+    P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """Program (D-block, split s, K-block), over the split's tokens t:
+    DW[s, k, d] = sum_t d out[pixel(t, k)] mod[t, d] (mod rounded as the forward rounds it),
+    DBIAS[s, k] = sum_t d out[pixel(t, k)] (written by D-block 0); fp32 partials."""
+    d = tl.program_id(0) * BD + tl.arange(0, BD)
+    s = tl.program_id(1)
+    k = tl.program_id(2) * BK + tl.arange(0, BK)
+    d_ok = d < D
+    k_ok = k < K
+    dw = tl.zeros([BK, BD], dtype=tl.float32)
+    db = tl.zeros([BK], dtype=tl.float32)
+    start = s.to(tl.int64) * rows_per_split
+    end = tl.minimum(start + rows_per_split, T)
+    t0 = start
+    while t0 < end:
+        t = t0 + tl.arange(0, BM)
+        t_ok = t < end
+        t0 += BM
+        mask = t_ok[:, None] & d_ok[None, :]
+        b = t // N
+        x = tl.load(
+            X + (b * sx_b + (t % N) * sx_n)[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+        mean = tl.load(STATS + 2 * t, mask=t_ok, other=0.0)
+        rstd = tl.load(STATS + 2 * t + 1, mask=t_ok, other=0.0)
+        shift = tl.load(
+            SHIFT + (b * ssh_b)[:, None] + (d * ssh_d)[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+        scale = tl.load(
+            SCALE + (b * ssc_b)[:, None] + (d * ssc_d)[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+        mod = (x - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift
+        mod = _round(tl.where(mask, mod, 0.0), X.dtype.element_ty, RTNE_BF16)
+        g = tl.load(
+            G + _pixel_offsets(t, k, N, w, C, sg_b, sg_c, sg_h, sg_w, P, True),
+            mask=t_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        dw = _dot(tl.trans(g), mod, dw, INTERPRETED)
+        db += tl.sum(g.to(tl.float32), axis=0)
+    row = s.to(tl.int64) * K + k
+    tl.store(DW + row[:, None] * D + d[None, :], dw, mask=k_ok[:, None] & d_ok[None, :])
+    if tl.program_id(0) == 0:
+        tl.store(DBIAS + row, db, mask=k_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Python side: launch shapes and the functions the ops register
+
+MIN_DOT = 16  # tl.dot's smallest tile side
+
+
+def _pow2(n: int, lo: int = MIN_DOT, hi: int | None = None) -> int:
+    v = max(lo, triton.next_power_of_2(n))
+    return v if hi is None else min(v, hi)
+
+
+def _programs(device: torch.device) -> int:
+    """Programs that fill one wave: about two per SM on a GPU; 3 on the CPU (the interpreter),
+    so the tests see several splits."""
+    return 2 * sm_count(device.index or 0) if device.type == "cuda" else 3
+
+
+def _image_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _layout(image: torch.Tensor, tokens: torch.Tensor, p: int, w: int, order: str, to_tokens: bool):
+    B, C = image.shape[:2]
+    T, N, K = B * tokens.shape[1], tokens.shape[1], tokens.shape[2]
+    block_k = _pow2(K, lo=1, hi=256)
+    block_t = max(1, min(256, 4096 // block_k))
+    grid = (triton.cdiv(T, block_t), triton.cdiv(K, block_k))
+    with device_context(image):
+        _layout_kernel[grid](
+            image, tokens,
+            T, N, w, C, K,
+            *_image_strides(image), *_token_strides(tokens),
+            P=p, PQC=order == "pqc", TO_TOKENS=to_tokens,
+            BLOCK_T=block_t, BLOCK_K=block_k, INTERPRETED=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+
+
+def _empty_tokens(like: torch.Tensor, B: int, N: int, K: int) -> torch.Tensor:
+    return torch.empty(B, N, K, dtype=like.dtype, device=like.device)
+
+
+def _reason(**tensors: torch.Tensor) -> str:
+    for t in tensors.values():
+        reason = dtype_reason(t)
+        if reason:
+            return reason
+    return ""
+
+
+def supports_patchify(x: torch.Tensor, patch_size: int, order: str) -> str:
+    return _reason(x=x)
+
+
+def supports_unpatchify(tokens: torch.Tensor, patch_size: int, grid, order: str) -> str:
+    return _reason(tokens=tokens)
+
+
+def patchify_forward(x: torch.Tensor, patch_size: int, order: str) -> torch.Tensor:
+    p = patch_size
+    B, C, H, W = x.shape
+    tokens = _empty_tokens(x, B, (H // p) * (W // p), C * p * p)
+    _layout(x, tokens, p, W // p, order, to_tokens=True)
+    return tokens
+
+
+def patchify_backward(grads, inputs) -> list[torch.Tensor]:
+    x, p, order = inputs
+    dx = torch.empty_like(x)
+    _layout(dx, grads[0], p, x.shape[3] // p, order, to_tokens=False)
+    return [dx]
+
+
+def unpatchify_forward(tokens: torch.Tensor, patch_size: int, grid, order: str) -> torch.Tensor:
+    p = patch_size
+    (h, w), (B, _, K) = grid, tokens.shape
+    image = torch.empty(B, K // (p * p), h * p, w * p, dtype=tokens.dtype, device=tokens.device)
+    _layout(image, tokens, p, w, order, to_tokens=False)
+    return image
+
+
+def unpatchify_backward(grads, inputs) -> list[torch.Tensor]:
+    tokens, p, grid, order = inputs
+    dtokens = torch.empty_like(tokens)
+    _layout(grads[0], dtokens, p, grid[1], order, to_tokens=True)
+    return [dtokens]
+
+
+def supports_patch_embed(x, weight, bias, pos_embed) -> str:
+    return _reason(x=x)
+
+
+def _pos_2d(pos_embed: torch.Tensor) -> torch.Tensor:
+    return pos_embed[0] if pos_embed.dim() == 3 else pos_embed
+
+
+def patch_embed_forward(x, weight, bias, pos_embed) -> torch.Tensor:
+    B, C, H, W = x.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    h, w = H // p, W // p
+    N, K, T = h * w, C * p * p, B * h * w
+    w2 = weight.reshape(D, K)
+    pos = _pos_2d(pos_embed)
+    out = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
+    BM, BD, BK = 64, _pow2(D, hi=128), _pow2(K, hi=64)
+    with device_context(x):
+        _embed_fwd_kernel[(triton.cdiv(T, BM), triton.cdiv(D, BD))](
+            x, w2, bias, pos, out,
+            T, N, w, C, K, D,
+            *x.stride(), *w2.stride(), bias.stride(0), *pos.stride(), *out.stride(),
+            P=p, BM=BM, BK=BK, BD=BD, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def patch_embed_backward(grads, inputs) -> list[torch.Tensor]:
+    x, weight, bias, pos_embed = inputs
+    g = grads[0]
+    B, C, H, W = x.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    h, w = H // p, W // p
+    N, K, T = h * w, C * p * p, B * h * w
+    w2 = weight.reshape(D, K)
+    dx = torch.empty_like(x)
+    BM, BK, BD = 64, _pow2(K, hi=128), 64
+    with device_context(x):
+        _embed_dx_kernel[(triton.cdiv(T, BM), triton.cdiv(K, BK))](
+            g, w2, dx,
+            T, N, w, C, K, D,
+            *g.stride(), *w2.stride(), *dx.stride(),
+            P=p, BM=BM, BK=BK, BD=BD, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+        BN, BK, BD = 32, _pow2(K, hi=64), _pow2(D, hi=64)
+        d_blocks, k_blocks = triton.cdiv(D, BD), triton.cdiv(K, BK)
+        n_blocks = triton.cdiv(N, BN)
+        splits = max(1, min(n_blocks, _programs(x.device) // (d_blocks * k_blocks)))
+        per_split = triton.cdiv(n_blocks, splits) * BN
+        splits = triton.cdiv(N, per_split)
+        dpos = torch.empty(N, D, dtype=torch.float32, device=x.device)
+        dw = torch.empty(splits, K, D, dtype=torch.float32, device=x.device)
+        _embed_params_kernel[(d_blocks, splits, k_blocks)](
+            x, g, dpos, dw,
+            B, N, w, C, K, D, per_split,
+            *x.stride(), *g.stride(),
+            P=p, BN=BN, BK=BK, BD=BD, INTERPRETED=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+    dweight = dw.sum(0).t().reshape(weight.shape).to(weight.dtype)
+    dbias = dpos.sum(0).to(bias.dtype)
+    return [dx, dweight, dbias, dpos.to(pos_embed.dtype).reshape(pos_embed.shape)]
+
+
+def supports_final_layer(x, shift, scale, weight, bias, patch_size, grid, eps) -> str:
+    return _reason(x=x)
+
+
+_FINAL_BM, _FINAL_BD = 32, 64
+
+
+def final_layer_forward(x, shift, scale, weight, bias, patch_size, grid, eps) -> torch.Tensor:
+    p, (h, w) = patch_size, grid
+    B, N, D = x.shape
+    K = weight.shape[0]
+    C = K // (p * p)
+    out = torch.empty(B, C, h * p, w * p, dtype=x.dtype, device=x.device)
+    BM, BD, BK = _FINAL_BM, _pow2(D, hi=_FINAL_BD), _pow2(K, hi=64)
+    blocks = triton.cdiv(N, BM)
+    with device_context(x):
+        _final_fwd_kernel[(B * blocks, triton.cdiv(K, BK))](
+            x, shift, scale, weight, bias, out,
+            N, w, C, K, D, blocks, eps,
+            *x.stride(), *shift.stride(), *scale.stride(), *weight.stride(), bias.stride(0),
+            *out.stride(),
+            P=p, BM=BM, BD=BD, BK=BK, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def final_layer_backward(grads, inputs) -> list[torch.Tensor]:
+    x, shift, scale, weight, bias, p, (h, w), eps = inputs
+    g = grads[0]
+    B, N, D = x.shape
+    K = weight.shape[0]
+    C, T = K // (p * p), B * N
+    dx = torch.empty_like(x)
+    stats = torch.empty(T, 2, dtype=torch.float32, device=x.device)
+    BM, BD, BK = _FINAL_BM, _pow2(D, hi=_FINAL_BD), _pow2(K, hi=32)
+    blocks = triton.cdiv(N, BM)
+    plane = B * blocks * D
+    part = torch.empty(2, B, blocks, D, dtype=torch.float32, device=x.device)
+    with device_context(x):
+        _final_dx_kernel[(B * blocks,)](
+            x, scale, weight, g, dx, stats, part,
+            N, w, C, K, D, blocks, plane, eps,
+            *x.stride(), *scale.stride(), *weight.stride(), *g.stride(), *dx.stride(),
+            P=p, BM=BM, BD=BD, BK=BK, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+        BM, BD, BK = 64, _pow2(D, hi=64), _pow2(K, hi=64)
+        d_blocks, k_blocks = triton.cdiv(D, BD), triton.cdiv(K, BK)
+        steps = triton.cdiv(T, BM)
+        splits = max(1, min(steps, _programs(x.device) // (d_blocks * k_blocks)))
+        per_split = triton.cdiv(steps, splits) * BM
+        splits = triton.cdiv(T, per_split)
+        dw = torch.empty(splits, K, D, dtype=torch.float32, device=x.device)
+        db = torch.empty(splits, K, dtype=torch.float32, device=x.device)
+        _final_wgrad_kernel[(d_blocks, splits, k_blocks)](
+            x, shift, scale, g, stats, dw, db,
+            T, N, w, C, K, D, per_split,
+            *x.stride(), *shift.stride(), *scale.stride(), *g.stride(),
+            P=p, BM=BM, BD=BD, BK=BK, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+        )  # fmt: skip
+    return [
+        dx,
+        part[0].sum(1).to(shift.dtype),  # over the token blocks, in order
+        part[1].sum(1).to(scale.dtype),
+        dw.sum(0).to(weight.dtype),
+        db.sum(0).to(bias.dtype),
+    ]
