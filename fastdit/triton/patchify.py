@@ -418,6 +418,9 @@ def _final_dx_kernel(
         sum_g += tl.sum(g, axis=1)
         sum_gx += tl.sum(g * xh, axis=1)
 
+    mean_g = sum_g / D
+    mean_gx = sum_gx / D
+
     # Sweep 2: d x, and the partial sums over this block's tokens.
     dx_rows = b * sdx_b + n.to(tl.int64) * sdx_n
     part = PART + (b * blocks_per_sample + block) * D
@@ -454,7 +457,7 @@ def _final_dx_kernel(
             INTERPRETED,
         )
         g = dm * (1.0 + scale[None, :])
-        dx = rstd[:, None] * (g - (sum_g[:, None] + xh * sum_gx[:, None]) / D)
+        dx = rstd[:, None] * (g - mean_g[:, None] - xh * mean_gx[:, None])
         tl.store(
             DX + dx_rows[:, None] + (d * sdx_d)[None, :],
             _round(dx, DX.dtype.element_ty, RTNE_BF16),
@@ -467,13 +470,13 @@ def _final_dx_kernel(
 @triton.jit
 def _final_wgrad_kernel(
     X, SHIFT, SCALE, G, STATS, DW, DBIAS,
-    T, N, w, C, K, D, rows_per_split,
+    N, w, C, K, D, blocks_per_sample, steps_per_split, steps,
     sx_b, sx_n, sx_d, ssh_b, ssh_d, ssc_b, ssc_d, sg_b, sg_c, sg_h, sg_w,
     P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    RTNE_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    """Program (D-block, split s, K-block), over the split's tokens t:
+    """Program (D-block, split s, K-block) over the split's steps, a step being BM tokens of one
+    sample (step = b * blocks_per_sample + token block):
     DW[s, k, d] = sum_t d out[pixel(t, k)] mod[t, d] (mod rounded as the forward rounds it),
     DBIAS[s, k] = sum_t d out[pixel(t, k)] (written by D-block 0); fp32 partials."""
     d = tl.program_id(0) * BD + tl.arange(0, BD)
@@ -483,31 +486,26 @@ def _final_wgrad_kernel(
     k_ok = k < K
     dw = tl.zeros([BK, BD], dtype=tl.float32)
     db = tl.zeros([BK], dtype=tl.float32)
-    start = s.to(tl.int64) * rows_per_split
-    end = tl.minimum(start + rows_per_split, T)
-    t0 = start
-    while t0 < end:
-        t = t0 + tl.arange(0, BM)
-        t_ok = t < end
-        t0 += BM
-        mask = t_ok[:, None] & d_ok[None, :]
-        b = t // N
-        x = tl.load(
-            X + (b * sx_b + (t % N) * sx_n)[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
-        mean = tl.load(STATS + 2 * t, mask=t_ok, other=0.0)
-        rstd = tl.load(STATS + 2 * t + 1, mask=t_ok, other=0.0)
-        shift = tl.load(
-            SHIFT + (b * ssh_b)[:, None] + (d * ssh_d)[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
-        scale = tl.load(
-            SCALE + (b * ssc_b)[:, None] + (d * ssc_d)[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
-        mod = (x - mean[:, None]) * rstd[:, None] * (1.0 + scale) + shift
+    step = s * steps_per_split
+    end = tl.minimum(step + steps_per_split, steps)
+    while step < end:
+        b = (step // blocks_per_sample).to(tl.int64)
+        n = (step % blocks_per_sample) * BM + tl.arange(0, BM)
+        step += 1
+        n_ok = n < N
+        t = b * N + n.to(tl.int64)
+        mask = n_ok[:, None] & d_ok[None, :]
+        rows = b * sx_b + n.to(tl.int64) * sx_n
+        x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(STATS + 2 * t, mask=n_ok, other=0.0)
+        rstd = tl.load(STATS + 2 * t + 1, mask=n_ok, other=0.0)
+        shift = tl.load(SHIFT + b * ssh_b + d * ssh_d, mask=d_ok, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + b * ssc_b + d * ssc_d, mask=d_ok, other=0.0).to(tl.float32)
+        mod = (x - mean[:, None]) * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
         mod = _round(tl.where(mask, mod, 0.0), X.dtype.element_ty, RTNE_BF16)
         g = tl.load(
             G + _pixel_offsets(t, k, N, w, C, sg_b, sg_c, sg_h, sg_w, P, True),
-            mask=t_ok[:, None] & k_ok[None, :],
+            mask=n_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
         dw = _dot(tl.trans(g), mod, dw, INTERPRETED)
@@ -519,7 +517,11 @@ def _final_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Python side: launch shapes and the functions the ops register
+# Python side: tile shapes and the functions the ops register
+#
+# Tile shapes (checked by compiling every kernel for sm_90 with Triton's bundled ptxas,
+# tests/test_triton_compile.py: no spills, bf16 and fp32): each function below returns the
+# constexpr tile sizes and num_warps of one kernel, for the launcher and for that test.
 
 MIN_DOT = 16  # tl.dot's smallest tile side
 
@@ -529,38 +531,65 @@ def _pow2(n: int, lo: int = MIN_DOT, hi: int | None = None) -> int:
     return v if hi is None else min(v, hi)
 
 
+def layout_tiles(K: int) -> dict:
+    """About 4096 elements a program: a token row of K values (up to 256) times BLOCK_T."""
+    block_k = _pow2(K, lo=1, hi=256)
+    return dict(BLOCK_T=max(1, min(256, 4096 // block_k)), BLOCK_K=block_k, num_warps=8)
+
+
+def embed_fwd_tiles(K: int, D: int) -> dict:
+    """Wide output tiles (the store is what costs) while the patch tile is small."""
+    return dict(BM=64, BK=_pow2(K, hi=64), BD=_pow2(D, hi=128 if K <= 16 else 64), num_warps=8)
+
+
+def embed_dx_tiles(K: int, D: int) -> dict:
+    return dict(BM=64, BK=_pow2(K, hi=64), BD=_pow2(D, hi=64), num_warps=4 if K <= 16 else 8)
+
+
+def embed_params_tiles(K: int, D: int) -> dict:
+    return dict(BN=32, BK=_pow2(K, hi=64), BD=_pow2(D, hi=64), num_warps=8)
+
+
+def final_fwd_tiles(K: int, D: int) -> dict:
+    return dict(BM=32, BD=_pow2(D, hi=64), BK=_pow2(K, hi=64), num_warps=8)
+
+
+def final_dx_tiles(K: int, D: int) -> dict:
+    """8 warps, but 4 for a 16-wide K tile (at 8, ptxas caps that variant at 128 registers a
+    thread and spills in fp32)."""
+    block_k = _pow2(K, hi=32)
+    return dict(BM=32, BD=_pow2(D, hi=64), BK=block_k, num_warps=4 if block_k == 16 else 8)
+
+
+def final_wgrad_tiles(K: int, D: int) -> dict:
+    return dict(BM=32, BD=_pow2(D, hi=64), BK=_pow2(K, hi=64), num_warps=8)
+
+
 def _programs(device: torch.device) -> int:
     """Programs that fill one wave: about two per SM on a GPU; 3 on the CPU (the interpreter),
     so the tests see several splits."""
     return 2 * sm_count(device.index or 0) if device.type == "cuda" else 3
 
 
-def _image_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())  # type: ignore[return-value]
-
-
-def _token_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return tuple(t.stride())  # type: ignore[return-value]
+def _split(steps: int, others: int, device: torch.device) -> tuple[int, int]:
+    """(splits, steps per split): ``steps`` cut so that splits * others programs fill a wave."""
+    splits = max(1, min(steps, _programs(device) // others))
+    per_split = triton.cdiv(steps, splits)
+    return triton.cdiv(steps, per_split), per_split
 
 
 def _layout(image: torch.Tensor, tokens: torch.Tensor, p: int, w: int, order: str, to_tokens: bool):
     B, C = image.shape[:2]
     T, N, K = B * tokens.shape[1], tokens.shape[1], tokens.shape[2]
-    block_k = _pow2(K, lo=1, hi=256)
-    block_t = max(1, min(256, 4096 // block_k))
-    grid = (triton.cdiv(T, block_t), triton.cdiv(K, block_k))
+    tiles = layout_tiles(K)
+    grid = (triton.cdiv(T, tiles["BLOCK_T"]), triton.cdiv(K, tiles["BLOCK_K"]))
     with device_context(image):
         _layout_kernel[grid](
             image, tokens,
             T, N, w, C, K,
-            *_image_strides(image), *_token_strides(tokens),
-            P=p, PQC=order == "pqc", TO_TOKENS=to_tokens,
-            BLOCK_T=block_t, BLOCK_K=block_k, INTERPRETED=INTERPRETED, num_warps=4,
+            *image.stride(), *tokens.stride(),
+            P=p, PQC=order == "pqc", TO_TOKENS=to_tokens, **tiles,
         )  # fmt: skip
-
-
-def _empty_tokens(like: torch.Tensor, B: int, N: int, K: int) -> torch.Tensor:
-    return torch.empty(B, N, K, dtype=like.dtype, device=like.device)
 
 
 def _reason(**tensors: torch.Tensor) -> str:
@@ -579,10 +608,18 @@ def supports_unpatchify(tokens: torch.Tensor, patch_size: int, grid, order: str)
     return _reason(tokens=tokens)
 
 
+def supports_patch_embed(x, weight, bias, pos_embed) -> str:
+    return _reason(x=x)
+
+
+def supports_final_layer(x, shift, scale, weight, bias, patch_size, grid, eps) -> str:
+    return _reason(x=x)
+
+
 def patchify_forward(x: torch.Tensor, patch_size: int, order: str) -> torch.Tensor:
     p = patch_size
     B, C, H, W = x.shape
-    tokens = _empty_tokens(x, B, (H // p) * (W // p), C * p * p)
+    tokens = torch.empty(B, (H // p) * (W // p), C * p * p, dtype=x.dtype, device=x.device)
     _layout(x, tokens, p, W // p, order, to_tokens=True)
     return tokens
 
@@ -609,29 +646,26 @@ def unpatchify_backward(grads, inputs) -> list[torch.Tensor]:
     return [dtokens]
 
 
-def supports_patch_embed(x, weight, bias, pos_embed) -> str:
-    return _reason(x=x)
-
-
-def _pos_2d(pos_embed: torch.Tensor) -> torch.Tensor:
-    return pos_embed[0] if pos_embed.dim() == 3 else pos_embed
-
-
-def patch_embed_forward(x, weight, bias, pos_embed) -> torch.Tensor:
+def _embed_sizes(x: torch.Tensor, weight: torch.Tensor):
+    """(B, C, w, N, K, T, D, p) of a patch_embed call."""
     B, C, H, W = x.shape
     D, p = weight.shape[0], weight.shape[-1]
     h, w = H // p, W // p
-    N, K, T = h * w, C * p * p, B * h * w
+    return B, C, w, h * w, C * p * p, B * h * w, D, p
+
+
+def patch_embed_forward(x, weight, bias, pos_embed) -> torch.Tensor:
+    B, C, w, N, K, T, D, p = _embed_sizes(x, weight)
     w2 = weight.reshape(D, K)
-    pos = _pos_2d(pos_embed)
+    pos = pos_embed[0] if pos_embed.dim() == 3 else pos_embed
     out = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
-    BM, BD, BK = 64, _pow2(D, hi=128), _pow2(K, hi=64)
+    tiles = embed_fwd_tiles(K, D)
     with device_context(x):
-        _embed_fwd_kernel[(triton.cdiv(T, BM), triton.cdiv(D, BD))](
+        _embed_fwd_kernel[(triton.cdiv(T, tiles["BM"]), triton.cdiv(D, tiles["BD"]))](
             x, w2, bias, pos, out,
             T, N, w, C, K, D,
             *x.stride(), *w2.stride(), bias.stride(0), *pos.stride(), *out.stride(),
-            P=p, BM=BM, BK=BK, BD=BD, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+            P=p, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, **tiles,
         )  # fmt: skip
     return out
 
@@ -639,44 +673,31 @@ def patch_embed_forward(x, weight, bias, pos_embed) -> torch.Tensor:
 def patch_embed_backward(grads, inputs) -> list[torch.Tensor]:
     x, weight, bias, pos_embed = inputs
     g = grads[0]
-    B, C, H, W = x.shape
-    D, p = weight.shape[0], weight.shape[-1]
-    h, w = H // p, W // p
-    N, K, T = h * w, C * p * p, B * h * w
+    B, C, w, N, K, T, D, p = _embed_sizes(x, weight)
     w2 = weight.reshape(D, K)
     dx = torch.empty_like(x)
-    BM, BK, BD = 64, _pow2(K, hi=128), 64
+    tiles = embed_dx_tiles(K, D)
     with device_context(x):
-        _embed_dx_kernel[(triton.cdiv(T, BM), triton.cdiv(K, BK))](
+        _embed_dx_kernel[(triton.cdiv(T, tiles["BM"]), triton.cdiv(K, tiles["BK"]))](
             g, w2, dx,
             T, N, w, C, K, D,
             *g.stride(), *w2.stride(), *dx.stride(),
-            P=p, BM=BM, BK=BK, BD=BD, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+            P=p, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, **tiles,
         )  # fmt: skip
-        BN, BK, BD = 32, _pow2(K, hi=64), _pow2(D, hi=64)
-        d_blocks, k_blocks = triton.cdiv(D, BD), triton.cdiv(K, BK)
-        n_blocks = triton.cdiv(N, BN)
-        splits = max(1, min(n_blocks, _programs(x.device) // (d_blocks * k_blocks)))
-        per_split = triton.cdiv(n_blocks, splits) * BN
-        splits = triton.cdiv(N, per_split)
+        tiles = embed_params_tiles(K, D)
+        d_blocks, k_blocks = triton.cdiv(D, tiles["BD"]), triton.cdiv(K, tiles["BK"])
+        splits, per_split = _split(triton.cdiv(N, tiles["BN"]), d_blocks * k_blocks, x.device)
         dpos = torch.empty(N, D, dtype=torch.float32, device=x.device)
         dw = torch.empty(splits, K, D, dtype=torch.float32, device=x.device)
         _embed_params_kernel[(d_blocks, splits, k_blocks)](
             x, g, dpos, dw,
-            B, N, w, C, K, D, per_split,
+            B, N, w, C, K, D, per_split * tiles["BN"],
             *x.stride(), *g.stride(),
-            P=p, BN=BN, BK=BK, BD=BD, INTERPRETED=INTERPRETED, num_warps=4,
+            P=p, INTERPRETED=INTERPRETED, **tiles,
         )  # fmt: skip
-    dweight = dw.sum(0).t().reshape(weight.shape).to(weight.dtype)
+    dweight = dw.sum(0).t().reshape(weight.shape).to(weight.dtype)  # splits summed in order
     dbias = dpos.sum(0).to(bias.dtype)
     return [dx, dweight, dbias, dpos.to(pos_embed.dtype).reshape(pos_embed.shape)]
-
-
-def supports_final_layer(x, shift, scale, weight, bias, patch_size, grid, eps) -> str:
-    return _reason(x=x)
-
-
-_FINAL_BM, _FINAL_BD = 32, 64
 
 
 def final_layer_forward(x, shift, scale, weight, bias, patch_size, grid, eps) -> torch.Tensor:
@@ -685,15 +706,15 @@ def final_layer_forward(x, shift, scale, weight, bias, patch_size, grid, eps) ->
     K = weight.shape[0]
     C = K // (p * p)
     out = torch.empty(B, C, h * p, w * p, dtype=x.dtype, device=x.device)
-    BM, BD, BK = _FINAL_BM, _pow2(D, hi=_FINAL_BD), _pow2(K, hi=64)
-    blocks = triton.cdiv(N, BM)
+    tiles = final_fwd_tiles(K, D)
+    blocks = triton.cdiv(N, tiles["BM"])
     with device_context(x):
-        _final_fwd_kernel[(B * blocks, triton.cdiv(K, BK))](
+        _final_fwd_kernel[(B * blocks, triton.cdiv(K, tiles["BK"]))](
             x, shift, scale, weight, bias, out,
             N, w, C, K, D, blocks, eps,
             *x.stride(), *shift.stride(), *scale.stride(), *weight.stride(), bias.stride(0),
             *out.stride(),
-            P=p, BM=BM, BD=BD, BK=BK, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+            P=p, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, **tiles,
         )  # fmt: skip
     return out
 
@@ -703,33 +724,31 @@ def final_layer_backward(grads, inputs) -> list[torch.Tensor]:
     g = grads[0]
     B, N, D = x.shape
     K = weight.shape[0]
-    C, T = K // (p * p), B * N
+    C = K // (p * p)
     dx = torch.empty_like(x)
-    stats = torch.empty(T, 2, dtype=torch.float32, device=x.device)
-    BM, BD, BK = _FINAL_BM, _pow2(D, hi=_FINAL_BD), _pow2(K, hi=32)
-    blocks = triton.cdiv(N, BM)
-    plane = B * blocks * D
+    stats = torch.empty(B * N, 2, dtype=torch.float32, device=x.device)
+    tiles = final_dx_tiles(K, D)
+    blocks = triton.cdiv(N, tiles["BM"])
     part = torch.empty(2, B, blocks, D, dtype=torch.float32, device=x.device)
     with device_context(x):
         _final_dx_kernel[(B * blocks,)](
             x, scale, weight, g, dx, stats, part,
-            N, w, C, K, D, blocks, plane, eps,
+            N, w, C, K, D, blocks, B * blocks * D, eps,
             *x.stride(), *scale.stride(), *weight.stride(), *g.stride(), *dx.stride(),
-            P=p, BM=BM, BD=BD, BK=BK, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+            P=p, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, **tiles,
         )  # fmt: skip
-        BM, BD, BK = 64, _pow2(D, hi=64), _pow2(K, hi=64)
-        d_blocks, k_blocks = triton.cdiv(D, BD), triton.cdiv(K, BK)
-        steps = triton.cdiv(T, BM)
-        splits = max(1, min(steps, _programs(x.device) // (d_blocks * k_blocks)))
-        per_split = triton.cdiv(steps, splits) * BM
-        splits = triton.cdiv(T, per_split)
+        tiles = final_wgrad_tiles(K, D)
+        assert tiles["BM"] == final_dx_tiles(K, D)["BM"]  # the steps are the same token blocks
+        d_blocks, k_blocks = triton.cdiv(D, tiles["BD"]), triton.cdiv(K, tiles["BK"])
+        steps = B * blocks
+        splits, per_split = _split(steps, d_blocks * k_blocks, x.device)
         dw = torch.empty(splits, K, D, dtype=torch.float32, device=x.device)
         db = torch.empty(splits, K, dtype=torch.float32, device=x.device)
         _final_wgrad_kernel[(d_blocks, splits, k_blocks)](
             x, shift, scale, g, stats, dw, db,
-            T, N, w, C, K, D, per_split,
+            N, w, C, K, D, blocks, per_split, steps,
             *x.stride(), *shift.stride(), *scale.stride(), *g.stride(),
-            P=p, BM=BM, BD=BD, BK=BK, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, num_warps=4,
+            P=p, RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED, **tiles,
         )  # fmt: skip
     return [
         dx,

@@ -1,0 +1,138 @@
+"""Every Triton kernel compiled for an H100 (sm_90) by Triton's own compiler and bundled ptxas,
+at the tile shapes its launcher picks, without a GPU: catches what the CPU interpreter cannot
+(code that does not lower, tl.dot shape rules, register spills), in CI.
+
+The tests run under TRITON_INTERPRET=1 (conftest.py), where kernels cannot be compiled, so the
+compilation runs once in a child process without it (this file run as a script), which prints
+every kernel's resource usage as JSON.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+# (K, D) of the patch embedding (K = C p p) and of the final layer (K = p p C_out):
+# DiT-XL/2 (C 4, learned sigma 8), DiT-B/4, DiT-S/8, and an awkward width.
+EMBED = [(16, 1152), (64, 768), (256, 384), (12, 100)]
+FINAL = [(32, 1152), (128, 768), (512, 384), (12, 100)]
+LAYOUT = [(2, 16), (8, 256), (2, 32), (8, 512)]  # (p, K)
+DTYPES = ["bf16", "fp32"]
+
+
+def _cases():
+    """(name, kernel, pointer element types, constexprs incl. num_warps) of every case."""
+    from fastdit.triton import patchify as T
+
+    for dtype in DTYPES:
+        for p, K in LAYOUT:
+            for pqc in (False, True):
+                for to_tokens in (False, True):
+                    tiles = dict(T.layout_tiles(K), P=p, PQC=pqc, TO_TOKENS=to_tokens)
+                    name = f"layout {dtype} p={p} K={K} pqc={pqc} to_tokens={to_tokens}"
+                    yield name, T._layout_kernel, {"IMG": dtype, "TOK": dtype}, tiles
+        act = {n: dtype for n in ("X", "W", "BIAS", "POS", "OUT", "DOUT", "DX", "SHIFT", "SCALE")}
+        act.update(G=dtype)
+        scratch = {n: "fp32" for n in ("DPOS", "DW", "STATS", "PART", "DBIAS")}
+        pointers = {**act, **scratch}
+        for K, D in EMBED:
+            common = dict(P=8 if K == 256 else 2, INTERPRETED=False)
+            rtne = dict(common, RTNE_BF16=False)
+            yield (f"embed fwd {dtype} K={K} D={D}", T._embed_fwd_kernel, pointers,
+                   dict(T.embed_fwd_tiles(K, D), **rtne))  # fmt: skip
+            yield (f"embed dx {dtype} K={K} D={D}", T._embed_dx_kernel, pointers,
+                   dict(T.embed_dx_tiles(K, D), **rtne))  # fmt: skip
+            yield (f"embed params {dtype} K={K} D={D}", T._embed_params_kernel, pointers,
+                   dict(T.embed_params_tiles(K, D), **common))  # fmt: skip
+        for K, D in FINAL:
+            rtne = dict(P=8 if K == 512 else 2, INTERPRETED=False, RTNE_BF16=False)
+            yield (f"final fwd {dtype} K={K} D={D}", T._final_fwd_kernel, pointers,
+                   dict(T.final_fwd_tiles(K, D), **rtne))  # fmt: skip
+            yield (f"final dx {dtype} K={K} D={D}", T._final_dx_kernel, pointers,
+                   dict(T.final_dx_tiles(K, D), **rtne))  # fmt: skip
+            yield (f"final wgrad {dtype} K={K} D={D}", T._final_wgrad_kernel, pointers,
+                   dict(T.final_wgrad_tiles(K, D), **rtne))  # fmt: skip
+
+
+def _compile(kernel, pointers: dict[str, str], constexprs: dict) -> dict:
+    """Compile ``kernel`` for sm_90 (pointer arguments typed by ``pointers``, "eps" fp32, every
+    other argument i32) and return the resource usage cuobjdump reports (REG, STACK, ...)
+    and the number of local-memory stores in the machine code (spills)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs)
+    warps = constexprs.pop("num_warps")
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs=constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps},
+    )
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [tool, "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    usage = dict(item.split(":", 1) for item in line.split() if ":" in item)
+    usage = {k: int(v) for k, v in usage.items() if v.isdigit()}
+    usage["spill stores"] = sass.count("STL")  # local-memory stores: spilled registers
+    return usage
+
+
+def main() -> None:
+    results = {}
+    for name, kernel, pointers, constexprs in _cases():
+        try:
+            results[name] = _compile(kernel, pointers, constexprs)
+        except Exception as e:  # reported per case by the test
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    json.dump(results, sys.stdout)
+
+
+@pytest.fixture(scope="module")
+def usage() -> dict:
+    pytest.importorskip("triton")
+    import triton
+
+    tool = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas"))
+    if not tool:
+        pytest.skip("Triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout)
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(usage):
+    assert len(usage) == len(DTYPES) * (len(LAYOUT) * 4 + 3 * len(EMBED) + 3 * len(FINAL))
+    failed = {name: u for name, u in usage.items() if "error" in u}
+    assert not failed, failed
+    spilled = {n: u for n, u in usage.items() if u["spill stores"] or u["LOCAL"]}
+    assert not spilled, spilled
+
+
+if __name__ == "__main__":
+    main()
