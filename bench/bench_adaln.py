@@ -105,24 +105,9 @@ def run(ctx: common.Context) -> list[common.Row]:
                         rows, ctx, name, shape_s, dtype, make(n_x), variants,
                         bytes_moved=elements_bwd * elem, backward=True,
                     )  # fmt: skip
-                    _check_backward_backend(rows[before:], op, variants, make(n_x))
+                    common.check_backward_backend(rows[before:], op, variants, make(n_x))
     common.add_ratios(rows)
     return rows
-
-
-def _check_backward_backend(rows: list[common.Row], op, variants, make_inputs) -> None:
-    """Notes on a kernel's fwd+bwd row whose backward ran on another backend (then it is not a
-    number for that kernel's backward): one more fwd+bwd call per kernel, outside the timing."""
-    for row in rows:
-        if row.backend not in ("cuda", "triton") or row.note:
-            continue
-        op.last_backward_backend = None
-        inputs = [t.detach().requires_grad_() for t in make_inputs()]
-        out = variants[row.backend](*inputs)
-        outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-        if op.last_backward_backend != row.backend:
-            row.note = f"backward ran on {op.last_backward_backend}, not {row.backend}"
 
 
 if __name__ == "__main__":

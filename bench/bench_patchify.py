@@ -1,13 +1,28 @@
 """Benchmark of the patchify family: DiT's patch embedding and final layer, and the layout ops.
 
-Shapes: DiT-XL/2, DiT-B/4 and DiT-S/8 at 256 px (latent 32x32) and 512 px (64x64). Variants:
-eager PyTorch (the reference), torch.compile of the reference, and each kernel backend that can
-run here.
+Shapes: DiT-XL/2, DiT-B/4 and DiT-S/8 at 256 px (latent 32x32, B 32) and 512 px (64x64, B 8).
+Variants: eager PyTorch (the reference), torch.compile of the reference, and each kernel backend
+that can run here; forward, and forward+backward.
 
-Floors (elem = bytes per element, K = C*p*p, P = p*p*C_out):
-  patch_embed: read x (B*C*H*W) + weight (D*K) + pos (N*D), write B*N*D;  2*B*N*D*K FLOP
-  final_layer: read x (B*N*D) + shift/scale + weight (P*D), write B*P*N;  2*B*N*D*P FLOP
-  patchify / unpatchify: read and write the image once, 2*B*C*H*W
+Floors, the bytes that must move (elements times the dtype's size; K = C*p*p, Q = p*p*C_out
+outputs per token, M = B*N tokens, I = B*C*H*W the latent image):
+  patch_embed fwd:  read x (I), weight (D K), bias, pos (N D); write tokens (M D)
+              bwd:  read d tokens (M D), x, weight; write d x (I), d weight, d bias, d pos
+  final_layer fwd:  read x (M D), shift, scale (2 B D), weight (Q D), bias; write image (M Q)
+              bwd:  read d image (M Q), x, shift, scale, weight; write d x (M D), d shift,
+                    d scale, d weight, d bias
+  patchify, unpatchify: read and write the image once each way (2 I)
+The fwd+bwd rows count both. FLOPs: 2 M D K (embedding), 2 M D Q (final layer), three times
+that forward+backward. "of limit" is the share of whichever limit measured in the same run
+(copy bandwidth, matmul peak) the row comes closer to: here always the bandwidth.
+
+Targets (H100, the issue): the layout ops >= 85 % of the copy bandwidth; patch_embed and
+final_layer >= 1.5x eager and >= 1.2x torch.compile, forward and forward+backward.
+
+U-DiT's PixelUnshuffle / PixelShuffle transitions are not benchmarked here: on channels-first
+activations (U-DiT's default) each is one permuting copy in PyTorch already, at the layout
+ops' floor; on channels-last activations PixelUnshuffle(2) is ``patchify(x, 2, "cpq")`` read
+as an image (see fastdit/ops/patchify.py).
 
 Run alone: python bench/bench_patchify.py [--quick] [--dtype bf16]
 """
@@ -50,8 +65,10 @@ def run(ctx: common.Context) -> list[common.Row]:
     for dtype in ctx.dtypes:
         elem = torch.finfo(dtype).bits // 8
         for label, batch, size, dim, p in _cases(ctx.quick):
-            n = (size // p) ** 2
-            k, out = channels * p * p, out_channels * p * p
+            grid = [size // p] * 2
+            n = grid[0] * grid[1]
+            k, q, m = channels * p * p, out_channels * p * p, batch * n
+            image = batch * channels * size * size
 
             def embed_inputs(batch=batch, size=size, dim=dim, p=p, n=n, dtype=dtype):
                 return [
@@ -61,51 +78,67 @@ def run(ctx: common.Context) -> list[common.Row]:
                     torch.randn(1, n, dim, device=dev, dtype=dtype),
                 ]
 
-            def final_inputs(batch=batch, dim=dim, n=n, out=out, dtype=dtype):
+            def final_inputs(batch=batch, dim=dim, n=n, q=q, dtype=dtype):
                 return [
                     torch.randn(batch, n, dim, device=dev, dtype=dtype),
                     torch.randn(batch, dim, device=dev, dtype=dtype) * 0.1,
                     torch.randn(batch, dim, device=dev, dtype=dtype) * 0.1,
-                    torch.randn(out, dim, device=dev, dtype=dtype) * 0.02,
-                    torch.randn(out, device=dev, dtype=dtype),
+                    torch.randn(q, dim, device=dev, dtype=dtype) * 0.02,
+                    torch.randn(q, device=dev, dtype=dtype),
                 ]
 
             def image_inputs(batch=batch, size=size, dtype=dtype):
                 return [torch.randn(batch, channels, size, size, device=dev, dtype=dtype)]
 
+            def token_inputs(batch=batch, n=n, dtype=dtype, width=out_channels * p * p):
+                return [torch.randn(batch, n, width, device=dev, dtype=dtype)]
+
             def embed_ref(x, w, b, pos):
                 return P.reference_patch_embed(x, w, b, pos)
 
-            def final_ref(x, shift, scale, w, b, p=p, size=size):
-                return P.reference_final_layer(x, shift, scale, w, b, p, [size // p] * 2, 1e-6)
+            def final_ref(x, shift, scale, w, b, p=p, grid=grid):
+                return P.reference_final_layer(x, shift, scale, w, b, p, grid, 1e-6)
 
             def patchify_ref(x, p=p):
                 return P.reference_patchify(x, p, "cpq")
 
-            image = batch * channels * size * size
-            cases = [
+            def unpatchify_ref(t, p=p, grid=grid):
+                return P.reference_unpatchify(t, p, grid, "pqc")
+
+            small_embed = dim * k + dim + n * dim
+            small_final = 2 * batch * dim + q * dim + q
+            out_image = m * q
+            cases = [  # name, op, reference, inputs, extra args, floor fwd / bwd (elements), FLOP
                 ("patch_embed", P._patch_embed, embed_ref, embed_inputs, (),
-                 image + dim * k + n * dim + batch * n * dim, 2 * batch * n * dim * k),
-                ("final_layer", P._final_layer, final_ref, final_inputs, (p, [size // p] * 2, 1e-6),
-                 batch * n * dim + 2 * batch * dim + out * dim + batch * n * out,
-                 2 * batch * n * dim * out),
-                ("patchify", P._patchify, patchify_ref, image_inputs, (p, "cpq"), 2 * image, 0),
+                 image + small_embed + m * dim, m * dim + image + small_embed + dim * k,
+                 2 * m * dim * k),
+                ("final_layer", P._final_layer, final_ref, final_inputs, (p, grid, 1e-6),
+                 m * dim + small_final + out_image, out_image + m * dim + 2 * small_final,
+                 2 * m * dim * q),
+                ("patchify", P._patchify, patchify_ref, image_inputs, (p, "cpq"),
+                 2 * image, 2 * image, 0),
+                ("unpatchify", P._unpatchify, unpatchify_ref, token_inputs, (p, grid, "pqc"),
+                 2 * out_image, 2 * out_image, 0),
             ]  # fmt: skip
-            for name, op, ref, make, extra, elements, flops in cases:
+            for name, op, ref, make, extra, fwd, bwd, flops in cases:
                 variants = {"eager": ref, "compile": common.compiled(ref)}
                 for backend, reason in common.kernel_backends([op], dev).items():
                     if not reason:
                         variants[backend] = lambda *a, op=op, b=backend, e=extra: op(
                             *a, *e, backend=b
                         )
-                for backward in (False, True) if ctx.backward else (False,):
-                    if backward and name == "patchify":
-                        continue
+                shape = f"{label} {'x'.join(map(str, grid))} D{dim}"
+                common.bench_case(
+                    rows, ctx, name, shape, dtype, make, variants,
+                    bytes_moved=fwd * elem, flops=flops,
+                )  # fmt: skip
+                if ctx.backward:
+                    before = len(rows)
                     common.bench_case(
-                        rows, ctx, name, label, dtype, make, variants,
-                        bytes_moved=elements * elem * (2 if backward else 1),
-                        flops=flops * (3 if backward else 1), backward=backward,
+                        rows, ctx, name, shape, dtype, make, variants,
+                        bytes_moved=(fwd + bwd) * elem, flops=3 * flops, backward=True,
                     )  # fmt: skip
+                    common.check_backward_backend(rows[before:], op, variants, make)
     common.add_ratios(rows)
     return rows
 

@@ -35,7 +35,8 @@ class Row:
     time_us: float
     gbps: float | None = None  # achieved bandwidth, counting only the bytes that must move
     tflops: float | None = None
-    of_limit: float | None = None  # share of the copy bandwidth (or matmul peak) measured here
+    of_limit: float | None = None  # share of the copy bandwidth or the matmul peak measured
+    # here, whichever is larger (the limit the row is closer to)
     vs_eager: float | None = None  # eager time / this time
     vs_compile: float | None = None  # compile time / this time
     note: str = ""
@@ -295,14 +296,31 @@ def bench_case(
             rows.append(Row(label, shape, _dt(dtype), name, float("nan"), note=f"failed: {e}"))
             continue
         row = Row(label, shape, _dt(dtype), name, t)
+        shares = []
         if bytes_moved:
             row.gbps = bytes_moved / t / 1e3
-            row.of_limit = row.gbps / ctx.limits.copy_gbps
+            shares.append(row.gbps / ctx.limits.copy_gbps)
         if flops:
             row.tflops = flops / t / 1e6
             peak = ctx.limits.matmul_tflops.get(_dt(dtype))
-            row.of_limit = row.tflops / peak if peak else None
+            shares += [row.tflops / peak] if peak else []
+        row.of_limit = max(shares) if shares else None  # the limit this row comes closer to
         rows.append(row)
+
+
+def check_backward_backend(rows: list[Row], op, variants, make_inputs) -> None:
+    """Notes on a kernel's fwd+bwd row whose backward ran on another backend (then it is not a
+    number for that kernel's backward): one more fwd+bwd call per kernel, outside the timing."""
+    for row in rows:
+        if row.backend not in ("cuda", "triton") or row.note:
+            continue
+        op.last_backward_backend = None
+        inputs = [t.detach().requires_grad_() for t in make_inputs()]
+        out = variants[row.backend](*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        if op.last_backward_backend != row.backend:
+            row.note = f"backward ran on {op.last_backward_backend}, not {row.backend}"
 
 
 def _dt(dtype: torch.dtype) -> str:

@@ -37,7 +37,7 @@ FASTDIT_TEST_TRITON_GPU=1 timeout ${TEST_TIMEOUT:-180} $PY -m pytest -q --no-hea
 # bf16 is the default on a GPU; the adaln family also runs in fp32 (its issue's targets cover
 # both). Worst case with the build and the tests: about 10 minutes.
 step "benchmarks"
-for spec in "adaln:170:--dtype bf16 --dtype fp32" "patchify:60:" "downsampled_attention:70:" "models:100:"; do
+for spec in "adaln:160:--dtype bf16 --dtype fp32" "patchify:80:" "downsampled_attention:70:" "models:100:"; do
   IFS=: read -r suite limit args <<< "$spec"
   timeout "$limit" $PY bench/run.py --only "$suite" $args --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "suite $suite failed or ran past ${limit} s"; status=1; }
