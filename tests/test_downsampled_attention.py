@@ -575,14 +575,15 @@ def test_backends():
         assert getattr(fastdit, name) is getattr(da, name)
     assert fastdit.downsampled_attention is da.downsampled_attention
     x = torch.randn(1, 2, 4, 4)
-    for op, call in [
-        (da._split, lambda b: da.polyphase_split(x, backend=b)),
-        (da._layer, lambda b: da.downsampled_attention(*_layer_args(), backend=b)),
-    ]:
-        call(None)
-        assert op.last_backend == "torch"  # no kernels yet: auto takes the reference
-        with pytest.raises(BackendError, match=f"{op.name}: backend 'triton' cannot serve"):
-            call("triton")
+    da.polyphase_split(x)
+    assert da._split.last_backend == "torch"  # no kernel: auto takes the reference
+    with pytest.raises(BackendError, match="polyphase_split: backend 'triton' cannot serve"):
+        da.polyphase_split(x, backend="triton")
+    args = [t.double() if isinstance(t, torch.Tensor) else t for t in _layer_args()]
+    da.downsampled_attention(*args)
+    assert da._layer.last_backend == "torch"  # float64: the reference
+    with pytest.raises(BackendError, match="downsampled_attention: backend 'triton' cannot"):
+        da.downsampled_attention(*args, backend="triton")
 
 
 def test_layer_takes_a_cached_rope_table():
@@ -600,3 +601,224 @@ def test_layer_takes_a_cached_rope_table():
         fastdit.downsampled_attention(x, *args, 2, rope_table=table[:, :4])
     with pytest.raises(TypeError, match="rope_table must be a torch.float64 tensor"):
         fastdit.downsampled_attention(x, *args, 2, rope_table=table.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel backends against the float64 reference (tolerance rule: tests/tolerance.py)
+
+LOW = (torch.float32, torch.float16, torch.bfloat16)
+KERNELS = ["triton", "cuda"]
+
+
+def _skip_unless(op, backend: str) -> torch.device:
+    from fastdit.backends import triton_interpreting, unavailable_reason
+
+    if backend not in op.kernels:
+        pytest.skip(f"no {backend} kernel for {op.name}")
+    on_cpu = backend == "triton" and triton_interpreting()
+    device = torch.device("cpu") if on_cpu else torch.device("cuda")
+    reason = unavailable_reason(backend, device)
+    if reason:
+        pytest.skip(reason)
+    return device
+
+
+def _check_backend(op, backend, inputs, what):
+    """Forward and backward of ``op`` on ``backend`` against float64 under the tolerance rule,
+    outputs and gradients in the reference's layout; returns the gradients."""
+    got = op(*inputs, backend=backend)
+    assert op.last_backend == backend
+    as64 = [t.double() if isinstance(t, torch.Tensor) else t for t in inputs]
+    eager, truth = op.reference(*inputs), op.reference(*as64)
+    assert got.stride() == eager.stride(), f"{what}: output layout"
+    assert_close_to_reference(got, eager, truth, f"{what} forward")
+    grad = torch.randn(got.shape, dtype=F64).to(got.dtype).to(got.device)
+    grads = op._bwd(grad, *inputs, backend)
+    assert op.last_backward_backend == backend
+    eager = op._reference_backward([grad], inputs)
+    truth = op._reference_backward([grad.double()], as64)
+    for i, g, e, t in zip(op.diff_index, grads, eager, truth):
+        name = op.arg_names[i]
+        assert g.stride() == torch.empty_like(inputs[i]).stride(), f"{what} d {name}: layout"
+        one_rounding = name == "logit_scale"  # (heads, 1, 1): a sum over the whole batch
+        assert_close_to_reference(g, e, t, f"{what} d {name}", one_rounding=one_rounding)
+    return grads
+
+
+def _logit_scale_for(heads, dtype, device, clamp_one=True):
+    """ln 10 (U-DiT's initial value) spread like trained values; with clamp_one, head 0 above
+    the clamp (logits scaled by 100). In float32 the clamped head is left out: there eager's
+    own error at logits of magnitude 100 varies by 4x from one draw to the next, so the rule
+    would judge luck (the kernel's float32 error at scale 100 was measured equal to a float32
+    re-implementation of the same formulas in torch)."""
+    ls = torch.randn(heads, 1, 1, dtype=F64) * 0.3 + math.log(10)
+    if clamp_one and dtype != torch.float32:
+        ls[0] = 5.0
+    return ls.to(dtype).to(device)
+
+
+ATTENTION_CASES = [  # (G, heads, n, hd)
+    (2, 3, 20, 24),  # U-DiT-S's head dim, a group that is not a multiple of the block
+    (1, 2, 70, 48),  # U-DiT-B's; keys span two blocks
+    (2, 1, 16, 96),  # U-DiT-L's
+    (3, 2, 1, 8),  # one token per group
+]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("cosine", [True, False])
+@pytest.mark.parametrize("G, heads, n, hd", ATTENTION_CASES)
+def test_attention_backends(backend, dtype, cosine, G, heads, n, hd):
+    device = _skip_unless(da._attention, backend)
+    q, k, v = (t.to(dtype).to(device) for t in _qkv(G, heads, n, hd))
+    ls = _logit_scale_for(heads, dtype, device)
+    grads = _check_backend(da._attention, backend, [q, k, v, ls, cosine], f"{backend} {dtype}")
+    if cosine and dtype != torch.float32:
+        assert grads[3][0].item() == 0, "the clamped head's logit_scale must get no gradient"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_attention_strided_views_backends(backend):
+    """q, k, v as the layer makes them: head views of one (B, 4, n, 3d) projection."""
+    device = _skip_unless(da._attention, backend)
+    B, n, heads, hd = 2, 12, 2, 24
+    qkv = torch.randn(B, 4, n, 3 * heads * hd, device=device)
+    q, k, v = (
+        u.unflatten(-1, (heads, hd)).transpose(2, 3) for u in qkv.chunk(3, dim=-1)
+    )  # (B, 4, heads, n, hd), strided
+    ls = _logit_scale_for(heads, torch.float32, device)
+    _check_backend(da._attention, backend, [q, k, v, ls, True], "views")
+
+
+LAYER_CASES = [  # (B, d, heads, H, W, ksize)
+    (2, 48, 2, 8, 8, 5),  # head dim 24
+    (1, 96, 2, 6, 10, 5),  # head dim 48, non-square
+    (1, 96, 1, 4, 4, 3),  # head dim 96, a 3x3 depthwise conv
+]
+
+
+def _layer_inputs(B, d, heads, H, W, ksize, dtype, device, layout, switches, table=False):
+    x = torch.randn(B, d, H, W, dtype=F64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    params = _params(d, heads, F64, ksize=ksize)
+    params[4] = _logit_scale_for(heads, dtype, "cpu")
+    x, *params = (t.to(dtype).to(device) for t in (x, *params))
+    rope_table = None
+    if table and switches["rope"]:
+        rope_table = da.rope_table(d // heads, (H // 2, W // 2), torch.float32, device)
+    return [x, *params, heads, switches["rope"], switches["cosine"], switches["shortcut"],
+            rope_table]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("B, d, heads, H, W, ksize", LAYER_CASES)
+def test_layer_backends(backend, dtype, layout, B, d, heads, H, W, ksize):
+    device = _skip_unless(da._layer, backend)
+    switches = dict(rope=True, cosine=True, shortcut=True)
+    inputs = _layer_inputs(B, d, heads, H, W, ksize, dtype, device, layout, switches, table=True)
+    _check_backend(da._layer, backend, inputs, f"{backend} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("switches", SWITCHES[1:], ids=str)
+def test_layer_ablation_switches_backends(backend, switches):
+    device = _skip_unless(da._layer, backend)
+    inputs = _layer_inputs(2, 32, 2, 4, 6, 5, torch.float32, device, "contiguous", switches)
+    _check_backend(da._layer, backend, inputs, f"{backend} {switches}")
+
+
+def _kernel_cases(device):
+    q, k, v = (t.float().to(device) for t in _qkv(2, 2, 20, 24))
+    switches = dict(rope=True, cosine=True, shortcut=True)
+    return {
+        "attention_in_groups": (
+            da._attention,
+            [q, k, v, _logit_scale_for(2, torch.float32, device), True],
+        ),
+        "downsampled_attention": (
+            da._layer,
+            _layer_inputs(2, 48, 2, 8, 6, 5, torch.float32, device, "channels_last", switches),
+        ),
+    }
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("name", ["attention_in_groups", "downsampled_attention"])
+def test_every_element_is_written(backend, name, monkeypatch):
+    """Outputs, gradients and scratch poisoned with NaN: an element a kernel skips stays NaN."""
+    op, _ = _kernel_cases("cpu")[name]
+    device = _skip_unless(op, backend)
+    op, inputs = _kernel_cases(device)[name]
+    grad = torch.randn_like(op.reference(*inputs))
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    assert torch.isfinite(op(*inputs, backend=backend)).all(), "forward left elements unwritten"
+    for i, g in zip(op.diff_index, op._bwd(grad, *inputs, backend)):
+        assert torch.isfinite(g).all(), f"backward left d {op.arg_names[i]} partly unwritten"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("name", ["attention_in_groups", "downsampled_attention"])
+def test_backward_is_deterministic(backend, name):
+    op, _ = _kernel_cases("cpu")[name]
+    device = _skip_unless(op, backend)
+    op, inputs = _kernel_cases(device)[name]
+    grad = torch.randn_like(op.reference(*inputs))
+    first, second = op._bwd(grad, *inputs, backend), op._bwd(grad, *inputs, backend)
+    for i, a, b in zip(op.diff_index, first, second):
+        assert torch.equal(a, b), f"d {op.arg_names[i]} differs between two runs"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck_kernels(backend):
+    device = _skip_unless(da._layer, backend)
+    for name, (op, inputs) in _kernel_cases(device).items():
+        args = [
+            t.detach().requires_grad_() if i in op.diff_index else t for i, t in enumerate(inputs)
+        ]
+        torch.library.opcheck(getattr(torch.ops.fastdit, name), (*args, backend))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compile_fullgraph_through_udit_attention(backend):
+    """torch.compile(fullgraph=True) of U-DiT's attention module on the kernels, forward and
+    backward, against the reference run eagerly."""
+    device = _skip_unless(da._layer, backend)
+    from fastdit.nn.udit import DownsampledAttention
+
+    module = DownsampledAttention(32, 2, backend=backend).to(device)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.2)
+        module.logit_scale.fill_(math.log(10))
+    x = torch.randn(2, 32, 8, 8, device=device)
+
+    def run(fn):
+        xs = x.clone().requires_grad_()
+        out = fn(xs)
+        (out * torch.linspace(-1, 1, 8, device=device)).sum().backward()
+        grads = [p.grad.clone() for p in module.parameters()] + [xs.grad]
+        module.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    out, grads = run(torch.compile(module, fullgraph=True, backend="aot_eager"))
+    assert da._layer.last_backend == backend == da._layer.last_backward_backend
+    module.backend = "torch"
+    ref_out, ref_grads = run(module)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

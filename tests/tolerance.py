@@ -18,12 +18,26 @@ def max_error(value: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def assert_close_to_reference(
-    got: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, what: str = ""
+    got: torch.Tensor,
+    eager: torch.Tensor,
+    truth: torch.Tensor,
+    what: str = "",
+    *,
+    one_rounding: bool = False,
 ) -> None:
-    """got: the backend's output; eager: the reference in got's dtype; truth: float64 reference."""
+    """got: the backend's output; eager: the reference in got's dtype; truth: float64 reference.
+
+    one_rounding: also allow one unit of rounding of got's dtype at the result's magnitude. For
+    results of a handful of values that sum a whole batch (a per-head scale's gradient): there
+    eager's error is a single draw of where its last rounding fell (measured: fp16 eager 0.0017
+    off where the same value before rounding was up to 0.01 off), not a measure of its accuracy.
+    """
     assert got.shape == truth.shape, f"{what}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
     assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype} != {eager.dtype}"
     assert torch.isfinite(got).all(), f"{what}: non-finite values (an element left unwritten?)"
     err, eager_err = max_error(got, truth), max_error(eager, truth)
-    bound = 2 * eager_err + FLOOR[got.dtype] * max(1.0, truth.abs().max().item())
+    magnitude = max(1.0, truth.abs().max().item())
+    bound = 2 * eager_err + FLOOR[got.dtype] * magnitude
+    if one_rounding:
+        bound += torch.finfo(got.dtype).eps * magnitude
     assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e})"

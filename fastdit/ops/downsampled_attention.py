@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._op import Op
+from ._op import Op, lazy
 
 FAMILY = "downsampled_attention"
 ROPE_THETA = 10000.0
@@ -511,3 +511,25 @@ def downsampled_attention(
         x, dw_weight, dw_bias, qkv_weight, qkv_bias, scale, out_weight, out_bias, heads,
         rope, cosine, shortcut, rope_table if rope else None, backend=backend,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel backends
+#
+# triton (fastdit/triton/downsampled_attention.py): attention_in_groups forward and backward,
+# flash style (the (n, n) logits stay on chip), with the normalisation and the clamped logit
+# scale fused into the loads of q and k; even head dims <= 128; float64 goes to torch.
+
+_TRITON = "fastdit.triton.downsampled_attention"
+_attention.register(
+    "triton",
+    lazy(_TRITON, "attention_forward"),
+    backward=lazy(_TRITON, "attention_backward"),
+    supports=lazy(_TRITON, "supports_attention"),
+)
+_layer.register(
+    "triton",
+    lazy(_TRITON, "layer_forward"),
+    backward=lazy(_TRITON, "layer_backward"),
+    supports=lazy(_TRITON, "supports_layer"),
+)

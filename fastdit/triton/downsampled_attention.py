@@ -1,0 +1,731 @@
+"""Triton kernels of the downsampled_attention family (reference and formulas:
+fastdit/ops/downsampled_attention.py).
+
+Attention within groups, flash style: one program owns BM query rows of one (group, head) and
+streams the group's keys BN at a time with an online softmax, so the (n, n) logits never reach
+memory. Fused into the loads of q and k: RoPE2D (a (2, n, hd/2) cos/sin table, optional), the
+L2 normalisation (cosine attention) and the clamped logit scale exp(min(logit_scale, 4.6052)),
+or hd^-0.5 for plain attention. q and k are handled as their even and odd channels (the RoPE
+pairs): ``q . k = q_even . k_even + q_odd . k_odd``, so the rotation is elementwise.
+
+Addressing: q, k, v, and their gradients, are (G, heads, n, hd) with any strides, so they may be
+views of the qkv projection ``(B, 4, n, 3d)`` (G = B*4 groups, head h at channels h*hd..). The
+output (and its gradient) is either the same kind of (G, heads, n, hd) tensor, or (MERGE) the
+merged image ``(B, d, H, W)`` of any memory format: token i of group g = 2a + b of sample s is
+pixel (2 (i // gw) + a, 2 (i % gw) + b), channel h*hd + c. That store is the polyphase merge.
+
+Precision: every product in fp32 (the reference computes in fp32): IEEE for fp32 inputs, TF32x3
+on the tensor cores for fp16/bf16 inputs (about fp32 accuracy; plain TF32 or bf16 operands
+would put errors of 1e-3 relative into logits scaled by up to 100).
+
+Kernels (Z = G * heads problems of n tokens, e bytes per element):
+- ``_attn_fwd_kernel``: o and the base-2 log-sum-exp of each row (fp32, for the backward).
+  Bytes: read q, k, v once per program row block... (k, v re-read per query block, from L2),
+  write o: ~4 Z n hd e.
+- ``_attn_bwd_dq_kernel``: delta = rowsum(o * do) (stored for the next kernel), dq (through the
+  normalisation and the inverse rotation), and per-program partial sums for d logit_scale.
+- ``_attn_bwd_dkdv_kernel``: dk, dv for BN keys, streaming the query blocks.
+The backward recomputes the forward first (the op saves only its inputs): 3 passes over q, k, v.
+All sums over tokens are in registers or fixed-order partials: deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import _checks
+from ._common import INTERPRETED, RTNE_BF16, _round, device_context, dtype_reason
+
+LOG2E = 1.4426950408889634
+LOGIT_SCALE_MAX = 4.6052  # the released clamp (fastdit.ops.downsampled_attention)
+NORMALIZE_EPS = 1e-12
+MAX_HEAD_DIM = 128
+
+
+@triton.jit
+def _mm(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a @ b, fp32 operands; the interpreter ignores the precision (numpy fp32)."""
+    if INTERPRETED:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_pairs(P, rows_off, row_ok, half, half_ok, s_c):
+    """(even, odd) channels of a (rows, hd) tile: two (rows, HALF) fp32 tiles."""
+    mask = row_ok[:, None] & half_ok[None, :]
+    base = P + rows_off[:, None] + (2 * half * s_c)[None, :]
+    even = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    odd = tl.load(base + s_c, mask=mask, other=0.0).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _prologue(even, odd, i, row_ok, half, half_ok, TABLE, n, half_dim, ROPE: tl.constexpr,
+              COSINE: tl.constexpr):  # fmt: skip
+    """Rotate (RoPE2D: pair m of token i turned by the table's angle) and, for cosine
+    attention, normalise each row to unit length. Returns (even, odd, inverse norm)."""
+    if ROPE:
+        mask = row_ok[:, None] & half_ok[None, :]
+        t = TABLE + i.to(tl.int64)[:, None] * half_dim + half[None, :]
+        cos = tl.load(t, mask=mask, other=1.0)
+        sin = tl.load(t + n * half_dim, mask=mask, other=0.0)
+        even, odd = even * cos - odd * sin, even * sin + odd * cos
+    inv = tl.full(i.shape, 1.0, tl.float32)
+    if COSINE:
+        norm = tl.sqrt_rn(tl.sum(even * even + odd * odd, axis=1))
+        inv = 1.0 / tl.maximum(norm, NORMALIZE_EPS)
+        even = even * inv[:, None]
+        odd = odd * inv[:, None]
+    return even, odd, inv
+
+
+@triton.jit
+def _epilogue(de, do_, e, o, inv, i, row_ok, half, half_ok, TABLE, n, half_dim,
+              ROPE: tl.constexpr, COSINE: tl.constexpr):  # fmt: skip
+    """The backward of _prologue: gradients (de, do_) of the normalised, rotated pairs (e, o)
+    to gradients of the input pairs. F.normalize: u / max(|u|, eps) has the Jacobian
+    (I - u^ u^T) / |u| where |u| >= eps, and I / eps below."""
+    if COSINE:
+        dot = tl.sum(de * e + do_ * o, axis=1)
+        clamped = inv >= 1.0 / NORMALIZE_EPS  # |u| <= eps: no projection
+        dot = tl.where(clamped, 0.0, dot)
+        de = (de - e * dot[:, None]) * inv[:, None]
+        do_ = (do_ - o * dot[:, None]) * inv[:, None]
+    if ROPE:
+        mask = row_ok[:, None] & half_ok[None, :]
+        t = TABLE + i.to(tl.int64)[:, None] * half_dim + half[None, :]
+        cos = tl.load(t, mask=mask, other=1.0)
+        sin = tl.load(t + n * half_dim, mask=mask, other=0.0)
+        de, do_ = de * cos + do_ * sin, do_ * cos - de * sin
+    return de, do_
+
+
+@triton.jit
+def _out_offsets(z, h, i, cols, hd, gw, so_0, so_1, so_2, so_3, MERGE: tl.constexpr):
+    """Offsets of the output tile: rows i (tokens), columns cols (channels of head h).
+    Plain: (G, heads, n, hd) strides so_0..3. MERGE: image (B, d, H, W) strides so_0..3."""
+    if MERGE:
+        s = z // 4
+        g = z % 4
+        y = 2 * (i // gw) + g // 2
+        x = 2 * (i % gw) + g % 2
+        rows = s * so_0 + y.to(tl.int64) * so_2 + x.to(tl.int64) * so_3
+        return rows[:, None] + ((h * hd + cols).to(tl.int64) * so_1)[None, :]
+    rows = z * so_0 + h * so_1 + i.to(tl.int64) * so_2
+    return rows[:, None] + (cols.to(tl.int64) * so_3)[None, :]
+
+
+@triton.jit
+def _scale_of(LS, h, ls_stride, hd, COSINE: tl.constexpr):
+    if COSINE:
+        ls = tl.load(LS + h * ls_stride).to(tl.float32)
+        return tl.exp(tl.minimum(ls, LOGIT_SCALE_MAX)), ls
+    return 1.0 / tl.sqrt_rn(hd * 1.0), 0.0
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, LS, TABLE, OUT, DO, STATS,
+    heads, n, hd, gw,
+    sq_z, sq_h, sq_n, sq_c, sk_z, sk_h, sk_n, sk_c, sv_z, sv_h, sv_n, sv_c,
+    so_0, so_1, so_2, so_3, ls_stride,
+    ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr, BACKWARD: tl.constexpr,
+    STORE_O: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
+    PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    zh = tl.program_id(1)
+    z = (zh // heads).to(tl.int64)
+    h = zh % heads
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    i_ok = i < n
+    half = tl.arange(0, HALF)
+    half_dim = hd // 2
+    half_ok = half < half_dim
+    cols = tl.arange(0, HD)
+    cols_ok = cols < hd
+    scale, _ = _scale_of(LS, h, ls_stride, hd, COSINE)
+
+    qe, qo = _load_pairs(Q + z * sq_z + h * sq_h, i.to(tl.int64) * sq_n, i_ok, half, half_ok, sq_c)
+    qe, qo, _ = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+    qe = qe * (scale * LOG2E)  # logits in base-2 units: exp2 below
+    qo = qo * (scale * LOG2E)
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, HD], tl.float32)
+    j0 = 0
+    while j0 < n:
+        j = j0 + tl.arange(0, BN)
+        j0 += BN
+        j_ok = j < n
+        ke, ko = _load_pairs(K + z * sk_z + h * sk_h, j.to(tl.int64) * sk_n, j_ok, half, half_ok,
+                             sk_c)  # fmt: skip
+        ke, ko, _ = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+        s = _mm(qe, tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION, INTERPRETED)
+        s = _mm(qo, tl.trans(ko), s, PRECISION, INTERPRETED)
+        s = tl.where(j_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            V + z * sv_z + h * sv_h + j.to(tl.int64)[:, None] * sv_n + (cols * sv_c)[None, :],
+            mask=j_ok[:, None] & cols_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = _mm(p, v, acc * alpha[:, None], PRECISION, INTERPRETED)
+        m_i = m_new
+    l_inv = 1.0 / l_i
+    out = acc * l_inv[:, None]
+    rc = i_ok[:, None] & cols_ok[None, :]
+    if BACKWARD:
+        # The row statistics for the backward: the running max, 1 / the sum, and delta =
+        # rowsum(o * do) from the fp32 o (the rounded output would put its rounding error,
+        # times the logit scale, into every gradient).
+        do = tl.load(DO + _out_offsets(z, h, i, cols, hd, gw, so_0, so_1, so_2, so_3, MERGE),
+                     mask=rc, other=0.0).to(tl.float32)  # fmt: skip
+        row = STATS + (zh.to(tl.int64) * n + i) * 3
+        tl.store(row, m_i, mask=i_ok)
+        tl.store(row + 1, l_inv, mask=i_ok)
+        tl.store(row + 2, tl.sum(out * do, axis=1), mask=i_ok)
+    if STORE_O:
+        tl.store(
+            OUT + _out_offsets(z, h, i, cols, hd, gw, so_0, so_1, so_2, so_3, MERGE),
+            _round(out, OUT.dtype.element_ty, RTNE_BF16),
+            mask=rc,
+        )
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, LS, TABLE, DO, STATS, DQ, DLS,
+    heads, n, hd, gw,
+    sq_z, sq_h, sq_n, sq_c, sk_z, sk_h, sk_n, sk_c, sv_z, sv_h, sv_n, sv_c,
+    sdo_0, sdo_1, sdo_2, sdo_3, sdq_z, sdq_h, sdq_n, sdq_c, ls_stride,
+    ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
+    PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """dq for BM query rows, and DLS[zh, block] = sum over the rows of q^ . d q^ (the partial of
+    d logit_scale, before the clamp's mask). STATS: (max, 1 / sum, delta) of every row."""
+    zh = tl.program_id(1)
+    z = (zh // heads).to(tl.int64)
+    h = zh % heads
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    i_ok = i < n
+    half = tl.arange(0, HALF)
+    half_dim = hd // 2
+    half_ok = half < half_dim
+    cols = tl.arange(0, HD)
+    cols_ok = cols < hd
+    rc = i_ok[:, None] & cols_ok[None, :]
+    scale, _ = _scale_of(LS, h, ls_stride, hd, COSINE)
+
+    do = tl.load(DO + _out_offsets(z, h, i, cols, hd, gw, sdo_0, sdo_1, sdo_2, sdo_3, MERGE),
+                 mask=rc, other=0.0).to(tl.float32)  # fmt: skip
+    row = STATS + (zh.to(tl.int64) * n + i) * 3
+    m_i = tl.load(row, mask=i_ok, other=0.0)
+    l_inv = tl.load(row + 1, mask=i_ok, other=0.0)
+    delta = tl.load(row + 2, mask=i_ok, other=0.0)
+
+    qe, qo = _load_pairs(Q + z * sq_z + h * sq_h, i.to(tl.int64) * sq_n, i_ok, half, half_ok, sq_c)
+    qe, qo, q_inv = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+    dqe = tl.zeros([BM, HALF], tl.float32)
+    dqo = tl.zeros([BM, HALF], tl.float32)
+    j0 = 0
+    while j0 < n:
+        j = j0 + tl.arange(0, BN)
+        j0 += BN
+        j_ok = j < n
+        ke, ko = _load_pairs(K + z * sk_z + h * sk_h, j.to(tl.int64) * sk_n, j_ok, half, half_ok,
+                             sk_c)  # fmt: skip
+        ke, ko, _ = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+        s = _mm(qe * (scale * LOG2E), tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION,
+                INTERPRETED)  # fmt: skip
+        s = _mm(qo * (scale * LOG2E), tl.trans(ko), s, PRECISION, INTERPRETED)
+        p = tl.where(j_ok[None, :], tl.exp2(s - m_i[:, None]) * l_inv[:, None], 0.0)
+        v = tl.load(
+            V + z * sv_z + h * sv_h + j.to(tl.int64)[:, None] * sv_n + (cols * sv_c)[None, :],
+            mask=j_ok[:, None] & cols_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        dp = _mm(do, tl.trans(v), tl.zeros([BM, BN], tl.float32), PRECISION, INTERPRETED)
+        ds = p * (dp - delta[:, None]) * scale  # d logits, times d logits / d (q^ . k^)
+        dqe = _mm(ds, ke, dqe, PRECISION, INTERPRETED)
+        dqo = _mm(ds, ko, dqo, PRECISION, INTERPRETED)
+    if COSINE:
+        part = tl.sum(tl.sum(qe * dqe + qo * dqo, axis=1), axis=0)
+        tl.store(DLS + zh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), part)
+    dqe, dqo = _epilogue(dqe, dqo, qe, qo, q_inv, i, i_ok, half, half_ok, TABLE, n, half_dim,
+                         ROPE, COSINE)  # fmt: skip
+    base = (
+        DQ + z * sdq_z + h * sdq_h + i.to(tl.int64)[:, None] * sdq_n + (2 * half * sdq_c)[None, :]
+    )
+    mask = i_ok[:, None] & half_ok[None, :]
+    tl.store(base, _round(dqe, DQ.dtype.element_ty, RTNE_BF16), mask=mask)
+    tl.store(base + sdq_c, _round(dqo, DQ.dtype.element_ty, RTNE_BF16), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, LS, TABLE, DO, STATS, DK, DV,
+    heads, n, hd, gw,
+    sq_z, sq_h, sq_n, sq_c, sk_z, sk_h, sk_n, sk_c, sv_z, sv_h, sv_n, sv_c,
+    sdo_0, sdo_1, sdo_2, sdo_3, sdk_z, sdk_h, sdk_n, sdk_c, sdv_z, sdv_h, sdv_n, sdv_c,
+    ls_stride,
+    ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
+    PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """dk and dv for BN keys, streaming every query block of the group."""
+    zh = tl.program_id(1)
+    z = (zh // heads).to(tl.int64)
+    h = zh % heads
+    j = tl.program_id(0) * BN + tl.arange(0, BN)
+    j_ok = j < n
+    half = tl.arange(0, HALF)
+    half_dim = hd // 2
+    half_ok = half < half_dim
+    cols = tl.arange(0, HD)
+    cols_ok = cols < hd
+    scale, _ = _scale_of(LS, h, ls_stride, hd, COSINE)
+
+    ke, ko = _load_pairs(K + z * sk_z + h * sk_h, j.to(tl.int64) * sk_n, j_ok, half, half_ok, sk_c)
+    ke, ko, k_inv = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+    v = tl.load(
+        V + z * sv_z + h * sv_h + j.to(tl.int64)[:, None] * sv_n + (cols * sv_c)[None, :],
+        mask=j_ok[:, None] & cols_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    dke = tl.zeros([BN, HALF], tl.float32)
+    dko = tl.zeros([BN, HALF], tl.float32)
+    dv = tl.zeros([BN, HD], tl.float32)
+    i0 = 0
+    while i0 < n:
+        i = i0 + tl.arange(0, BM)
+        i0 += BM
+        i_ok = i < n
+        qe, qo = _load_pairs(Q + z * sq_z + h * sq_h, i.to(tl.int64) * sq_n, i_ok, half, half_ok,
+                             sq_c)  # fmt: skip
+        qe, qo, _ = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+        row = STATS + (zh.to(tl.int64) * n + i) * 3
+        m_i = tl.load(row, mask=i_ok, other=0.0)
+        l_inv = tl.load(row + 1, mask=i_ok, other=0.0)
+        delta = tl.load(row + 2, mask=i_ok, other=0.0)
+        do = tl.load(
+            DO + _out_offsets(z, h, i, cols, hd, gw, sdo_0, sdo_1, sdo_2, sdo_3, MERGE),
+            mask=i_ok[:, None] & cols_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        s = _mm(qe * (scale * LOG2E), tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION,
+                INTERPRETED)  # fmt: skip
+        s = _mm(qo * (scale * LOG2E), tl.trans(ko), s, PRECISION, INTERPRETED)
+        p = tl.where(i_ok[:, None] & j_ok[None, :], tl.exp2(s - m_i[:, None]) * l_inv[:, None], 0.0)
+        dv = _mm(tl.trans(p), do, dv, PRECISION, INTERPRETED)
+        dp = _mm(do, tl.trans(v), tl.zeros([BM, BN], tl.float32), PRECISION, INTERPRETED)
+        ds = p * (dp - delta[:, None]) * scale
+        dke = _mm(tl.trans(ds), qe, dke, PRECISION, INTERPRETED)
+        dko = _mm(tl.trans(ds), qo, dko, PRECISION, INTERPRETED)
+    dke, dko = _epilogue(dke, dko, ke, ko, k_inv, j, j_ok, half, half_ok, TABLE, n, half_dim,
+                         ROPE, COSINE)  # fmt: skip
+    base = (
+        DK + z * sdk_z + h * sdk_h + j.to(tl.int64)[:, None] * sdk_n + (2 * half * sdk_c)[None, :]
+    )
+    mask = j_ok[:, None] & half_ok[None, :]
+    tl.store(base, _round(dke, DK.dtype.element_ty, RTNE_BF16), mask=mask)
+    tl.store(base + sdk_c, _round(dko, DK.dtype.element_ty, RTNE_BF16), mask=mask)
+    tl.store(
+        DV + z * sdv_z + h * sdv_h + j.to(tl.int64)[:, None] * sdv_n + (cols * sdv_c)[None, :],
+        _round(dv, DV.dtype.element_ty, RTNE_BF16),
+        mask=j_ok[:, None] & cols_ok[None, :],
+    )
+
+
+@triton.jit
+def _token_pixel(u, n, gw):
+    """Token u of the (4, n) polyphase layout -> its pixel (y, x): group g = 2a + b, token i
+    of the group grid -> (2 (i // gw) + a, 2 (i % gw) + b)."""
+    g = u // n
+    i = u % n
+    return 2 * (i // gw) + g // 2, 2 * (i % gw) + g % 2
+
+
+@triton.jit
+def _dwconv_split_kernel(
+    X, W, BIAS, T,
+    d, H, Wd, n, gw,
+    sx_b, sx_c, sx_h, sx_w,
+    KSIZE: tl.constexpr, SHORTCUT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+):  # fmt: skip
+    """t[b, g, i, c] = (dwconv_k(x) + bias (+ x))[b, c, pixel(g, i)]: the depthwise conv and
+    its shortcut, written straight into the four groups (B, 4, n, d)."""
+    b = tl.program_id(2).to(tl.int64)
+    u = tl.program_id(0) * BT + tl.arange(0, BT)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    u_ok = u < 4 * n
+    c_ok = c < d
+    y, x = _token_pixel(u, n, gw)
+    xb = X + b * sx_b + (c.to(tl.int64) * sx_c)[None, :]
+    acc = tl.zeros([BT, BC], tl.float32)
+    acc += tl.load(BIAS + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if SHORTCUT:
+        acc += tl.load(
+            xb + (y.to(tl.int64) * sx_h + x.to(tl.int64) * sx_w)[:, None],
+            mask=u_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    for ky in tl.static_range(KSIZE):
+        for kx in tl.static_range(KSIZE):
+            yy = y + (ky - KSIZE // 2)
+            xx = x + (kx - KSIZE // 2)
+            ok = u_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < Wd)
+            val = tl.load(
+                xb + (yy.to(tl.int64) * sx_h + xx.to(tl.int64) * sx_w)[:, None],
+                mask=ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            w = tl.load(W + c * (KSIZE * KSIZE) + (ky * KSIZE + kx), mask=c_ok, other=0.0)
+            acc += val * w.to(tl.float32)[None, :]
+    tl.store(
+        T + ((b * 4 * n + u.to(tl.int64)) * d)[:, None] + c[None, :],
+        _round(acc, T.dtype.element_ty, RTNE_BF16),
+        mask=u_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def _dwconv_split_bwd_kernel(
+    X, W, DT, DX, PART,
+    d, H, Wd, n, gw, pixels_per_split, splits,
+    sx_b, sx_c, sx_h, sx_w, sdx_b, sdx_c, sdx_h, sdx_w,
+    KSIZE: tl.constexpr, SHORTCUT: tl.constexpr, TAPS: tl.constexpr, BP: tl.constexpr,
+    BC: tl.constexpr, RTNE_BF16: tl.constexpr,
+):  # fmt: skip
+    """The backward of _dwconv_split_kernel for channels [c0, c0 + BC) of sample b over the
+    pixels [s * pixels_per_split, ...): d t is read where the split put each pixel;
+    d x(p) = sum over taps of d y(p - tap) w[tap] (+ d y(p)); fp32 partials of d w[c, tap] =
+    sum_p x(p + tap) d y(p) and d bias[c] = sum_p d y(p) go to PART[b, s, 0..TAPS, c]
+    (row KSIZE * KSIZE holds d bias)."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    c_ok = c < d
+    PAD: tl.constexpr = KSIZE // 2
+    xb = X + b * sx_b + (c.to(tl.int64) * sx_c)[None, :]
+    dtb = DT + b * 4 * n * d + c[None, :]
+    taps = tl.arange(0, TAPS)
+    dw = tl.zeros([TAPS, BC], tl.float32)
+    start = s * pixels_per_split
+    end = tl.minimum(start + pixels_per_split, H * Wd)
+    p0 = start
+    while p0 < end:
+        p = p0 + tl.arange(0, BP)
+        p0 += BP
+        p_ok = p < end
+        y = p // Wd
+        x = p % Wd
+        own = p_ok[:, None] & c_ok[None, :]
+        g = 2 * (y % 2) + x % 2
+        dy = tl.load(
+            dtb + ((g * n + (y // 2) * gw + x // 2).to(tl.int64) * d)[:, None], mask=own, other=0.0
+        ).to(tl.float32)
+        dx = tl.zeros([BP, BC], tl.float32)
+        if SHORTCUT:
+            dx += dy
+        dw += tl.where(taps[:, None] == KSIZE * KSIZE, tl.sum(dy, axis=0)[None, :], 0.0)
+        for ky in tl.static_range(KSIZE):
+            for kx in tl.static_range(KSIZE):
+                w = tl.load(W + c * (KSIZE * KSIZE) + (ky * KSIZE + kx), mask=c_ok, other=0.0)
+                # d x(p) gathers d y at p - (tap - PAD): the output pixel that read x(p).
+                yo = y - (ky - PAD)
+                xo = x - (kx - PAD)
+                ok = p_ok & (yo >= 0) & (yo < H) & (xo >= 0) & (xo < Wd)
+                go = 2 * (yo % 2) + xo % 2
+                dyo = tl.load(
+                    dtb + ((go * n + (yo // 2) * gw + xo // 2).to(tl.int64) * d)[:, None],
+                    mask=ok[:, None] & c_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                dx += dyo * w.to(tl.float32)[None, :]
+                # d w[tap] gathers x at p + (tap - PAD), the input this output read.
+                yi = y + (ky - PAD)
+                xi = x + (kx - PAD)
+                ok = p_ok & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < Wd)
+                xv = tl.load(
+                    xb + (yi.to(tl.int64) * sx_h + xi.to(tl.int64) * sx_w)[:, None],
+                    mask=ok[:, None] & c_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                tap_sum = tl.sum(xv * dy, axis=0)
+                dw += tl.where(taps[:, None] == ky * KSIZE + kx, tap_sum[None, :], 0.0)
+        tl.store(
+            DX
+            + b * sdx_b
+            + (c.to(tl.int64) * sdx_c)[None, :]
+            + (y.to(tl.int64) * sdx_h + x.to(tl.int64) * sdx_w)[:, None],
+            _round(dx, DX.dtype.element_ty, RTNE_BF16),
+            mask=own,
+        )
+    part = PART + ((b * splits + s) * TAPS + taps.to(tl.int64))[:, None] * d + c[None, :]
+    tl.store(part, dw, mask=(taps < KSIZE * KSIZE + 1)[:, None] & c_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Python side
+
+
+def attention_tiles(n: int, hd: int) -> dict:
+    """BM x BN logits tiles; every tl.dot side at least 16."""
+    block = 64 if hd <= 64 else 32
+    side = max(16, min(block, triton.next_power_of_2(n)))
+    return dict(BM=side, BN=side, num_warps=4)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
+def _as_groups(t: torch.Tensor) -> torch.Tensor:
+    """(..., heads, n, hd) as (G, heads, n, hd): a view when the leading dims collapse."""
+    return t.reshape(-1, *t.shape[-3:])
+
+
+class _Problem:
+    """Sizes, strides and launch shapes of one call; ``out`` is the (G, heads, n, hd) output or
+    the merged (B, d, H, W) image (merge=True)."""
+
+    def __init__(self, q, k, v, logit_scale, cosine, table, out, merge, grid_w):
+        self.q, self.k, self.v = _as_groups(q), _as_groups(k), _as_groups(v)
+        G, self.heads, self.n, self.hd = self.q.shape
+        self.Z = G * self.heads
+        self.cosine, self.merge, self.gw = cosine, merge, grid_w
+        self.table = table
+        self.ls = logit_scale
+        self.out = None if out is None else self.out_view(out)
+        self.half = max(16, triton.next_power_of_2(self.hd // 2))
+        self.HD = max(16, triton.next_power_of_2(self.hd))
+        self.tiles = attention_tiles(self.n, self.hd)
+        self.common = dict(
+            ROPE=table is not None, COSINE=cosine, MERGE=merge, HD=self.HD, HALF=self.half,
+            PRECISION=_precision(q.dtype), RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED,
+        )  # fmt: skip
+
+    def out_view(self, t: torch.Tensor) -> torch.Tensor:
+        """The output (or its gradient) as the kernels address it."""
+        return t if self.merge else _as_groups(t)
+
+    def qkv_strides(self) -> tuple[int, ...]:
+        return (*self.q.stride(), *self.k.stride(), *self.v.stride())
+
+    def table_arg(self) -> torch.Tensor:
+        return self.table if self.table is not None else self.q
+
+
+def _forward(
+    pb: _Problem, dout: torch.Tensor | None = None, store_o: bool = True
+) -> torch.Tensor | None:
+    """Writes pb.out (unless store_o is False); with ``dout`` (the backward's recomputation)
+    also writes, per row, the (max, 1 / sum, delta) statistics the backward kernels read, and
+    returns them."""
+    stats = None
+    if dout is not None:
+        dout = pb.out_view(dout)
+        stats = torch.empty(pb.Z, pb.n, 3, dtype=torch.float32, device=pb.q.device)
+    grid = (triton.cdiv(pb.n, pb.tiles["BM"]), pb.Z)
+    target = dout if dout is not None else pb.out
+    if dout is not None and store_o and pb.out is not None:
+        assert pb.out.stride() == dout.stride(), "o and d o share one set of strides"
+    with device_context(pb.q):
+        _attn_fwd_kernel[grid](
+            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), target if pb.out is None else pb.out, target,
+            stats if stats is not None else pb.q,
+            pb.heads, pb.n, pb.hd, pb.gw,
+            *pb.qkv_strides(), *target.stride(), pb.ls.stride(0),
+            BACKWARD=dout is not None, STORE_O=store_o and pb.out is not None,
+            **pb.common, **pb.tiles,
+        )  # fmt: skip
+    return stats
+
+
+def _backward(pb: _Problem, dout: torch.Tensor, dq, dk, dv) -> torch.Tensor:
+    """Fills dq, dk, dv ((G, heads, n, hd) views of any strides); returns d logit_scale (heads,
+    1, 1) in fp32, before the clamp's mask (zeros for plain attention)."""
+    stats = _forward(pb, dout)  # recomputed: the op keeps only its inputs (o too, if pb.out)
+    dout = pb.out_view(dout)
+    blocks = triton.cdiv(pb.n, pb.tiles["BM"])
+    dls = torch.zeros(pb.Z, blocks, dtype=torch.float32, device=pb.q.device)
+    dq, dk, dv = _as_groups(dq), _as_groups(dk), _as_groups(dv)
+    with device_context(pb.q):
+        _attn_bwd_dq_kernel[(blocks, pb.Z)](
+            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dq, dls,
+            pb.heads, pb.n, pb.hd, pb.gw,
+            *pb.qkv_strides(), *dout.stride(), *dq.stride(), pb.ls.stride(0),
+            **pb.common, **pb.tiles,
+        )  # fmt: skip
+        _attn_bwd_dkdv_kernel[(triton.cdiv(pb.n, pb.tiles["BN"]), pb.Z)](
+            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dk, dv,
+            pb.heads, pb.n, pb.hd, pb.gw,
+            *pb.qkv_strides(), *dout.stride(), *dk.stride(), *dv.stride(), pb.ls.stride(0),
+            **pb.common, **pb.tiles,
+        )  # fmt: skip
+    # (Z, blocks) -> per head, summed over groups and blocks in a fixed order.
+    return dls.view(-1, pb.heads, blocks).sum((0, 2)).view(pb.heads, 1, 1)
+
+
+def supports_attention(q, k, v, logit_scale, cosine) -> str:
+    reason = dtype_reason(q)
+    if reason:
+        return reason
+    hd = q.shape[-1]
+    if hd > MAX_HEAD_DIM or hd % 2:
+        return f"the triton kernel takes an even head dim <= {MAX_HEAD_DIM}, got {hd}"
+    return ""
+
+
+def attention_forward(q, k, v, logit_scale, cosine) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _forward(_Problem(q, k, v, logit_scale, cosine, None, out, False, 1))
+    return out
+
+
+def attention_backward(grads, inputs) -> list[torch.Tensor]:
+    q, k, v, logit_scale, cosine = inputs
+    pb = _Problem(q, k, v, logit_scale, cosine, None, None, False, 1)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    dls = _backward(pb, grads[0], dq, dk, dv)
+    if cosine:
+        dls = dls * (logit_scale.float() <= LOGIT_SCALE_MAX)  # the clamp's gradient mask
+    return [dq, dk, dv, dls.to(logit_scale.dtype)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole layer: dwconv + shortcut + split (one kernel), the qkv projection (cuBLAS through
+# torch), attention with RoPE, normalisation and scale fused and the merge in its store, the
+# 1x1 output conv (cuBLAS/cuDNN through torch). No stand-alone permute or copy.
+
+
+def dwconv_tiles(d: int) -> dict:
+    return dict(BT=32, BC=max(16, min(64, triton.next_power_of_2(d))), num_warps=4)
+
+
+def _dwconv_split(x: torch.Tensor, dw_weight, dw_bias, shortcut: bool) -> torch.Tensor:
+    B, d, H, W = x.shape
+    gh, gw = H // 2, W // 2
+    n = gh * gw
+    t = torch.empty(B, 4, n, d, dtype=x.dtype, device=x.device)
+    tiles = dwconv_tiles(d)
+    grid = (triton.cdiv(4 * n, tiles["BT"]), triton.cdiv(d, tiles["BC"]), B)
+    with device_context(x):
+        _dwconv_split_kernel[grid](
+            x, dw_weight, dw_bias, t,
+            d, H, W, n, gw,
+            *x.stride(),
+            KSIZE=dw_weight.shape[-1], SHORTCUT=shortcut, RTNE_BF16=RTNE_BF16, **tiles,
+        )  # fmt: skip
+    return t
+
+
+def _dwconv_split_backward(x, dw_weight, dt, shortcut: bool):
+    """(d x in x's layout, d dw_weight, d dw_bias) from d t (B, 4, n, d), contiguous."""
+    from . import _common
+
+    B, d, H, W = x.shape
+    ksize = dw_weight.shape[-1]
+    taps = triton.next_power_of_2(ksize * ksize + 1)
+    bc = max(16, min(64, triton.next_power_of_2(d)))
+    bp = 32
+    programs = (2 * _common.sm_count(x.device.index or 0)) if x.is_cuda else 3
+    blocks = triton.cdiv(H * W, bp)
+    splits = max(1, min(blocks, programs // (B * triton.cdiv(d, bc))))
+    per_split = triton.cdiv(blocks, splits) * bp
+    splits = triton.cdiv(H * W, per_split)
+    dx = torch.empty_like(x)
+    part = torch.empty(B, splits, taps, d, dtype=torch.float32, device=x.device)
+    with device_context(x):
+        _dwconv_split_bwd_kernel[(triton.cdiv(d, bc), splits, B)](
+            x, dw_weight, dt, dx, part,
+            d, H, W, (H // 2) * (W // 2), W // 2, per_split, splits,
+            *x.stride(), *dx.stride(),
+            KSIZE=ksize, SHORTCUT=shortcut, TAPS=taps, BP=bp, BC=bc, RTNE_BF16=RTNE_BF16,
+            num_warps=4,
+        )  # fmt: skip
+    sums = part.sum((0, 1))  # (taps, d), over samples and splits in a fixed order
+    dw = sums[: ksize * ksize].t().reshape(dw_weight.shape).to(dw_weight.dtype)
+    return dx, dw, sums[ksize * ksize].to(dw_weight.dtype)
+
+
+def _heads_view(qkv: torch.Tensor, part: int, heads: int) -> torch.Tensor:
+    """q (part 0), k (1) or v (2) of a (B, 4, n, 3d) projection as (B, 4, heads, n, hd)."""
+    d = qkv.shape[-1] // 3
+    return qkv[..., part * d : (part + 1) * d].unflatten(-1, (heads, -1)).transpose(2, 3)
+
+
+def _layer_problem(x, qkv, logit_scale, heads, rope, cosine, table, out):
+    B, d, H, W = x.shape
+    if rope and table is None:
+        from ..ops.downsampled_attention import rope_table
+
+        table = rope_table(d // heads, (H // 2, W // 2), torch.float32, x.device)
+    table = table.to(torch.float32).contiguous() if rope else None
+    q, k, v = (_heads_view(qkv, i, heads) for i in range(3))
+    return _Problem(q, k, v, logit_scale, cosine, table, out, True, W // 2)
+
+
+def supports_layer(x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight,
+                   out_bias, num_heads, rope, cosine, shortcut, rope_table) -> str:  # fmt: skip
+    reason = dtype_reason(x)
+    if reason:
+        return reason
+    hd = x.shape[1] // num_heads
+    if hd > MAX_HEAD_DIM or hd % 2:
+        return f"the triton kernel takes an even head dim <= {MAX_HEAD_DIM}, got {hd}"
+    return ""
+
+
+def _qkv(x, dw_weight, dw_bias, qkv_weight, qkv_bias, shortcut):
+    t = _dwconv_split(x, dw_weight, dw_bias, shortcut)
+    return t, torch.nn.functional.linear(t, qkv_weight, qkv_bias)
+
+
+def layer_forward(x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight,
+                  out_bias, num_heads, rope, cosine, shortcut, rope_table):  # fmt: skip
+    _, qkv = _qkv(x, dw_weight, dw_bias, qkv_weight, qkv_bias, shortcut)
+    image = torch.empty_like(x)  # the merged attention output, in x's memory format
+    pb = _layer_problem(x, qkv, logit_scale, num_heads, rope, cosine, rope_table, image)
+    _forward(pb)
+    return _checks.same_layout(torch.nn.functional.conv2d(image, out_weight, out_bias), x)
+
+
+def layer_backward(grads, inputs) -> list[torch.Tensor]:
+    (x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight, out_bias, heads,
+     rope, cosine, shortcut, table) = inputs  # fmt: skip
+    dout = grads[0]
+    t, qkv = _qkv(x, dw_weight, dw_bias, qkv_weight, qkv_bias, shortcut)
+    image = torch.empty_like(x)
+    # d image = W_out^T d out (a 1x1 conv), laid out as image: the kernels read both with one
+    # set of strides.
+    d_image = torch.nn.functional.conv2d(dout, out_weight.transpose(0, 1))
+    if d_image.stride() != image.stride():
+        d_image = torch.empty_like(image).copy_(d_image)
+    pb = _layer_problem(x, qkv, logit_scale, heads, rope, cosine, table, image)
+    dqkv = torch.empty_like(qkv)
+    dq, dk, dv = (_heads_view(dqkv, i, heads) for i in range(3))
+    dls = _backward(pb, d_image, dq, dk, dv)  # recomputes o into image
+    # The parameter gradients of the two projections: matrix products in the dtype (fp32
+    # accumulation inside), as eager autograd computes them.
+    d_out_weight = torch.einsum("bchw,bdhw->cd", dout, image).reshape(out_weight.shape)
+    d_out_bias = dout.sum((0, 2, 3))
+    rows = dqkv.reshape(-1, dqkv.shape[-1])
+    d_qkv_weight = rows.t() @ t.reshape(-1, t.shape[-1])
+    d_qkv_bias = rows.sum(0)
+    dt = torch.nn.functional.linear(dqkv, qkv_weight.t()).contiguous()
+    dx, d_dw_weight, d_dw_bias = _dwconv_split_backward(x, dw_weight, dt, shortcut)
+    if cosine:
+        dls = dls * (logit_scale.float() <= LOGIT_SCALE_MAX)
+    return [dx, d_dw_weight, d_dw_bias, d_qkv_weight, d_qkv_bias, dls.to(logit_scale.dtype),
+            d_out_weight, d_out_bias]  # fmt: skip
