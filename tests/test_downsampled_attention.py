@@ -272,9 +272,12 @@ def test_logit_scale_is_clamped():
 def test_attention_is_float32_inside_for_half_inputs():
     q, k, v = _qkv(4, 2, 64, 24, torch.bfloat16)
     scale = torch.full((2, 1, 1), 3.0, dtype=torch.bfloat16)
-    out = da.attention_in_groups(q, k, v, scale)
+    # The reference's property (kernels are held to the tolerance rule below instead).
+    out = da.attention_in_groups(q, k, v, scale, backend="torch")
     assert out.dtype == torch.bfloat16
-    expected = da.attention_in_groups(q.float(), k.float(), v.float(), scale.float())
+    expected = da.attention_in_groups(
+        q.float(), k.float(), v.float(), scale.float(), backend="torch"
+    )
     torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
 
 
@@ -640,8 +643,9 @@ def _check_backend(op, backend, inputs, what):
     for i, g, e, t in zip(op.diff_index, grads, eager, truth):
         name = op.arg_names[i]
         assert g.stride() == torch.empty_like(inputs[i]).stride(), f"{what} d {name}: layout"
-        one_rounding = name == "logit_scale"  # (heads, 1, 1): a sum over the whole batch
-        assert_close_to_reference(g, e, t, f"{what} d {name}", one_rounding=one_rounding)
+        # d logit_scale (heads, 1, 1): per head, a sum over every group, token and channel.
+        summed = got.numel() // inputs[i].numel() if name == "logit_scale" else 0
+        assert_close_to_reference(g, e, t, f"{what} d {name}", summed_terms=summed)
     return grads
 
 

@@ -38,15 +38,17 @@ import triton.language as tl
 from ..ops import _checks
 from ._common import INTERPRETED, RTNE_BF16, _round, device_context, dtype_reason
 
-LOG2E = 1.4426950408889634
 LOGIT_SCALE_MAX = 4.6052  # the released clamp (fastdit.ops.downsampled_attention)
-NORMALIZE_EPS = 1e-12
 MAX_HEAD_DIM = 128
+# The same constants as the kernels see them (a jit function reads only constexpr globals).
+LOG2E_ = tl.constexpr(1.4426950408889634)
+LOGIT_SCALE_MAX_ = tl.constexpr(LOGIT_SCALE_MAX)
+NORMALIZE_EPS_ = tl.constexpr(1e-12)
 
 
 @triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc + a @ b, fp32 operands; the interpreter ignores the precision (numpy fp32)."""
+    """acc + a @ b, fp32 operands, in PRECISION on the GPU (the interpreter: numpy fp32)."""
     if INTERPRETED:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -76,7 +78,7 @@ def _prologue(even, odd, i, row_ok, half, half_ok, TABLE, n, half_dim, ROPE: tl.
     inv = tl.full(i.shape, 1.0, tl.float32)
     if COSINE:
         norm = tl.sqrt_rn(tl.sum(even * even + odd * odd, axis=1))
-        inv = 1.0 / tl.maximum(norm, NORMALIZE_EPS)
+        inv = 1.0 / tl.maximum(norm, NORMALIZE_EPS_)
         even = even * inv[:, None]
         odd = odd * inv[:, None]
     return even, odd, inv
@@ -90,7 +92,7 @@ def _epilogue(de, do_, e, o, inv, i, row_ok, half, half_ok, TABLE, n, half_dim,
     (I - u^ u^T) / |u| where |u| >= eps, and I / eps below."""
     if COSINE:
         dot = tl.sum(de * e + do_ * o, axis=1)
-        clamped = inv >= 1.0 / NORMALIZE_EPS  # |u| <= eps: no projection
+        clamped = inv >= 1.0 / NORMALIZE_EPS_  # |u| <= eps: no projection
         dot = tl.where(clamped, 0.0, dot)
         de = (de - e * dot[:, None]) * inv[:, None]
         do_ = (do_ - o * dot[:, None]) * inv[:, None]
@@ -120,10 +122,11 @@ def _out_offsets(z, h, i, cols, hd, gw, so_0, so_1, so_2, so_3, MERGE: tl.conste
 
 @triton.jit
 def _scale_of(LS, h, ls_stride, hd, COSINE: tl.constexpr):
+    """exp(min(logit_scale[h], 4.6052)) for cosine attention, else hd^-0.5."""
     if COSINE:
         ls = tl.load(LS + h * ls_stride).to(tl.float32)
-        return tl.exp(tl.minimum(ls, LOGIT_SCALE_MAX)), ls
-    return 1.0 / tl.sqrt_rn(hd * 1.0), 0.0
+        return tl.exp(tl.minimum(ls, LOGIT_SCALE_MAX_))
+    return 1.0 / tl.sqrt_rn(hd * 1.0)
 
 
 @triton.jit
@@ -135,7 +138,8 @@ def _attn_fwd_kernel(
     ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr, BACKWARD: tl.constexpr,
     STORE_O: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
-    PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
+    PRECISION: tl.constexpr, FAST: tl.constexpr, RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     zh = tl.program_id(1)
     z = (zh // heads).to(tl.int64)
@@ -147,12 +151,12 @@ def _attn_fwd_kernel(
     half_ok = half < half_dim
     cols = tl.arange(0, HD)
     cols_ok = cols < hd
-    scale, _ = _scale_of(LS, h, ls_stride, hd, COSINE)
+    scale = _scale_of(LS, h, ls_stride, hd, COSINE)
 
     qe, qo = _load_pairs(Q + z * sq_z + h * sq_h, i.to(tl.int64) * sq_n, i_ok, half, half_ok, sq_c)
-    qe, qo, _ = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
-    qe = qe * (scale * LOG2E)  # logits in base-2 units: exp2 below
-    qo = qo * (scale * LOG2E)
+    qe, qo, q_inv = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+    qe = qe * (scale * LOG2E_)  # logits in base-2 units: exp2 below
+    qo = qo * (scale * LOG2E_)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -164,7 +168,7 @@ def _attn_fwd_kernel(
         j_ok = j < n
         ke, ko = _load_pairs(K + z * sk_z + h * sk_h, j.to(tl.int64) * sk_n, j_ok, half, half_ok,
                              sk_c)  # fmt: skip
-        ke, ko, _ = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+        ke, ko, k_inv = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
         s = _mm(qe, tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION, INTERPRETED)
         s = _mm(qo, tl.trans(ko), s, PRECISION, INTERPRETED)
         s = tl.where(j_ok[None, :], s, float("-inf"))
@@ -177,7 +181,7 @@ def _attn_fwd_kernel(
             mask=j_ok[:, None] & cols_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc = _mm(p, v, acc * alpha[:, None], PRECISION, INTERPRETED)
+        acc = _mm(p, v, acc * alpha[:, None], FAST, INTERPRETED)
         m_i = m_new
     l_inv = 1.0 / l_i
     out = acc * l_inv[:, None]
@@ -208,7 +212,8 @@ def _attn_bwd_dq_kernel(
     sdo_0, sdo_1, sdo_2, sdo_3, sdq_z, sdq_h, sdq_n, sdq_c, ls_stride,
     ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
-    PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
+    PRECISION: tl.constexpr, FAST: tl.constexpr, RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     """dq for BM query rows, and DLS[zh, block] = sum over the rows of q^ . d q^ (the partial of
     d logit_scale, before the clamp's mask). STATS: (max, 1 / sum, delta) of every row."""
@@ -223,7 +228,7 @@ def _attn_bwd_dq_kernel(
     cols = tl.arange(0, HD)
     cols_ok = cols < hd
     rc = i_ok[:, None] & cols_ok[None, :]
-    scale, _ = _scale_of(LS, h, ls_stride, hd, COSINE)
+    scale = _scale_of(LS, h, ls_stride, hd, COSINE)
 
     do = tl.load(DO + _out_offsets(z, h, i, cols, hd, gw, sdo_0, sdo_1, sdo_2, sdo_3, MERGE),
                  mask=rc, other=0.0).to(tl.float32)  # fmt: skip
@@ -243,20 +248,20 @@ def _attn_bwd_dq_kernel(
         j_ok = j < n
         ke, ko = _load_pairs(K + z * sk_z + h * sk_h, j.to(tl.int64) * sk_n, j_ok, half, half_ok,
                              sk_c)  # fmt: skip
-        ke, ko, _ = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
-        s = _mm(qe * (scale * LOG2E), tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION,
+        ke, ko, k_inv = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+        s = _mm(qe * (scale * LOG2E_), tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION,
                 INTERPRETED)  # fmt: skip
-        s = _mm(qo * (scale * LOG2E), tl.trans(ko), s, PRECISION, INTERPRETED)
+        s = _mm(qo * (scale * LOG2E_), tl.trans(ko), s, PRECISION, INTERPRETED)
         p = tl.where(j_ok[None, :], tl.exp2(s - m_i[:, None]) * l_inv[:, None], 0.0)
         v = tl.load(
             V + z * sv_z + h * sv_h + j.to(tl.int64)[:, None] * sv_n + (cols * sv_c)[None, :],
             mask=j_ok[:, None] & cols_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        dp = _mm(do, tl.trans(v), tl.zeros([BM, BN], tl.float32), PRECISION, INTERPRETED)
+        dp = _mm(do, tl.trans(v), tl.zeros([BM, BN], tl.float32), FAST, INTERPRETED)
         ds = p * (dp - delta[:, None]) * scale  # d logits, times d logits / d (q^ . k^)
-        dqe = _mm(ds, ke, dqe, PRECISION, INTERPRETED)
-        dqo = _mm(ds, ko, dqo, PRECISION, INTERPRETED)
+        dqe = _mm(ds, ke, dqe, FAST, INTERPRETED)
+        dqo = _mm(ds, ko, dqo, FAST, INTERPRETED)
     if COSINE:
         part = tl.sum(tl.sum(qe * dqe + qo * dqo, axis=1), axis=0)
         tl.store(DLS + zh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), part)
@@ -279,7 +284,8 @@ def _attn_bwd_dkdv_kernel(
     ls_stride,
     ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
-    PRECISION: tl.constexpr, RTNE_BF16: tl.constexpr, INTERPRETED: tl.constexpr,
+    PRECISION: tl.constexpr, FAST: tl.constexpr, RTNE_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     """dk and dv for BN keys, streaming every query block of the group."""
     zh = tl.program_id(1)
@@ -292,7 +298,7 @@ def _attn_bwd_dkdv_kernel(
     half_ok = half < half_dim
     cols = tl.arange(0, HD)
     cols_ok = cols < hd
-    scale, _ = _scale_of(LS, h, ls_stride, hd, COSINE)
+    scale = _scale_of(LS, h, ls_stride, hd, COSINE)
 
     ke, ko = _load_pairs(K + z * sk_z + h * sk_h, j.to(tl.int64) * sk_n, j_ok, half, half_ok, sk_c)
     ke, ko, k_inv = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
@@ -311,7 +317,7 @@ def _attn_bwd_dkdv_kernel(
         i_ok = i < n
         qe, qo = _load_pairs(Q + z * sq_z + h * sq_h, i.to(tl.int64) * sq_n, i_ok, half, half_ok,
                              sq_c)  # fmt: skip
-        qe, qo, _ = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
+        qe, qo, q_inv = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
         row = STATS + (zh.to(tl.int64) * n + i) * 3
         m_i = tl.load(row, mask=i_ok, other=0.0)
         l_inv = tl.load(row + 1, mask=i_ok, other=0.0)
@@ -321,15 +327,15 @@ def _attn_bwd_dkdv_kernel(
             mask=i_ok[:, None] & cols_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        s = _mm(qe * (scale * LOG2E), tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION,
+        s = _mm(qe * (scale * LOG2E_), tl.trans(ke), tl.zeros([BM, BN], tl.float32), PRECISION,
                 INTERPRETED)  # fmt: skip
-        s = _mm(qo * (scale * LOG2E), tl.trans(ko), s, PRECISION, INTERPRETED)
+        s = _mm(qo * (scale * LOG2E_), tl.trans(ko), s, PRECISION, INTERPRETED)
         p = tl.where(i_ok[:, None] & j_ok[None, :], tl.exp2(s - m_i[:, None]) * l_inv[:, None], 0.0)
-        dv = _mm(tl.trans(p), do, dv, PRECISION, INTERPRETED)
-        dp = _mm(do, tl.trans(v), tl.zeros([BM, BN], tl.float32), PRECISION, INTERPRETED)
+        dv = _mm(tl.trans(p), do, dv, FAST, INTERPRETED)
+        dp = _mm(do, tl.trans(v), tl.zeros([BM, BN], tl.float32), FAST, INTERPRETED)
         ds = p * (dp - delta[:, None]) * scale
-        dke = _mm(tl.trans(ds), qe, dke, PRECISION, INTERPRETED)
-        dko = _mm(tl.trans(ds), qo, dko, PRECISION, INTERPRETED)
+        dke = _mm(tl.trans(ds), qe, dke, FAST, INTERPRETED)
+        dko = _mm(tl.trans(ds), qo, dko, FAST, INTERPRETED)
     dke, dko = _epilogue(dke, dko, ke, ko, k_inv, j, j_ok, half, half_ok, TABLE, n, half_dim,
                          ROPE, COSINE)  # fmt: skip
     base = (
@@ -379,7 +385,7 @@ def _dwconv_split_kernel(
             mask=u_ok[:, None] & c_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-    for ky in tl.static_range(KSIZE):
+    for ky in range(KSIZE):  # a loop (not unrolled): 25 unrolled gathers spill registers
         for kx in tl.static_range(KSIZE):
             yy = y + (ky - KSIZE // 2)
             xx = x + (kx - KSIZE // 2)
@@ -399,27 +405,79 @@ def _dwconv_split_kernel(
 
 
 @triton.jit
-def _dwconv_split_bwd_kernel(
-    X, W, DT, DX, PART,
-    d, H, Wd, n, gw, pixels_per_split, splits,
-    sx_b, sx_c, sx_h, sx_w, sdx_b, sdx_c, sdx_h, sdx_w,
-    KSIZE: tl.constexpr, SHORTCUT: tl.constexpr, TAPS: tl.constexpr, BP: tl.constexpr,
-    BC: tl.constexpr, RTNE_BF16: tl.constexpr,
+def _dwconv_split_dx_kernel(
+    W, DT, DX,
+    d, H, Wd, n, gw,
+    sdx_b, sdx_c, sdx_h, sdx_w,
+    KSIZE: tl.constexpr, SHORTCUT: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):  # fmt: skip
-    """The backward of _dwconv_split_kernel for channels [c0, c0 + BC) of sample b over the
-    pixels [s * pixels_per_split, ...): d t is read where the split put each pixel;
-    d x(p) = sum over taps of d y(p - tap) w[tap] (+ d y(p)); fp32 partials of d w[c, tap] =
-    sum_p x(p + tap) d y(p) and d bias[c] = sum_p d y(p) go to PART[b, s, 0..TAPS, c]
-    (row KSIZE * KSIZE holds d bias)."""
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
-    s = tl.program_id(1)
+    """d x(p) = sum over taps of d y(p - tap + pad) w[tap] (+ d y(p)) for BP pixels of one
+    sample, d y read from d t (B, 4, n, d) where the split put each pixel."""
     b = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    p_ok = p < H * Wd
     c_ok = c < d
     PAD: tl.constexpr = KSIZE // 2
+    y = p // Wd
+    x = p % Wd
+    dtb = DT + b * 4 * n * d + c[None, :]
+    dx = tl.zeros([BP, BC], tl.float32)
+    if SHORTCUT:
+        g = 2 * (y % 2) + x % 2
+        dx += tl.load(
+            dtb + ((g * n + (y // 2) * gw + x // 2).to(tl.int64) * d)[:, None],
+            mask=p_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    for ky in range(KSIZE):  # a loop (not unrolled): 25 unrolled gathers spill registers
+        for kx in tl.static_range(KSIZE):
+            yo = y - (ky - PAD)  # the output pixel that read x(p) through this tap
+            xo = x - (kx - PAD)
+            ok = p_ok & (yo >= 0) & (yo < H) & (xo >= 0) & (xo < Wd)
+            go = 2 * (yo % 2) + xo % 2
+            dyo = tl.load(
+                dtb + ((go * n + (yo // 2) * gw + xo // 2).to(tl.int64) * d)[:, None],
+                mask=ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            w = tl.load(W + c * (KSIZE * KSIZE) + (ky * KSIZE + kx), mask=c_ok, other=0.0)
+            dx += dyo * w.to(tl.float32)[None, :]
+    tl.store(
+        DX
+        + b * sdx_b
+        + (c.to(tl.int64) * sdx_c)[None, :]
+        + (y.to(tl.int64) * sdx_h + x.to(tl.int64) * sdx_w)[:, None],
+        _round(dx, DX.dtype.element_ty, RTNE_BF16),
+        mask=p_ok[:, None] & c_ok[None, :],
+    )
+
+
+@triton.jit
+def _dwconv_split_dw_kernel(
+    X, DT, PART,
+    d, H, Wd, n, gw, pixels_per_split, splits,
+    sx_b, sx_c, sx_h, sx_w,
+    KSIZE: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Program (tap, channel block, sample * splits + split): the fp32 partial sum over the
+    split's pixels of x(p + tap - pad) d y(p), to PART[b, s, tap, c]; the extra tap index
+    KSIZE * KSIZE sums d y alone (d bias). Taps vary fastest over the programs, so the
+    programs of one pixel range run together and re-read it from L2."""
+    tap = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    bs = tl.program_id(2)
+    b = (bs // splits).to(tl.int64)
+    s = bs % splits
+    c_ok = c < d
+    PAD: tl.constexpr = KSIZE // 2
+    ky = tap // KSIZE - PAD
+    kx = tap % KSIZE - PAD
+    is_bias = tap == KSIZE * KSIZE
     xb = X + b * sx_b + (c.to(tl.int64) * sx_c)[None, :]
     dtb = DT + b * 4 * n * d + c[None, :]
-    taps = tl.arange(0, TAPS)
-    dw = tl.zeros([TAPS, BC], tl.float32)
+    acc = tl.zeros([BP, BC], tl.float32)
     start = s * pixels_per_split
     end = tl.minimum(start + pixels_per_split, H * Wd)
     p0 = start
@@ -429,65 +487,47 @@ def _dwconv_split_bwd_kernel(
         p_ok = p < end
         y = p // Wd
         x = p % Wd
-        own = p_ok[:, None] & c_ok[None, :]
         g = 2 * (y % 2) + x % 2
         dy = tl.load(
-            dtb + ((g * n + (y // 2) * gw + x // 2).to(tl.int64) * d)[:, None], mask=own, other=0.0
+            dtb + ((g * n + (y // 2) * gw + x // 2).to(tl.int64) * d)[:, None],
+            mask=p_ok[:, None] & c_ok[None, :],
+            other=0.0,
         ).to(tl.float32)
-        dx = tl.zeros([BP, BC], tl.float32)
-        if SHORTCUT:
-            dx += dy
-        dw += tl.where(taps[:, None] == KSIZE * KSIZE, tl.sum(dy, axis=0)[None, :], 0.0)
-        for ky in tl.static_range(KSIZE):
-            for kx in tl.static_range(KSIZE):
-                w = tl.load(W + c * (KSIZE * KSIZE) + (ky * KSIZE + kx), mask=c_ok, other=0.0)
-                # d x(p) gathers d y at p - (tap - PAD): the output pixel that read x(p).
-                yo = y - (ky - PAD)
-                xo = x - (kx - PAD)
-                ok = p_ok & (yo >= 0) & (yo < H) & (xo >= 0) & (xo < Wd)
-                go = 2 * (yo % 2) + xo % 2
-                dyo = tl.load(
-                    dtb + ((go * n + (yo // 2) * gw + xo // 2).to(tl.int64) * d)[:, None],
-                    mask=ok[:, None] & c_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                dx += dyo * w.to(tl.float32)[None, :]
-                # d w[tap] gathers x at p + (tap - PAD), the input this output read.
-                yi = y + (ky - PAD)
-                xi = x + (kx - PAD)
-                ok = p_ok & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < Wd)
-                xv = tl.load(
-                    xb + (yi.to(tl.int64) * sx_h + xi.to(tl.int64) * sx_w)[:, None],
-                    mask=ok[:, None] & c_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                tap_sum = tl.sum(xv * dy, axis=0)
-                dw += tl.where(taps[:, None] == ky * KSIZE + kx, tap_sum[None, :], 0.0)
-        tl.store(
-            DX
-            + b * sdx_b
-            + (c.to(tl.int64) * sdx_c)[None, :]
-            + (y.to(tl.int64) * sdx_h + x.to(tl.int64) * sdx_w)[:, None],
-            _round(dx, DX.dtype.element_ty, RTNE_BF16),
-            mask=own,
-        )
-    part = PART + ((b * splits + s) * TAPS + taps.to(tl.int64))[:, None] * d + c[None, :]
-    tl.store(part, dw, mask=(taps < KSIZE * KSIZE + 1)[:, None] & c_ok[None, :])
+        yi = y + ky
+        xi = x + kx
+        ok = p_ok & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < Wd) & (not is_bias)
+        xv = tl.load(
+            xb + (yi.to(tl.int64) * sx_h + xi.to(tl.int64) * sx_w)[:, None],
+            mask=ok[:, None] & c_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.where(is_bias, dy, xv * dy)
+    part = PART + ((b * splits + s) * (KSIZE * KSIZE + 1) + tap) * d
+    tl.store(part + c, tl.sum(acc, axis=0), mask=c_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # Python side
 
 
-def attention_tiles(n: int, hd: int) -> dict:
-    """BM x BN logits tiles; every tl.dot side at least 16."""
-    block = 64 if hd <= 64 else 32
-    side = max(16, min(block, triton.next_power_of_2(n)))
-    return dict(BM=side, BN=side, num_warps=4)
+def attention_tiles(n: int, hd: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """BM x BN logits tiles (every tl.dot side at least 16), chosen by compiling for sm_90
+    (tests/test_triton_compile.py): fp16/bf16 16 x 16 with 4 warps, no spills up to hd 48;
+    fp32 (IEEE products on the CUDA cores) 32 x 32 with 8 warps. Known spills, to tune on a
+    GPU: hd 96 in every dtype, fp32 hd 48 in the dq kernel."""
+    if dtype == torch.float32:
+        return dict(BM=32, BN=32, num_warps=8)
+    return dict(BM=16, BN=16, num_warps=4)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32x3"
+def _precisions(dtype: torch.dtype) -> dict:
+    """PRECISION for the logits q^ . k^ (scaled by up to 100: they need fp32 accuracy), FAST for
+    the other products. float32 inputs: IEEE for all. fp16/bf16 inputs: TF32x3 for the logits;
+    TF32 for the rest, whose operands are either 16-bit values (exact in TF32) or
+    probabilities and their gradients, where TF32's 2^-11 stays under the output's rounding."""
+    if dtype == torch.float32:
+        return dict(PRECISION="ieee", FAST="ieee")
+    return dict(PRECISION="tf32x3", FAST="tf32")
 
 
 def _as_groups(t: torch.Tensor) -> torch.Tensor:
@@ -509,10 +549,10 @@ class _Problem:
         self.out = None if out is None else self.out_view(out)
         self.half = max(16, triton.next_power_of_2(self.hd // 2))
         self.HD = max(16, triton.next_power_of_2(self.hd))
-        self.tiles = attention_tiles(self.n, self.hd)
+        self.tiles = attention_tiles(self.n, self.hd, q.dtype)
         self.common = dict(
             ROPE=table is not None, COSINE=cosine, MERGE=merge, HD=self.HD, HALF=self.half,
-            PRECISION=_precision(q.dtype), RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED,
+            **_precisions(q.dtype), RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED,
         )  # fmt: skip
 
     def out_view(self, t: torch.Tensor) -> torch.Tensor:
@@ -610,7 +650,8 @@ def attention_backward(grads, inputs) -> list[torch.Tensor]:
 
 
 def dwconv_tiles(d: int) -> dict:
-    return dict(BT=32, BC=max(16, min(64, triton.next_power_of_2(d))), num_warps=4)
+    """BT tokens (pixels) x BC channels, 8 warps: no spills compiled for sm_90."""
+    return dict(BT=64, BC=max(16, min(32, triton.next_power_of_2(d))), num_warps=8)
 
 
 def _dwconv_split(x: torch.Tensor, dw_weight, dw_bias, shortcut: bool) -> torch.Tensor:
@@ -630,29 +671,45 @@ def _dwconv_split(x: torch.Tensor, dw_weight, dw_bias, shortcut: bool) -> torch.
     return t
 
 
+def dwconv_dx_tiles(d: int) -> dict:
+    return dict(BP=64, BC=max(16, min(32, triton.next_power_of_2(d))), num_warps=8)
+
+
+def dwconv_dw_tiles(d: int) -> dict:
+    return dict(BP=64, BC=max(16, min(64, triton.next_power_of_2(d))), num_warps=4)
+
+
 def _dwconv_split_backward(x, dw_weight, dt, shortcut: bool):
     """(d x in x's layout, d dw_weight, d dw_bias) from d t (B, 4, n, d), contiguous."""
     from . import _common
 
     B, d, H, W = x.shape
     ksize = dw_weight.shape[-1]
-    taps = triton.next_power_of_2(ksize * ksize + 1)
-    bc = max(16, min(64, triton.next_power_of_2(d)))
-    bp = 32
-    programs = (2 * _common.sm_count(x.device.index or 0)) if x.is_cuda else 3
-    blocks = triton.cdiv(H * W, bp)
-    splits = max(1, min(blocks, programs // (B * triton.cdiv(d, bc))))
-    per_split = triton.cdiv(blocks, splits) * bp
-    splits = triton.cdiv(H * W, per_split)
+    taps = ksize * ksize + 1  # and d bias
+    n, gw = (H // 2) * (W // 2), W // 2
     dx = torch.empty_like(x)
-    part = torch.empty(B, splits, taps, d, dtype=torch.float32, device=x.device)
+    tiles = dwconv_dx_tiles(d)
     with device_context(x):
-        _dwconv_split_bwd_kernel[(triton.cdiv(d, bc), splits, B)](
-            x, dw_weight, dt, dx, part,
-            d, H, W, (H // 2) * (W // 2), W // 2, per_split, splits,
-            *x.stride(), *dx.stride(),
-            KSIZE=ksize, SHORTCUT=shortcut, TAPS=taps, BP=bp, BC=bc, RTNE_BF16=RTNE_BF16,
-            num_warps=4,
+        grid = (triton.cdiv(H * W, tiles["BP"]), triton.cdiv(d, tiles["BC"]), B)
+        _dwconv_split_dx_kernel[grid](
+            dw_weight, dt, dx,
+            d, H, W, n, gw,
+            *dx.stride(),
+            KSIZE=ksize, SHORTCUT=shortcut, RTNE_BF16=RTNE_BF16, **tiles,
+        )  # fmt: skip
+        tiles = dwconv_dw_tiles(d)
+        c_blocks = triton.cdiv(d, tiles["BC"])
+        programs = 8 * _common.sm_count(x.device.index or 0) if x.is_cuda else 2 * taps
+        blocks = triton.cdiv(H * W, tiles["BP"])
+        splits = max(1, min(blocks, programs // (taps * c_blocks * B)))
+        per_split = triton.cdiv(blocks, splits) * tiles["BP"]
+        splits = triton.cdiv(H * W, per_split)
+        part = torch.empty(B, splits, taps, d, dtype=torch.float32, device=x.device)
+        _dwconv_split_dw_kernel[(taps, c_blocks, B * splits)](
+            x, dt, part,
+            d, H, W, n, gw, per_split, splits,
+            *x.stride(),
+            KSIZE=ksize, **tiles,
         )  # fmt: skip
     sums = part.sum((0, 1))  # (taps, d), over samples and splits in a fixed order
     dw = sums[: ksize * ksize].t().reshape(dw_weight.shape).to(dw_weight.dtype)
