@@ -202,6 +202,14 @@ def test_backward_matches_reference():
             continue
         want = ref_params[name].grad
         assert rel_err(p.grad, want) < 1e-4, name
+    # auto: the patchify family's kernels ran both ways wherever a kernel backend is available
+    from fastdit.backends import unavailable_reason
+    from fastdit.ops import patchify as P
+
+    if not unavailable_reason("triton", x.device):
+        for op in (P._patch_embed, P._final_layer):
+            assert op.last_backend in ("cuda", "triton"), op.name
+            assert op.last_backward_backend in ("cuda", "triton"), op.name
 
 
 def test_forward_with_cfg():

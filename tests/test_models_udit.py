@@ -213,6 +213,32 @@ def test_auto_backend_tiny():
         assert rel_err(model.eval()(x, t, y), plain.eval()(x, t, y)) < 1e-5
 
 
+def test_auto_backend_tiny_training_step():
+    """Forward and backward in train form on auto (the attention layer and adaLN on their
+    kernels wherever a kernel backend is available) against the torch backend."""
+    from fastdit.backends import unavailable_reason
+    from fastdit.ops import downsampled_attention as da
+
+    _, model = tiny_pair(backend=None)
+    _, plain = tiny_pair(backend="torch")
+    x, t, y = inputs(2, 16, classes=10)
+    weight = torch.randn(2, model.out_channels, 16, 16)
+    for m in (plain.train(), model.train()):  # the kernels last: their backends are checked
+        for p in m.parameters():
+            p.grad = None
+        torch.manual_seed(1)  # the same label-dropout draw in both
+        (m(x, t, y) * weight).sum().backward()
+    if not unavailable_reason("triton", x.device):
+        assert da._layer.last_backend in ("cuda", "triton")
+        assert da._layer.last_backward_backend in ("cuda", "triton")
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert grads[name].grad is None, name
+            continue
+        assert rel_err(p.grad, grads[name].grad) < 1e-4, name
+
+
 @pytest.mark.parametrize(
     "switches",
     [
