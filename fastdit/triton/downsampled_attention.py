@@ -716,6 +716,16 @@ def _dwconv_split_backward(x, dw_weight, dt, shortcut: bool):
     return dx, dw, sums[ksize * ksize].to(dw_weight.dtype)
 
 
+def _channel_rows(t: torch.Tensor) -> torch.Tensor:
+    """An image (B, C, H, W) as (B, C, H*W): a view for channels-first or channels-last memory
+    (the matrix products take either orientation), a copy only for other strides."""
+    if t.is_contiguous():
+        return t.flatten(2)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).flatten(1, 2).transpose(1, 2)
+    return t.contiguous().flatten(2)
+
+
 def _heads_view(qkv: torch.Tensor, part: int, heads: int) -> torch.Tensor:
     """q (part 0), k (1) or v (2) of a (B, 4, n, 3d) projection as (B, 4, heads, n, hd)."""
     d = qkv.shape[-1] // 3
@@ -775,7 +785,8 @@ def layer_backward(grads, inputs) -> list[torch.Tensor]:
     dls = _backward(pb, d_image, dq, dk, dv)  # recomputes o into image
     # The parameter gradients of the two projections: matrix products in the dtype (fp32
     # accumulation inside), as eager autograd computes them.
-    d_out_weight = torch.einsum("bchw,bdhw->cd", dout, image).reshape(out_weight.shape)
+    per_sample = _channel_rows(dout) @ _channel_rows(image).transpose(1, 2)  # (B, C, C)
+    d_out_weight = per_sample.sum(0).reshape(out_weight.shape)
     d_out_bias = dout.sum((0, 2, 3))
     rows = dqkv.reshape(-1, dqkv.shape[-1])
     d_qkv_weight = rows.t() @ t.reshape(-1, t.shape[-1])
