@@ -4,13 +4,17 @@
 // launches on the given stream, checks the launch, and never allocates.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "common.cuh"
 
@@ -46,6 +50,45 @@ int64_t adaln_bwd_max_d();
 cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated, int device,
                              int64_t* splits);
 const void* adaln_probe_kernel();
+
+// patchify.cu
+cudaError_t permute_launch(const void* src, void* dst, const int64_t* image_strides,
+                           const int64_t* token_strides, bool to_tokens, int64_t B, int64_t C,
+                           int64_t H, int64_t W, int64_t p, int order, int dtype,
+                           cudaStream_t stream);
+cudaError_t patch_embed_fwd_launch(const void* x, const int64_t* x_strides, const void* weight,
+                                   const void* bias, const void* pos, void* out, int64_t B,
+                                   int64_t C, int64_t H, int64_t W, int64_t p, int64_t D,
+                                   int dtype, cudaStream_t stream);
+cudaError_t patch_embed_bwd_launch(const void* x, const int64_t* x_strides, const void* weight,
+                                   const void* dout, void* dx, const int64_t* dx_strides,
+                                   void* dweight_partial, void* dpos_partial, int64_t B,
+                                   int64_t C, int64_t H, int64_t W, int64_t p, int64_t D,
+                                   int64_t splits, int dtype, cudaStream_t stream);
+cudaError_t patch_embed_bwd_splits(int64_t B, int64_t N, int64_t D, int64_t K, int dtype,
+                                   int device, int64_t* splits);
+cudaError_t final_layer_fwd_launch(const void* x, const void* shift, const void* scale,
+                                   const void* weight_t, const void* bias, void* out,
+                                   const int64_t* out_strides, int64_t B, int64_t C, int64_t h,
+                                   int64_t w, int64_t p, int64_t D, float eps, int dtype,
+                                   cudaStream_t stream);
+cudaError_t final_layer_bwd_launch(const void* x, const void* shift, const void* scale,
+                                   const void* weight, const void* dout,
+                                   const int64_t* dout_strides, void* dx, void* stats,
+                                   void* dmod_partial, void* dweight_partial,
+                                   void* dbias_partial, int64_t B, int64_t C, int64_t h,
+                                   int64_t w, int64_t p, int64_t D, float eps,
+                                   int64_t row_splits, int64_t weight_splits, int dtype,
+                                   cudaStream_t stream);
+cudaError_t final_layer_bwd_splits(int64_t B, int64_t N, int64_t D, int64_t K, int dtype,
+                                   int device, int64_t* row_splits, int64_t* weight_splits);
+int64_t patchify_max_k();
+int64_t final_layer_max_d();
+int64_t final_layer_max_k();
+int64_t patchify_weight_tile();
+int64_t final_layer_bwd_max_scalar_d();
+bool final_layer_bwd_vec4(int dtype, int64_t D, const void* x, const void* dx,
+                          const void* scale, const void* weight);
 
 namespace {
 
@@ -198,6 +241,277 @@ int64_t adaln_bwd_splits_py(int64_t B, int64_t L, int64_t D, int dtype, bool gat
   return splits;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The patchify family (patchify.cu). Images are (B, C, H, W) with H, W multiples of the patch
+// size p, tokens (B, N, K) with N = (H/p) * (W/p) and K = C*p*p; images and tokens come with
+// element strides (any layout). The kernels index rows of B*N, the grid and the staging tiles
+// with 32-bit integers, offsets with 64-bit ones: checked here.
+
+constexpr int64_t kPatchEmbedMaxD = int64_t{1} << 20;
+constexpr int64_t kPatchEmbedMaxK = int64_t{1} << 16;
+constexpr int64_t kInt32Limit = int64_t{1} << 31;
+
+void check_dtype_device(const char* op, int dtype, int device) {
+  if (!valid_dtype(dtype)) {
+    throw invalid_argument(op, "unknown dtype code " + std::to_string(dtype) +
+                                   " (expected 0=float32, 1=float16, 2=bfloat16)");
+  }
+  if (device < 0) throw invalid_argument(op, "device must be >= 0, got " + std::to_string(device));
+}
+
+// B >= 0, C >= 1, 1 <= p, H and W non-negative multiples of p, K = C*p*p <= max_k, and the
+// 32-bit index ranges. False when there is no work (B, H or W is 0).
+bool check_image(const char* op, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
+                 int64_t max_k) {
+  if (B < 0) throw invalid_argument(op, "B must be >= 0, got " + std::to_string(B));
+  if (C < 1) throw invalid_argument(op, "C must be >= 1, got " + std::to_string(C));
+  if (p < 1) throw invalid_argument(op, "patch_size must be >= 1, got " + std::to_string(p));
+  if (p > max_k || C > max_k / (p * p)) {
+    throw invalid_argument(op, "C * patch_size**2 must be <= " + std::to_string(max_k) +
+                                   ", got C=" + std::to_string(C) +
+                                   ", patch_size=" + std::to_string(p));
+  }
+  if (H < 0 || W < 0 || H % p != 0 || W % p != 0) {
+    throw invalid_argument(op, "H and W must be non-negative multiples of patch_size=" +
+                                   std::to_string(p) + ", got H=" + std::to_string(H) +
+                                   ", W=" + std::to_string(W));
+  }
+  if (H >= kInt32Limit || W >= kInt32Limit) {
+    throw invalid_argument(op, "H and W must be < 2^31");
+  }
+  const int64_t N = (H / p) * (W / p);
+  if (B > 0 && N > 0 && (N >= kInt32Limit || B >= kInt32Limit / N)) {
+    throw invalid_argument(op, "B * (H/p) * (W/p) (the number of tokens) must be < 2^31, got B=" +
+                                   std::to_string(B) + ", N=" + std::to_string(N));
+  }
+  return B > 0 && N > 0;
+}
+
+// `strides` has one entry >= 0 per size, and every element offset fits in int64.
+void check_strides(const char* op, const char* name, const std::vector<int64_t>& strides,
+                   std::initializer_list<int64_t> sizes) {
+  if (strides.size() != sizes.size()) {
+    throw invalid_argument(op, std::string(name) + " must hold " + std::to_string(sizes.size()) +
+                                   " strides, got " + std::to_string(strides.size()));
+  }
+  int64_t last = 0;
+  size_t i = 0;
+  for (const int64_t size : sizes) {
+    const int64_t stride = strides[i++];
+    if (stride < 0) {
+      throw invalid_argument(op, std::string(name) + " must be >= 0, got " +
+                                     std::to_string(stride));
+    }
+    if (size > 1 && stride > 0) {
+      if (size - 1 > (INT64_MAX - last) / stride) {
+        throw invalid_argument(op, std::string("the element offsets of ") + name +
+                                       " overflow int64");
+      }
+      last += (size - 1) * stride;
+    }
+  }
+}
+
+void permute_entry(const char* op, bool to_tokens, std::uintptr_t src,
+                   const std::vector<int64_t>& src_strides, std::uintptr_t dst,
+                   const std::vector<int64_t>& dst_strides, int64_t B, int64_t C, int64_t H,
+                   int64_t W, int64_t p, int order, int dtype, int device, std::uintptr_t stream) {
+  check_dtype_device(op, dtype, device);
+  const bool work = check_image(op, B, C, H, W, p, patchify_max_k());
+  if (order != 0 && order != 1) {
+    throw invalid_argument(op, "order must be 0 (cpq) or 1 (pqc), got " + std::to_string(order));
+  }
+  const int64_t N = (H / p) * (W / p), K = C * p * p;
+  const std::vector<int64_t>& image = to_tokens ? src_strides : dst_strides;
+  const std::vector<int64_t>& tokens = to_tokens ? dst_strides : src_strides;
+  check_strides(op, to_tokens ? "x_strides" : "out_strides", image, {B, C, H, W});
+  check_strides(op, to_tokens ? "out_strides" : "tokens_strides", tokens, {B, N, K});
+  if (!work) return;
+  check_pointers(op, {src, dst}, to_tokens ? "x and out" : "tokens and out");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, permute_launch(cptr(src), mptr(dst), image.data(), tokens.data(),
+                                        to_tokens, B, C, H, W, p, order, dtype,
+                                        reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void patchify_entry(std::uintptr_t x, std::vector<int64_t> x_strides, std::uintptr_t out,
+                    std::vector<int64_t> out_strides, int64_t B, int64_t C, int64_t H, int64_t W,
+                    int64_t patch_size, int order, int dtype, int device, std::uintptr_t stream) {
+  permute_entry("patchify", true, x, x_strides, out, out_strides, B, C, H, W, patch_size, order,
+                dtype, device, stream);
+}
+
+void unpatchify_entry(std::uintptr_t tokens, std::vector<int64_t> tokens_strides,
+                      std::uintptr_t out, std::vector<int64_t> out_strides, int64_t B, int64_t C,
+                      int64_t H, int64_t W, int64_t patch_size, int order, int dtype, int device,
+                      std::uintptr_t stream) {
+  permute_entry("unpatchify", false, tokens, tokens_strides, out, out_strides, B, C, H, W,
+                patch_size, order, dtype, device, stream);
+}
+
+void check_embed_dim(const char* op, int64_t D, int64_t max_d) {
+  if (D < 1 || D > max_d) {
+    throw invalid_argument(op, "D must be in [1, " + std::to_string(max_d) + "], got " +
+                                   std::to_string(D));
+  }
+}
+
+void patch_embed_fwd(std::uintptr_t x, std::vector<int64_t> x_strides, std::uintptr_t weight,
+                     std::uintptr_t bias, std::uintptr_t pos, std::uintptr_t out, int64_t B,
+                     int64_t C, int64_t H, int64_t W, int64_t patch_size, int64_t D, int dtype,
+                     int device, std::uintptr_t stream) {
+  constexpr const char* op = "patch_embed_fwd";
+  check_dtype_device(op, dtype, device);
+  const bool work = check_image(op, B, C, H, W, patch_size, kPatchEmbedMaxK);
+  check_embed_dim(op, D, kPatchEmbedMaxD);
+  check_strides(op, "x_strides", x_strides, {B, C, H, W});
+  if (!work) return;
+  check_pointers(op, {x, weight, bias, pos, out}, "x, weight, bias, pos_embed and out");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, patch_embed_fwd_launch(cptr(x), x_strides.data(), cptr(weight),
+                                                cptr(bias), cptr(pos), mptr(out), B, C, H, W,
+                                                patch_size, D, dtype,
+                                                reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void patch_embed_bwd(std::uintptr_t x, std::vector<int64_t> x_strides, std::uintptr_t weight,
+                     std::uintptr_t dout, std::uintptr_t dx, std::vector<int64_t> dx_strides,
+                     std::uintptr_t dweight_partial, std::uintptr_t dpos_partial, int64_t B,
+                     int64_t C, int64_t H, int64_t W, int64_t patch_size, int64_t D,
+                     int64_t splits, int dtype, int device, std::uintptr_t stream) {
+  constexpr const char* op = "patch_embed_bwd";
+  check_dtype_device(op, dtype, device);
+  const bool work = check_image(op, B, C, H, W, patch_size, kPatchEmbedMaxK);
+  check_embed_dim(op, D, kPatchEmbedMaxD);
+  check_strides(op, "x_strides", x_strides, {B, C, H, W});
+  check_strides(op, "dx_strides", dx_strides, {B, C, H, W});
+  if (splits < 1 || (work && splits > B)) {
+    throw invalid_argument(op, "splits must be in [1, B=" + std::to_string(B) + "], got " +
+                                   std::to_string(splits));
+  }
+  if (!work) return;
+  check_pointers(op, {x, weight, dout, dx, dweight_partial, dpos_partial},
+                 "x, weight, dout, dx, dweight_partial and dpos_partial");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, patch_embed_bwd_launch(
+                             cptr(x), x_strides.data(), cptr(weight), cptr(dout), mptr(dx),
+                             dx_strides.data(), mptr(dweight_partial), mptr(dpos_partial), B, C,
+                             H, W, patch_size, D, splits, dtype,
+                             reinterpret_cast<cudaStream_t>(stream)));
+}
+
+std::tuple<int64_t, int64_t> patch_embed_bwd_plan(int64_t B, int64_t C, int64_t H, int64_t W,
+                                                  int64_t patch_size, int64_t D, int dtype,
+                                                  int device) {
+  constexpr const char* op = "patch_embed_bwd_plan";
+  check_dtype_device(op, dtype, device);
+  if (!check_image(op, B, C, H, W, patch_size, kPatchEmbedMaxK)) {
+    throw invalid_argument(op, "B, H and W must be >= 1 (there is no work to plan)");
+  }
+  check_embed_dim(op, D, kPatchEmbedMaxD);
+  const int64_t N = (H / patch_size) * (W / patch_size);
+  DeviceGuard guard(device, op);
+  int64_t splits = 1;
+  FASTDIT_CUDA_CHECK(op, patch_embed_bwd_splits(B, N, D, C * patch_size * patch_size, dtype,
+                                                device, &splits));
+  const int64_t tile = patchify_weight_tile();
+  return {splits, splits * ((N + tile - 1) / tile)};
+}
+
+// final_layer: x (B, N, D) with N = h * w, shift / scale (B, D), weight (K, D) with
+// K = p*p*C, output image (B, C, h*p, w*p).
+bool check_final(const char* op, int64_t B, int64_t C, int64_t h, int64_t w, int64_t p,
+                 int64_t D, double eps, int dtype, int device) {
+  check_dtype_device(op, dtype, device);
+  if (h < 0 || w < 0 || h >= kInt32Limit || w >= kInt32Limit) {
+    throw invalid_argument(op, "h and w must be in [0, 2^31), got h=" + std::to_string(h) +
+                                   ", w=" + std::to_string(w));
+  }
+  const int64_t max_k = final_layer_max_k();
+  // (the image is (B, C, h*p, w*p); a p out of range raises before h*p is formed)
+  const bool p_ok = p >= 1 && p <= max_k;
+  check_image(op, B, C, p_ok ? h * p : 0, p_ok ? w * p : 0, p, max_k);
+  check_embed_dim(op, D, final_layer_max_d());
+  if (!(eps >= 0.0) || !std::isfinite(eps)) {
+    throw invalid_argument(op, "eps must be finite and >= 0, got " + std::to_string(eps));
+  }
+  return B > 0 && h > 0 && w > 0;
+}
+
+void final_layer_fwd(std::uintptr_t x, std::uintptr_t shift, std::uintptr_t scale,
+                     std::uintptr_t weight_t, std::uintptr_t bias, std::uintptr_t out,
+                     std::vector<int64_t> out_strides, int64_t B, int64_t C, int64_t h,
+                     int64_t w, int64_t patch_size, int64_t D, double eps, int dtype, int device,
+                     std::uintptr_t stream) {
+  constexpr const char* op = "final_layer_fwd";
+  const bool work = check_final(op, B, C, h, w, patch_size, D, eps, dtype, device);
+  check_strides(op, "out_strides", out_strides, {B, C, h * patch_size, w * patch_size});
+  if (!work) return;
+  check_pointers(op, {x, shift, scale, weight_t, bias, out},
+                 "x, shift, scale, weight_t, bias and out");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, final_layer_fwd_launch(cptr(x), cptr(shift), cptr(scale),
+                                                cptr(weight_t), cptr(bias), mptr(out),
+                                                out_strides.data(), B, C, h, w, patch_size, D,
+                                                static_cast<float>(eps), dtype,
+                                                reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void final_layer_bwd(std::uintptr_t x, std::uintptr_t shift, std::uintptr_t scale,
+                     std::uintptr_t weight, std::uintptr_t dout,
+                     std::vector<int64_t> dout_strides, std::uintptr_t dx, std::uintptr_t stats,
+                     std::uintptr_t dmod_partial, std::uintptr_t dweight_partial,
+                     std::uintptr_t dbias_partial, int64_t B, int64_t C, int64_t h, int64_t w,
+                     int64_t patch_size, int64_t D, double eps, int64_t row_splits,
+                     int64_t weight_splits, int dtype, int device, std::uintptr_t stream) {
+  constexpr const char* op = "final_layer_bwd";
+  const bool work = check_final(op, B, C, h, w, patch_size, D, eps, dtype, device);
+  check_strides(op, "dout_strides", dout_strides, {B, C, h * patch_size, w * patch_size});
+  const int64_t N = h * w;
+  if (row_splits < 1 || (work && (row_splits > N || B > INT_MAX / row_splits))) {
+    throw invalid_argument(op, "row_splits must be in [1, N=" + std::to_string(N) +
+                                   "] with B * row_splits < 2^31, got " +
+                                   std::to_string(row_splits));
+  }
+  if (weight_splits < 1 || (work && weight_splits > B)) {
+    throw invalid_argument(op, "weight_splits must be in [1, B=" + std::to_string(B) +
+                                   "], got " + std::to_string(weight_splits));
+  }
+  if (!work) return;
+  check_pointers(op, {x, shift, scale, weight, dout, dx, stats, dmod_partial, dweight_partial,
+                      dbias_partial},
+                 "x, shift, scale, weight, dout, dx, stats, dmod_partial, dweight_partial and "
+                 "dbias_partial");
+  if (D > final_layer_bwd_max_scalar_d() &&
+      !final_layer_bwd_vec4(dtype, D, cptr(x), cptr(dx), cptr(scale), cptr(weight))) {
+    throw invalid_argument(op, "D > " + std::to_string(final_layer_bwd_max_scalar_d()) +
+                                   " needs D % 4 == 0 and x, dx, scale and weight aligned to 4 "
+                                   "elements, got D=" + std::to_string(D));
+  }
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, final_layer_bwd_launch(
+                             cptr(x), cptr(shift), cptr(scale), cptr(weight), cptr(dout),
+                             dout_strides.data(), mptr(dx), mptr(stats), mptr(dmod_partial),
+                             mptr(dweight_partial), mptr(dbias_partial), B, C, h, w, patch_size,
+                             D, static_cast<float>(eps), row_splits, weight_splits, dtype,
+                             reinterpret_cast<cudaStream_t>(stream)));
+}
+
+std::tuple<int64_t, int64_t, int64_t> final_layer_bwd_plan(int64_t B, int64_t C, int64_t h,
+                                                           int64_t w, int64_t patch_size,
+                                                           int64_t D, int dtype, int device) {
+  constexpr const char* op = "final_layer_bwd_plan";
+  if (!check_final(op, B, C, h, w, patch_size, D, 0.0, dtype, device)) {
+    throw invalid_argument(op, "B, h and w must be >= 1 (there is no work to plan)");
+  }
+  DeviceGuard guard(device, op);
+  int64_t rows = 1, weights = 1;
+  FASTDIT_CUDA_CHECK(op, final_layer_bwd_splits(B, h * w, D, C * patch_size * patch_size, dtype,
+                                                device, &rows, &weights));
+  const int64_t tile = patchify_weight_tile();
+  return {rows, weights, weights * ((h * w + tile - 1) / tile)};
+}
+
 py::dict build_info() {
   py::dict info;
   info["cuda_version"] = version_string(CUDART_VERSION);
@@ -327,6 +641,72 @@ PYBIND11_MODULE(_C, m) {
         "The `splits` to pass to adaln_modulate_bwd / adaln_gated_bwd (gated=True) for this "
         "shape on `device`: one wave of resident (sample, split) blocks, >= 16 rows each.");
   m.attr("ADALN_BWD_MAX_D") = fastdit::adaln_bwd_max_d();
+
+  // The patchify family. order: 0 = "cpq" (c, row, column in the patch), 1 = "pqc".
+  m.def("patchify", &fastdit::patchify_entry, py::arg("x_ptr"), py::arg("x_strides"),
+        py::arg("out_ptr"), py::arg("out_strides"), py::arg("B"), py::arg("C"), py::arg("H"),
+        py::arg("W"), py::arg("patch_size"), py::arg("order"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"),
+        "out[b, n, k] = x[b, c, i*p + a, j*p + b'] for the image x (B, C, H, W) and the tokens "
+        "out (B, N, C*p*p), both given by element strides (any layout, outputs must not "
+        "overlap). C*p*p <= PATCHIFY_MAX_K.");
+  m.def("unpatchify", &fastdit::unpatchify_entry, py::arg("tokens_ptr"),
+        py::arg("tokens_strides"), py::arg("out_ptr"), py::arg("out_strides"), py::arg("B"),
+        py::arg("C"), py::arg("H"), py::arg("W"), py::arg("patch_size"), py::arg("order"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "The inverse of patchify: tokens (B, N, C*p*p) to the image out (B, C, H, W), both by "
+        "element strides.");
+  m.def("patch_embed_fwd", &fastdit::patch_embed_fwd, py::arg("x_ptr"), py::arg("x_strides"),
+        py::arg("weight_ptr"), py::arg("bias_ptr"), py::arg("pos_ptr"), py::arg("out_ptr"),
+        py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("patch_size"),
+        py::arg("D"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "out (B, N, D) = conv2d(x, weight, bias, stride=p) as tokens + pos; x by strides, "
+        "weight (D, C, p, p), bias (D,), pos (N, D), out contiguous.");
+  m.def("patch_embed_bwd", &fastdit::patch_embed_bwd, py::arg("x_ptr"), py::arg("x_strides"),
+        py::arg("weight_ptr"), py::arg("dout_ptr"), py::arg("dx_ptr"), py::arg("dx_strides"),
+        py::arg("dweight_partial_ptr"), py::arg("dpos_partial_ptr"), py::arg("B"), py::arg("C"),
+        py::arg("H"), py::arg("W"), py::arg("patch_size"), py::arg("D"), py::arg("splits"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "Gradients of patch_embed_fwd for dout (B, N, D) contiguous: dx by dx_strides; float32 "
+        "partial sums dweight_partial (P, D, C*p*p) and dpos_partial (splits, N, D), with "
+        "(splits, P) from patch_embed_bwd_plan; dweight = sum over P, dpos = sum over splits, "
+        "dbias = sum of dpos over N (fixed orders: deterministic).");
+  m.def("patch_embed_bwd_plan", &fastdit::patch_embed_bwd_plan, py::arg("B"), py::arg("C"),
+        py::arg("H"), py::arg("W"), py::arg("patch_size"), py::arg("D"), py::arg("dtype"),
+        py::arg("device"),
+        "(splits, P) for patch_embed_bwd on `device`: samples split over about two waves of "
+        "blocks, and the number of dweight partials.");
+  m.def("final_layer_fwd", &fastdit::final_layer_fwd, py::arg("x_ptr"), py::arg("shift_ptr"),
+        py::arg("scale_ptr"), py::arg("weight_t_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"),
+        py::arg("out_strides"), py::arg("B"), py::arg("C"), py::arg("h"), py::arg("w"),
+        py::arg("patch_size"), py::arg("D"), py::arg("eps"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"),
+        "out (B, C, h*p, w*p) by strides = unpatchify(Linear(LayerNorm(x) * (1 + scale) + "
+        "shift), pqc) for x (B, h*w, D), shift, scale (B, D), weight_t (D, p*p*C) (the Linear "
+        "weight transposed), bias (p*p*C,), all contiguous. D <= FINAL_LAYER_MAX_D, p*p*C <= "
+        "FINAL_LAYER_MAX_K.");
+  m.def("final_layer_bwd", &fastdit::final_layer_bwd, py::arg("x_ptr"), py::arg("shift_ptr"),
+        py::arg("scale_ptr"), py::arg("weight_ptr"), py::arg("dout_ptr"), py::arg("dout_strides"),
+        py::arg("dx_ptr"), py::arg("stats_ptr"), py::arg("dmod_partial_ptr"),
+        py::arg("dweight_partial_ptr"), py::arg("dbias_partial_ptr"), py::arg("B"), py::arg("C"),
+        py::arg("h"), py::arg("w"), py::arg("patch_size"), py::arg("D"), py::arg("eps"),
+        py::arg("row_splits"), py::arg("weight_splits"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"),
+        "Gradients of final_layer_fwd for dout (B, C, h*p, w*p) by strides: dx (B, N, D) "
+        "contiguous; float32 scratch stats (B*N, 2) and partial sums dmod_partial (2, B, "
+        "row_splits, D) (dshift, dscale), dweight_partial (P, D, K) (dweight transposed), "
+        "dbias_partial (P, K), "
+        "with (row_splits, weight_splits, P) from final_layer_bwd_plan; the glue sums them.");
+  m.def("final_layer_bwd_plan", &fastdit::final_layer_bwd_plan, py::arg("B"), py::arg("C"),
+        py::arg("h"), py::arg("w"), py::arg("patch_size"), py::arg("D"), py::arg("dtype"),
+        py::arg("device"),
+        "(row_splits, weight_splits, P) for final_layer_bwd on `device`.");
+  m.attr("PATCHIFY_MAX_K") = fastdit::patchify_max_k();
+  m.attr("PATCH_EMBED_MAX_D") = fastdit::kPatchEmbedMaxD;
+  m.attr("PATCH_EMBED_MAX_K") = fastdit::kPatchEmbedMaxK;
+  m.attr("FINAL_LAYER_MAX_D") = fastdit::final_layer_max_d();
+  m.attr("FINAL_LAYER_MAX_K") = fastdit::final_layer_max_k();
+  m.attr("FINAL_LAYER_BWD_MAX_SCALAR_D") = fastdit::final_layer_bwd_max_scalar_d();
   m.def("build_info", &fastdit::build_info,
         "Build facts: CUDA runtime version, CUDA archs compiled, CUDA compiler.");
   m.def("runtime_check", &fastdit::runtime_check, py::arg("device"),

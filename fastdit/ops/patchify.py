@@ -35,6 +35,7 @@ channels-last.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -319,6 +320,8 @@ def final_layer(
 #
 # triton (fastdit/triton/patchify.py): every op forward and backward, any input strides,
 # float32 / float16 / bfloat16 (float64 is declined: auto serves it with torch).
+#
+# cuda (csrc/patchify.cu through fastdit._C), below.
 
 _TRITON = "fastdit.triton.patchify"
 for _op, _name in (
@@ -333,3 +336,344 @@ for _op, _name in (
         backward=lazy(_TRITON, f"{_name}_backward"),
         supports=lazy(_TRITON, f"supports_{_name}"),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The cuda backend: csrc/patchify.cu through fastdit._C. What each kernel serves, and what it
+# declines (``auto`` then takes triton):
+#
+# - patchify / unpatchify, forward and backward (each is the other's backward): any strides on
+#   both sides (channels-last and strided views included; the backward writes the gradient in the
+#   input's own layout), C * p * p <= 8192 (a token is staged in shared memory).
+# - patch_embed, forward and backward: x with any strides; weight, bias and pos_embed are made
+#   contiguous here (small); D <= 2**20, C * p * p <= 2**16. The backward reduces dweight, dbias
+#   and dpos without atomics: float32 partial sums from the kernel, added here over the partial
+#   index by torch (a fixed order, so the result is deterministic).
+# - final_layer, forward and backward: x must be contiguous (B, N, D) (strided x is declined: it
+#   is a big activation, triton reads it by strides); dout any strides; D <= 8192 and
+#   p * p * C <= 512 (rows of dy and a 4-row slab of the gradient live in shared memory), and
+#   D <= 2048 unless D % 4 == 0 with 4-element aligned tensors. The forward reads the Linear
+#   weight transposed, (D, p*p*C), which is made here (a small copy per call).
+#
+# All three dtypes (float32, float16, bfloat16); float64 goes to torch.
+
+ORDER_CODES = {"cpq": 0, "pqc": 1}
+
+CUDA_PATCHIFY_MAX_K = 8192  # fastdit._C.PATCHIFY_MAX_K
+CUDA_PATCH_EMBED_MAX_D = 1 << 20  # fastdit._C.PATCH_EMBED_MAX_D
+CUDA_PATCH_EMBED_MAX_K = 1 << 16  # fastdit._C.PATCH_EMBED_MAX_K
+CUDA_FINAL_LAYER_MAX_D = 8192  # fastdit._C.FINAL_LAYER_MAX_D
+CUDA_FINAL_LAYER_MAX_K = 512  # fastdit._C.FINAL_LAYER_MAX_K
+CUDA_FINAL_LAYER_MAX_SCALAR_D = 2048  # fastdit._C.FINAL_LAYER_BWD_MAX_SCALAR_D
+_MAX_ROWS = 2**31  # the kernels count the B * N tokens with 32-bit integers
+
+
+# ----------------------------------------------------------------------------------------------
+# What the cuda kernels serve
+
+
+def _cuda_dtype_reason(t: torch.Tensor) -> str:
+    from .. import _ext
+
+    if t.dtype not in _ext.DTYPE_CODES:
+        return f"the cuda kernels take float32, float16 or bfloat16, got {t.dtype}"
+    return ""
+
+
+def _cuda_rows_reason(batch: int, tokens: int) -> str:
+    if batch * tokens >= _MAX_ROWS:
+        return f"the cuda kernels take fewer than 2**31 tokens in all, got {batch} x {tokens}"
+    return ""
+
+
+def _cuda_supports_patchify(x: torch.Tensor, patch_size: int, order: str) -> str:
+    B, C, H, W = x.shape
+    K = C * patch_size * patch_size
+    if K > CUDA_PATCHIFY_MAX_K:
+        return (
+            "the cuda kernel stages whole tokens in shared memory and takes C * patch_size**2 "
+            f"<= {CUDA_PATCHIFY_MAX_K}, got {K}"
+        )
+    return _cuda_dtype_reason(x) or _cuda_rows_reason(B, (H // patch_size) * (W // patch_size))
+
+
+def _cuda_supports_unpatchify(
+    tokens: torch.Tensor, patch_size: int, grid: list[int], order: str
+) -> str:
+    B, N, K = tokens.shape
+    if K > CUDA_PATCHIFY_MAX_K:
+        return (
+            "the cuda kernel stages whole tokens in shared memory and takes C * patch_size**2 "
+            f"<= {CUDA_PATCHIFY_MAX_K}, got {K}"
+        )
+    return _cuda_dtype_reason(tokens) or _cuda_rows_reason(B, N)
+
+
+def _cuda_supports_patch_embed(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor
+) -> str:
+    B, _, H, W = x.shape
+    D, C, p, _ = weight.shape
+    if D > CUDA_PATCH_EMBED_MAX_D:
+        return f"the cuda kernel takes D <= {CUDA_PATCH_EMBED_MAX_D}, got {D}"
+    if C * p * p > CUDA_PATCH_EMBED_MAX_K:
+        return f"the cuda kernel takes C * p * p <= {CUDA_PATCH_EMBED_MAX_K}, got {C * p * p}"
+    return _cuda_dtype_reason(x) or _cuda_rows_reason(B, (H // p) * (W // p))
+
+
+def _cuda_supports_final_layer(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    patch_size: int,
+    grid: list[int],
+    eps: float,
+) -> str:
+    reason = _cuda_dtype_reason(x)
+    if reason:
+        return reason
+    B, N, D = x.shape
+    K = weight.shape[0]
+    if not x.is_contiguous():
+        return (
+            "the cuda kernel reads x as contiguous (B, N, D) rows (x is strided): strided "
+            "tokens go to the triton kernel"
+        )
+    if D > CUDA_FINAL_LAYER_MAX_D:
+        return (
+            "the cuda kernel keeps 4 rows of the gradient in shared memory and takes "
+            f"D <= {CUDA_FINAL_LAYER_MAX_D}, got {D}"
+        )
+    if K > CUDA_FINAL_LAYER_MAX_K:
+        return (
+            "the cuda kernel keeps rows of the output gradient in shared memory and takes "
+            f"p * p * C <= {CUDA_FINAL_LAYER_MAX_K}, got {K}"
+        )
+    if D > CUDA_FINAL_LAYER_MAX_SCALAR_D and (D % 4 or x.data_ptr() % (4 * x.element_size())):
+        return (
+            f"the cuda backward takes D > {CUDA_FINAL_LAYER_MAX_SCALAR_D} only with D % 4 == 0 "
+            f"and 4-element aligned tensors (4 channels per access), got D = {D}"
+        )
+    return _cuda_rows_reason(B, N)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and backward
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A small operand (weight, bias, pos_embed, shift, scale) contiguous and 16-byte aligned,
+    so that the kernels' vector paths apply (a copy only when it is not already so)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _lib():
+    from .. import _ext
+
+    module, reason = _ext.load()
+    if module is None:  # the backend check says so before any call; this is a safety net
+        raise RuntimeError(reason)
+    return module, _ext
+
+
+def _patches(
+    lib, ext, src: torch.Tensor, dst: torch.Tensor, image: torch.Tensor, p: int, order: str
+) -> None:
+    """dst (tokens) = patchify(src (image)); strides on both sides. `image` gives the sizes."""
+    B, C, H, W = image.shape
+    lib.patchify(
+        src.data_ptr(), src.stride(), dst.data_ptr(), dst.stride(), B, C, H, W, p,
+        ORDER_CODES[order], ext.dtype_code(src), src.device.index, ext.stream_of(src),
+    )  # fmt: skip
+
+
+def _unpatches(
+    lib, ext, src: torch.Tensor, dst: torch.Tensor, image: torch.Tensor, p: int, order: str
+) -> None:
+    """dst (image) = unpatchify(src (tokens)); strides on both sides."""
+    B, C, H, W = image.shape
+    lib.unpatchify(
+        src.data_ptr(), src.stride(), dst.data_ptr(), dst.stride(), B, C, H, W, p,
+        ORDER_CODES[order], ext.dtype_code(src), src.device.index, ext.stream_of(src),
+    )  # fmt: skip
+
+
+def _cuda_patchify(x: torch.Tensor, patch_size: int, order: str) -> torch.Tensor:
+    lib, ext = _lib()
+    B, C, H, W = x.shape
+    p = patch_size
+    out = torch.empty(B, (H // p) * (W // p), C * p * p, dtype=x.dtype, device=x.device)
+    _patches(lib, ext, x, out, x, p, order)
+    return out
+
+
+def _cuda_patchify_backward(grads, inputs) -> list[torch.Tensor]:
+    lib, ext = _lib()
+    x, p, order = inputs
+    dx = torch.empty_like(x)  # x's layout (channels-last stays so)
+    _unpatches(lib, ext, grads[0], dx, x, p, order)
+    return [dx]
+
+
+def _cuda_unpatchify(
+    tokens: torch.Tensor, patch_size: int, grid: list[int], order: str
+) -> torch.Tensor:
+    lib, ext = _lib()
+    B, _, K = tokens.shape
+    p = patch_size
+    h, w = (int(g) for g in grid)
+    out = torch.empty(B, K // (p * p), h * p, w * p, dtype=tokens.dtype, device=tokens.device)
+    _unpatches(lib, ext, tokens, out, out, p, order)
+    return out
+
+
+def _cuda_unpatchify_backward(grads, inputs) -> list[torch.Tensor]:
+    lib, ext = _lib()
+    tokens, p, grid, order = inputs
+    dout = grads[0]
+    dtokens = torch.empty_like(tokens)
+    _patches(lib, ext, dout, dtokens, dout, p, order)
+    return [dtokens]
+
+
+def _cuda_patch_embed(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor
+) -> torch.Tensor:
+    lib, ext = _lib()
+    B, C, H, W = x.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    N = (H // p) * (W // p)
+    w, b, pos = _dense(weight), _dense(bias), _dense(pos_embed.reshape(N, D))
+    out = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
+    lib.patch_embed_fwd(
+        x.data_ptr(), x.stride(), w.data_ptr(), b.data_ptr(), pos.data_ptr(), out.data_ptr(),
+        B, C, H, W, p, D, ext.dtype_code(x), x.device.index, ext.stream_of(x),
+    )  # fmt: skip
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _cuda_patch_embed_plan(
+    B: int, C: int, H: int, W: int, p: int, D: int, dtype: int, index: int
+) -> tuple[int, int]:
+    """(samples splits, dweight partials) of the backward: fastdit._C sizes about two waves of
+    resident blocks from the kernel's occupancy on this GPU."""
+    lib, _ = _lib()
+    return tuple(lib.patch_embed_bwd_plan(B, C, H, W, p, D, dtype, index))
+
+
+def _cuda_patch_embed_backward(grads, inputs) -> list[torch.Tensor]:
+    lib, ext = _lib()
+    x, weight, bias, pos_embed = inputs
+    B, C, H, W = x.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    N, K = (H // p) * (W // p), C * p * p
+    code, dev = ext.dtype_code(x), x.device
+    splits, partials = _cuda_patch_embed_plan(B, C, H, W, p, D, code, dev.index)
+    dout, w = grads[0].contiguous(), _dense(weight)
+    dx = torch.empty_like(x)  # x's layout
+    dweight_partial = torch.empty(partials, D, K, dtype=torch.float32, device=dev)
+    dpos_partial = torch.empty(splits, N, D, dtype=torch.float32, device=dev)
+    lib.patch_embed_bwd(
+        x.data_ptr(), x.stride(), w.data_ptr(), dout.data_ptr(), dx.data_ptr(), dx.stride(),
+        dweight_partial.data_ptr(), dpos_partial.data_ptr(), B, C, H, W, p, D, splits,
+        code, dev.index, ext.stream_of(x),
+    )  # fmt: skip
+    # Fixed-order float32 sums over the partials (deterministic), rounded once to the dtype.
+    dpos32 = dpos_partial.sum(0)
+    dweight = dweight_partial.sum(0).to(x.dtype).view(D, C, p, p)
+    dbias = dpos32.sum(0).to(x.dtype)
+    dpos = dpos32.to(x.dtype).view(pos_embed.shape)
+    return [dx, dweight, dbias, dpos]
+
+
+def _cuda_final_layer(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    patch_size: int,
+    grid: list[int],
+    eps: float,
+) -> torch.Tensor:
+    lib, ext = _lib()
+    B, N, D = x.shape
+    K, p = weight.shape[0], patch_size
+    C = K // (p * p)
+    h, w = (int(g) for g in grid)
+    sh, sc, b = _dense(shift), _dense(scale), _dense(bias)
+    weight_t = weight.t().contiguous()  # (D, p*p*C): what the forward kernel reads
+    out = torch.empty(B, C, h * p, w * p, dtype=x.dtype, device=x.device)
+    lib.final_layer_fwd(
+        x.data_ptr(), sh.data_ptr(), sc.data_ptr(), weight_t.data_ptr(), b.data_ptr(),
+        out.data_ptr(), out.stride(), B, C, h, w, p, D, eps,
+        ext.dtype_code(x), x.device.index, ext.stream_of(x),
+    )  # fmt: skip
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _cuda_final_layer_plan(
+    B: int, C: int, h: int, w: int, p: int, D: int, dtype: int, index: int
+) -> tuple[int, int, int]:
+    """(row splits, weight splits, dweight partials) of the backward on this GPU."""
+    lib, _ = _lib()
+    return tuple(lib.final_layer_bwd_plan(B, C, h, w, p, D, dtype, index))
+
+
+def _cuda_final_layer_backward(grads, inputs) -> list[torch.Tensor]:
+    lib, ext = _lib()
+    x, shift, scale, weight, bias, p, grid, eps = inputs
+    B, N, D = x.shape
+    K = weight.shape[0]
+    C = K // (p * p)
+    h, w = (int(g) for g in grid)
+    code, dev = ext.dtype_code(x), x.device
+    row_splits, weight_splits, partials = _cuda_final_layer_plan(B, C, h, w, p, D, code, dev.index)
+    dout = grads[0]  # any strides
+    sh, sc, wt = _dense(shift), _dense(scale), _dense(weight)
+    dx = torch.empty_like(x)  # contiguous, as x
+    f32 = dict(dtype=torch.float32, device=dev)
+    stats = torch.empty(B * N, 2, **f32)  # per-token mean and 1 / std, for the second kernel
+    dmod_partial = torch.empty(2, B, row_splits, D, **f32)
+    dweight_partial = torch.empty(partials, D, K, **f32)  # transposed: (D, K) per partial
+    dbias_partial = torch.empty(partials, K, **f32)
+    lib.final_layer_bwd(
+        x.data_ptr(), sh.data_ptr(), sc.data_ptr(), wt.data_ptr(), dout.data_ptr(),
+        dout.stride(), dx.data_ptr(), stats.data_ptr(), dmod_partial.data_ptr(),
+        dweight_partial.data_ptr(), dbias_partial.data_ptr(), B, C, h, w, p, D, eps,
+        row_splits, weight_splits, code, dev.index, ext.stream_of(x),
+    )  # fmt: skip
+    # Fixed-order float32 sums over the splits and partials (deterministic), rounded once.
+    dshift = dmod_partial[0].sum(1).to(x.dtype)
+    dscale = dmod_partial[1].sum(1).to(x.dtype)
+    dweight = dweight_partial.sum(0).t().to(x.dtype, memory_format=torch.contiguous_format)
+    dbias = dbias_partial.sum(0).to(x.dtype)
+    return [dx, dshift, dscale, dweight, dbias]
+
+
+_patchify.register(
+    "cuda", _cuda_patchify, backward=_cuda_patchify_backward, supports=_cuda_supports_patchify
+)
+_unpatchify.register(
+    "cuda",
+    _cuda_unpatchify,
+    backward=_cuda_unpatchify_backward,
+    supports=_cuda_supports_unpatchify,
+)
+_patch_embed.register(
+    "cuda",
+    _cuda_patch_embed,
+    backward=_cuda_patch_embed_backward,
+    supports=_cuda_supports_patch_embed,
+)
+_final_layer.register(
+    "cuda",
+    _cuda_final_layer,
+    backward=_cuda_final_layer_backward,
+    supports=_cuda_supports_final_layer,
+)

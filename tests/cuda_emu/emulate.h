@@ -1,0 +1,261 @@
+// A CPU emulation of the CUDA execution model, so that csrc kernels can be run and checked on a
+// machine without a GPU (tests/test_patchify_cuda.py builds csrc/patchify.cu with it).
+//
+// Compile a .cu file as C++ with -DFASTDIT_EMULATE -include emulate.h. Every CUDA thread of a
+// block is a fiber (ucontext) on one OS thread; __syncthreads() and the warp shuffles are
+// barriers where the fiber yields to a scheduler, which resumes the fibers once every thread of
+// the block (or lane of the warp) has arrived. A barrier that some threads can never reach (a
+// divergent __syncthreads, a shuffle with exited lanes) is reported as a deadlock. The order in
+// which the fibers run between barriers is forward, reverse or random (EMU_ORDER=fwd|rev|rand,
+// default rand with a fixed seed), so that a missing barrier shows up as a wrong result. Blocks
+// run one after another in the same kinds of order. Dynamic shared memory is filled with 0xFF
+// bytes (NaN floats) before each launch, so reading what no thread wrote shows up too.
+//
+// Only what the fastdit kernels use is provided: 1-D blocks whose size is a multiple of 32,
+// full-warp shuffles, static and dynamic shared memory, and the float intrinsics below.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __shared__
+#undef __forceinline__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __shared__ static
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+namespace emu {
+
+enum State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };
+
+struct Thread {
+  ucontext_t ctx;
+  uint3 idx;
+  int linear = 0;
+  int state = kDone;
+};
+
+struct Emulator {
+  std::vector<Thread> threads;
+  std::vector<std::vector<char>> stacks;
+  std::vector<uint64_t> slots;  // one shuffle slot per thread
+  ucontext_t scheduler;
+  Thread* current = nullptr;
+  dim3 grid, block;
+  uint3 block_idx;
+  std::vector<char> dynamic;
+  std::function<void()> body;
+  std::mt19937 rng{12345};
+  int order = 2;  // 0 forward, 1 reverse, 2 random
+  int sms = 2;    // the multiprocessor count the launchers see (it sizes grids and splits)
+  long max_smem = 227 * 1024;  // the opt-in shared memory per block they see
+
+  Emulator() {
+    const char* env = std::getenv("EMU_ORDER");
+    if (env != nullptr) {
+      const std::string s(env);
+      order = s == "fwd" ? 0 : (s == "rev" ? 1 : 2);
+    }
+    env = std::getenv("EMU_SMS");
+    if (env != nullptr) sms = std::max(1, std::atoi(env));
+  }
+};
+
+inline Emulator& em() {
+  static Emulator e;
+  return e;
+}
+
+inline void trampoline() {
+  em().body();
+  em().current->state = kDone;
+  swapcontext(&em().current->ctx, &em().scheduler);
+}
+
+inline void yield() { swapcontext(&em().current->ctx, &em().scheduler); }
+
+inline void order_indices(std::vector<int>& order, int n) {
+  order.resize(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  if (em().order == 1) std::reverse(order.begin(), order.end());
+  if (em().order == 2) std::shuffle(order.begin(), order.end(), em().rng);
+}
+
+inline void run_block(int n) {
+  Emulator& e = em();
+  constexpr size_t kStack = 256 * 1024;
+  if (n % 32 != 0) throw std::runtime_error("emulation: block size must be a multiple of 32");
+  if (static_cast<int>(e.threads.size()) < n) {
+    e.threads.resize(n);
+    e.stacks.resize(n);
+    e.slots.resize(n);
+  }
+  for (int i = 0; i < n; ++i) {
+    Thread& t = e.threads[i];
+    if (e.stacks[i].size() != kStack) e.stacks[i].assign(kStack, 0);
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = e.stacks[i].data();
+    t.ctx.uc_stack.ss_size = kStack;
+    t.ctx.uc_link = nullptr;
+    makecontext(&t.ctx, trampoline, 0);
+    t.idx = make_uint3(static_cast<unsigned>(i), 0u, 0u);
+    t.linear = i;
+    t.state = kRunnable;
+  }
+  std::vector<int> order;
+  for (;;) {
+    order_indices(order, n);
+    for (int i : order) {
+      Thread& t = e.threads[i];
+      if (t.state != kRunnable) continue;
+      e.current = &t;
+      swapcontext(&e.scheduler, &t.ctx);
+    }
+    e.current = nullptr;
+    int done = 0, at_block = 0;
+    for (int i = 0; i < n; ++i) {
+      done += e.threads[i].state == kDone;
+      at_block += e.threads[i].state == kAtBlockBarrier;
+    }
+    if (done == n) return;
+    bool released = false;
+    for (int w = 0; w < n / 32; ++w) {
+      int waiting = 0;
+      for (int l = 0; l < 32; ++l) waiting += e.threads[w * 32 + l].state == kAtWarpBarrier;
+      if (waiting == 32) {
+        for (int l = 0; l < 32; ++l) e.threads[w * 32 + l].state = kRunnable;
+        released = true;
+      }
+    }
+    if (released) continue;
+    if (at_block > 0 && at_block + done == n) {
+      for (int i = 0; i < n; ++i) {
+        if (e.threads[i].state == kAtBlockBarrier) e.threads[i].state = kRunnable;
+      }
+      continue;
+    }
+    throw std::runtime_error("emulation: deadlock (a barrier or shuffle not reached by all)");
+  }
+}
+
+template <typename K>
+struct Launch {
+  K kernel;
+  dim3 grid, block;
+  size_t smem;
+  template <typename... A>
+  void operator()(A... args) const {
+    Emulator& e = em();
+    e.grid = grid;
+    e.block = block;
+    e.dynamic.assign(smem + 64, static_cast<char>(0xFF));
+    const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
+    std::vector<long> order(blocks);
+    for (long i = 0; i < blocks; ++i) order[i] = i;
+    if (e.order == 1) std::reverse(order.begin(), order.end());
+    if (e.order == 2) std::shuffle(order.begin(), order.end(), e.rng);
+    for (long id : order) {
+      e.block_idx = make_uint3(static_cast<unsigned>(id % grid.x),
+                               static_cast<unsigned>((id / grid.x) % grid.y),
+                               static_cast<unsigned>(id / (static_cast<long>(grid.x) * grid.y)));
+      e.body = [&]() { kernel(args...); };
+      run_block(static_cast<int>(block.x * block.y * block.z));
+    }
+  }
+};
+
+template <typename K>
+Launch<K> launcher(K kernel, dim3 grid, dim3 block, size_t smem) {
+  return Launch<K>{kernel, grid, block, smem};
+}
+
+inline void* dynamic_smem() { return em().dynamic.data(); }
+
+// The order of fibers and blocks (0 forward, 1 reverse, 2 random with this seed), the
+// multiprocessor count and the shared memory per block, for the tests.
+inline void configure(int order, int sms, unsigned seed, long max_smem) {
+  em().order = order;
+  em().sms = std::max(1, sms);
+  em().rng.seed(seed);
+  em().max_smem = max_smem;
+}
+
+// All 32 lanes of the current warp publish v, then each reads the value of lane src(lane).
+template <typename V, typename F>
+V exchange(V v, F src) {
+  static_assert(sizeof(V) <= sizeof(uint64_t), "shuffle of a type wider than 8 bytes");
+  Emulator& e = em();
+  Thread* t = e.current;
+  uint64_t raw = 0;
+  std::memcpy(&raw, &v, sizeof(V));
+  e.slots[t->linear] = raw;
+  t->state = kAtWarpBarrier;
+  yield();
+  const int lane = t->linear % 32;
+  const uint64_t got = e.slots[t->linear - lane + src(lane)];
+  t->state = kAtWarpBarrier;  // nobody overwrites a slot before every lane has read
+  yield();
+  V out;
+  std::memcpy(&out, &got, sizeof(V));
+  return out;
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::em().current->idx)
+#define blockIdx (::emu::em().block_idx)
+#define blockDim (::emu::em().block)
+#define gridDim (::emu::em().grid)
+
+inline void __syncthreads() {
+  ::emu::em().current->state = ::emu::kAtBlockBarrier;
+  ::emu::yield();
+}
+
+template <typename V>
+V __shfl_xor_sync(unsigned, V v, int mask) {
+  return ::emu::exchange(v, [mask](int lane) { return (lane ^ mask) & 31; });
+}
+template <typename V>
+V __shfl_down_sync(unsigned, V v, unsigned delta) {
+  return ::emu::exchange(v, [delta](int lane) {
+    return lane + static_cast<int>(delta) < 32 ? lane + static_cast<int>(delta) : lane;
+  });
+}
+template <typename V>
+V __shfl_sync(unsigned, V v, int src) {
+  return ::emu::exchange(v, [src](int) { return src & 31; });
+}
+
+using std::max;
+using std::min;
+
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+inline float __frsqrt_rn(float x) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x)));
+}
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float x) { return std::sqrt(x); }
