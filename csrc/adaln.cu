@@ -55,12 +55,24 @@
 // once, and loops over the rows of its (sample, split). D <= kBwdMaxD.
 // V = 16 / sizeof(T) when D * sizeof(T) and all pointers are multiples of 16 bytes; V = 1
 // (scalar accesses) otherwise.
+//
+// Built with -DFASTDIT_EMULATE (tests/cuda_emu/emulate.h, tests/cuda_emu/adaln_module.cpp), the
+// same kernels run on the CPU as fibers: that is how they are tested on machines without a GPU.
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
 
 #include "common.cuh"
+
+#if defined(FASTDIT_EMULATE)
+#define FD_LAUNCH(kernel, grid, block, smem, stream) \
+  ((void)(stream), ::emu::launcher((kernel), (grid), (block), (smem)))
+#define FD_DYNAMIC_SMEM(name) float* name = reinterpret_cast<float*>(::emu::dynamic_smem())
+#else
+#define FD_LAUNCH(kernel, grid, block, smem, stream) (kernel)<<<(grid), (block), (smem), (stream)>>>
+#define FD_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
 
 namespace fastdit {
 
@@ -349,7 +361,7 @@ __device__ __forceinline__ void group_sum2(float& a, float& b, float* smem_a, fl
 // columns' contributions to d shift, d scale (and d gate) in registers as the rows go by.
 template <typename T, int V, int ITERS, int SUB, bool GATED>
 __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdParams<T> p) {
-  extern __shared__ float combine[];  // R * D floats, when R > 1
+  FD_DYNAMIC_SMEM(combine);  // R * D floats, when R > 1
   __shared__ float sm_mean[kBwdMaxWarps];
   __shared__ float sm_var[kBwdMaxWarps];
   __shared__ float sm_g[kBwdMaxWarps];
@@ -594,14 +606,14 @@ void launch_regs(const FwdArgs& a) {
   constexpr int kThreads = TPR > kWarp ? TPR : kWarpModeBlock;
   constexpr int kRowsPerBlock = kThreads / TPR;
   const int64_t groups = (a.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  adaln_fwd_regs_kernel<T, V, TPR, ITERS, GATED>
-      <<<grid_for(groups), kThreads, 0, a.stream>>>(fwd_params<T>(a));
+  const auto kernel = adaln_fwd_regs_kernel<T, V, TPR, ITERS, GATED>;
+  FD_LAUNCH(kernel, grid_for(groups), kThreads, 0, a.stream)(fwd_params<T>(a));
 }
 
 template <typename T, int V, bool GATED>
 void launch_big(const FwdArgs& a) {
-  adaln_fwd_big_kernel<T, V, GATED>
-      <<<grid_for(a.rows), kBigThreads, 0, a.stream>>>(fwd_params<T>(a));
+  const auto kernel = adaln_fwd_big_kernel<T, V, GATED>;
+  FD_LAUNCH(kernel, grid_for(a.rows), kBigThreads, 0, a.stream)(fwd_params<T>(a));
 }
 
 template <typename T, int V, bool GATED>
@@ -715,12 +727,21 @@ struct BwdArgs {
 };
 
 // The backward kernel chosen for a row length: its address, block shape and dynamic smem.
+// `launch` enqueues that kernel with a BwdParams<T> of the plan's T.
 struct BwdPlan {
   const void* func;
+  void (*launch)(const void* params, dim3 grid, dim3 block, size_t smem, cudaStream_t stream);
   int group;    // G, threads per row
   int threads;  // R * G
   size_t smem;  // R * D floats when R > 1
 };
+
+template <typename T, int V, int ITERS, int SUB, bool GATED>
+void launch_bwd_kernel(const void* params, dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream) {
+  const auto kernel = adaln_bwd_kernel<T, V, ITERS, SUB, GATED>;
+  FD_LAUNCH(kernel, grid, block, smem, stream)(*static_cast<const BwdParams<T>*>(params));
+}
 
 template <typename T, int V, int ITERS, int SUB, bool GATED>
 BwdPlan bwd_plan(int group, int D) {
@@ -728,7 +749,8 @@ BwdPlan bwd_plan(int group, int D) {
   const size_t smem =
       rows_per_block > 1 ? static_cast<size_t>(rows_per_block) * D * sizeof(float) : 0;
   return BwdPlan{reinterpret_cast<const void*>(&adaln_bwd_kernel<T, V, ITERS, SUB, GATED>),
-                 group, rows_per_block * group, smem};
+                 &launch_bwd_kernel<T, V, ITERS, SUB, GATED>, group, rows_per_block * group,
+                 smem};
 }
 
 // Picks the row group: ITERS, the smallest of 1, 2, 4, ... (up to 16 elements per thread) for
@@ -786,14 +808,14 @@ void launch_bwd_typed(const BwdArgs& a) {
                  a.D,
                  plan.group,
                  a.eps};
-  void* args[] = {&p};
-  const cudaError_t err = cudaLaunchKernel(plan.func, dim3(static_cast<unsigned>(a.B * a.splits)),
-                                           dim3(plan.threads), args, plan.smem, a.stream);
-  if (err != cudaSuccess) return;  // the caller's cudaGetLastError() reports it
+  plan.launch(&p, dim3(static_cast<unsigned>(a.B * a.splits)), dim3(plan.threads), plan.smem,
+              a.stream);
+  if (cudaPeekAtLastError() != cudaSuccess) return;  // the caller's cudaGetLastError() reports it
   const int64_t count = a.B * a.D;
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65536);
-  adaln_sum_splits_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, a.stream>>>(
+  const auto sum_splits = adaln_sum_splits_kernel<T>;
+  FD_LAUNCH(sum_splits, static_cast<unsigned>(blocks), kThreads, 0, a.stream)(
       a.partial, static_cast<T*>(a.dshift), static_cast<T*>(a.dscale), static_cast<T*>(a.dgate),
       GATED ? 3 : 2, a.B * a.splits * a.D, static_cast<uint32_t>(a.splits), a.D, count);
 }

@@ -1,5 +1,6 @@
 // A CPU emulation of the CUDA execution model, so that csrc kernels can be run and checked on a
-// machine without a GPU (tests/test_patchify_cuda.py builds csrc/patchify.cu with it).
+// machine without a GPU (tests/test_patchify_cuda.py builds csrc/patchify.cu with it,
+// tests/test_adaln_cuda_emu.py csrc/adaln.cu).
 //
 // Compile a .cu file as C++ with -DFASTDIT_EMULATE -include emulate.h. Every CUDA thread of a
 // block is a fiber (ucontext) on one OS thread; __syncthreads() and the warp shuffles are
@@ -259,3 +260,33 @@ inline float __frsqrt_rn(float x) {
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float x) { return std::sqrt(x); }
+
+// The CUDA runtime's host calls that launchers make, answered by the emulator (nothing is linked
+// against cudart): the last-error slot is always clear (an emulated launch that cannot run
+// throws instead), the device has `sms` multiprocessors and `max_smem` bytes of opt-in shared
+// memory per block, and every kernel keeps 2 blocks resident per multiprocessor. Macros, so that
+// the cudart symbols of a library loaded alongside (torch's) are never called by mistake.
+namespace emu {
+inline cudaError_t last_error() { return cudaSuccess; }
+inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrMultiProcessorCount) {
+    *value = em().sms;
+  } else if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+    *value = static_cast<int>(em().max_smem);
+  } else {
+    throw std::runtime_error("emulation: device attribute " +
+                             std::to_string(static_cast<int>(attr)) + " is not emulated");
+  }
+  return cudaSuccess;
+}
+template <typename K>
+cudaError_t occupancy(int* blocks, K, int, size_t) {
+  *blocks = 2;
+  return cudaSuccess;
+}
+}  // namespace emu
+
+#define cudaGetLastError ::emu::last_error
+#define cudaPeekAtLastError ::emu::last_error
+#define cudaDeviceGetAttribute ::emu::device_attribute
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::emu::occupancy

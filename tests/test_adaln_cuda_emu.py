@@ -1,0 +1,420 @@
+"""csrc/adaln.cu run on the CPU: the cuda backend of the adaln family without a GPU.
+
+csrc/adaln.cu is compiled with g++ against tests/cuda_emu/emulate.h (every CUDA thread a fiber,
+barriers and shuffles emulated, thread and block orders forward, reverse or random) into a
+module with fastdit._C's adaln entries over host pointers (tests/cuda_emu/adaln_module.cpp).
+The kernels' index arithmetic, reductions, vector and scalar paths, row-group shapes and split
+bookkeeping are checked here on every machine with a C++ compiler and the CUDA headers:
+
+- the entries called directly on NaN-poisoned outputs (and a NaN-poisoned partial-sum scratch),
+  forward and backward of both ops, float32 / float16 / bfloat16, (B, L, D) tokens and
+  channels-last (B, D, H, W) images, D from 1 to 8192 (every forward and backward kernel shape
+  the launchers pick), against the float64 reference under the tolerance rule (DESIGN.md,
+  Tests; tests/tolerance.py: error <= 2 x eager's in the same dtype + a tiny floor);
+- the backward with several split counts (1, counts that do not divide L, empty splits, one row
+  per split), bitwise identical when run again in another thread and block order;
+- misaligned pointers (the scalar path) and rows longer than the register kernels hold;
+- the Python glue (fastdit.ops.adaln's _cuda_* functions, split count from the emulated
+  adaln_bwd_splits) through the ops' dispatch and autograd with backend="cuda".
+
+Skipped (not failed) where g++, the CUDA headers or pybind11 are missing. The fiber emulation
+is slow (~1 us per barrier per thread), so large D goes with few rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from tolerance import assert_close_to_reference
+
+import fastdit
+from fastdit import _ext
+from fastdit.ops import adaln as A
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+OPS = {False: A._modulate, True: A._gated}
+EPS = 1e-6
+NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The module: csrc/adaln.cu built for the CPU
+
+
+def _cuda_include() -> Path | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return Path(os.environ[var]) / "include"
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).exists():
+        return None
+    for candidate in (Path(nvcc).resolve().parents[1] / "include", Path("/usr/local/cuda/include")):
+        if (candidate / "cuda_fp16.h").exists():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The emulated kernels as a module with fastdit._C's adaln entries (built once, cached
+    under build/cuda_emu by the hash of the sources; ~20 s to build)."""
+    cxx, include = shutil.which("g++") or shutil.which("c++"), _cuda_include()
+    try:
+        import pybind11
+    except ImportError:
+        pybind11 = None
+    if cxx is None or include is None or pybind11 is None or sys.platform != "linux":
+        pytest.skip("the CPU emulation needs Linux, a C++17 compiler, the CUDA headers, pybind11")
+    module = REPO / "tests" / "cuda_emu" / "adaln_module.cpp"
+    emulate = REPO / "tests" / "cuda_emu" / "emulate.h"
+    digest = hashlib.sha256()
+    for path in (REPO / "csrc" / "adaln.cu", REPO / "csrc" / "common.cuh", emulate, module):
+        digest.update(path.read_bytes())
+    digest.update(f"{cxx} {include} {sys.version}".encode())
+    out_dir = REPO / "build" / "cuda_emu" / digest.hexdigest()[:16]
+    target = out_dir / ("adaln_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not target.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [
+            cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-DFASTDIT_EMULATE",
+            "-include", str(emulate), f"-I{include}", f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}", "-w", str(module), "-o", str(tmp),
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        os.replace(tmp, target)
+    spec = importlib.util.spec_from_file_location("adaln_emu", target)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def kernels(emu):
+    emu.configure(order=2, sms=2, seed=1)
+    return emu
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and the entries on NaN-poisoned outputs
+
+
+def _image_hw(L: int) -> tuple[int, int]:
+    """H, W with H * W = L (a wide image when L factors, else one column)."""
+    for h in range(int(L**0.5), 0, -1):
+        if L % h == 0:
+            return h, L // h
+    return 1, L
+
+
+def _rows_like(B, L, D, layout, dtype, g, scale=1.0, offset=0.0):
+    t = (torch.randn(B, L, D, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    if layout == "tokens":
+        return t
+    h, w = _image_hw(L)
+    # (B, H*W, D) rows in memory, seen as a channels-last (B, D, H, W) image
+    image = t.reshape(B, h, w, D).permute(0, 3, 1, 2)
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    return image
+
+
+def _inputs(gated, B, L, D, layout, dtype, seed):
+    """The op's inputs (off-centre rows so that a one-pass variance would show) and the
+    cotangents of its outputs, in x's layout."""
+    g = torch.Generator().manual_seed(seed)
+    x = _rows_like(B, L, D, layout, dtype, g, 2.0, 0.5)
+    conds = [(torch.randn(B, D, generator=g, dtype=torch.float64) * 0.5).to(dtype) for _ in "sc"]
+    if gated:
+        y = _rows_like(B, L, D, layout, dtype, g, 1.5)
+        gate = (torch.randn(B, D, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+        inputs = [x, y, gate, *conds, EPS]
+    else:
+        inputs = [x, *conds, EPS]
+    cots = [_rows_like(B, L, D, layout, dtype, g) for _ in range(2 if gated else 1)]
+    return inputs, cots
+
+
+def _p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _forward(C, gated, inputs):
+    """The forward entry on NaN-filled outputs: out, or (r, out)."""
+    x, eps = inputs[0], inputs[-1]
+    sizes = (*A._rows_of(x), eps, CODES[x.dtype], None, 0)
+    if gated:
+        x, y, gate, shift, scale, _ = inputs
+        r, out = torch.full_like(x, NAN), torch.full_like(x, NAN)
+        C.adaln_gated_fwd(_p(x), _p(y), _p(gate), _p(shift), _p(scale), _p(r), _p(out), *sizes)
+        return r, out
+    x, shift, scale, _ = inputs
+    out = torch.full_like(x, NAN)
+    C.adaln_modulate_fwd(_p(x), _p(shift), _p(scale), _p(out), *sizes)
+    return out
+
+
+def _backward(C, gated, inputs, cots, splits):
+    """The backward entry on NaN-filled gradients and scratch: (gradients, partial)."""
+    x, eps = inputs[0], inputs[-1]
+    B, L, D = A._rows_of(x)
+    sizes = (B, L, D, splits, eps, CODES[x.dtype], None, 0)
+    diff = [inputs[i] for i in OPS[gated].diff_index]
+    grads = [torch.full_like(t, NAN) for t in diff]
+    partial = torch.full(((3 if gated else 2) * B * splits * D,), NAN, dtype=torch.float32)
+    if gated:
+        x, y, gate, _, scale, _ = inputs
+        dr, dout = cots
+        C.adaln_gated_bwd(
+            _p(x), _p(y), _p(gate), _p(scale), _p(dr), _p(dout), *map(_p, grads), _p(partial),
+            *sizes,
+        )  # fmt: skip
+    else:
+        x, _, scale, _ = inputs
+        C.adaln_modulate_bwd(_p(x), _p(scale), _p(cots[0]), *map(_p, grads), _p(partial), *sizes)
+    return grads, partial
+
+
+def _as64(inputs):
+    return [t.double() if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def _check_forward(gated, got, inputs, what):
+    op = OPS[gated]
+    truth, eager = op.reference(*_as64(inputs)), op.reference(*inputs)
+    if not gated:
+        got, truth, eager = (got,), (truth,), (eager,)
+    for name, g, e, t in zip(("r", "out") if gated else ("out",), got, eager, truth):
+        assert_close_to_reference(g, e, t, f"{what}: {name}")
+
+
+def _check_backward(gated, grads, inputs, cots, what):
+    op = OPS[gated]
+    truth = op._reference_backward([c.double() for c in cots], _as64(inputs))
+    eager = op._reference_backward(cots, inputs)
+    names = [op.arg_names[i] for i in op.diff_index]
+    for name, g, e, t in zip(names, grads, eager, truth):
+        assert_close_to_reference(g, e, t, f"{what}: d{name}")
+
+
+def _case(C, gated, B, L, D, layout, dtype, splits, seed=0):
+    """Forward and backward against the reference; the backward again in another thread and
+    block order must agree bitwise (partial sums included)."""
+    inputs, cots = _inputs(gated, B, L, D, layout, dtype, seed + B * 7919 + L * 31 + D)
+    what = f"{'gated' if gated else 'modulate'} B={B} L={L} D={D} {layout} {dtype} splits={splits}"
+    _check_forward(gated, _forward(C, gated, inputs), inputs, what)
+    grads, partial = _backward(C, gated, inputs, cots, splits)
+    assert torch.isfinite(partial).all(), f"{what}: a partial-sum row left unwritten"
+    _check_backward(gated, grads, inputs, cots, what)
+    C.configure(order=1, sms=2, seed=0)
+    again, partial_again = _backward(C, gated, inputs, cots, splits)
+    C.configure(order=2, sms=2, seed=1)
+    assert torch.equal(partial, partial_again), f"{what}: partial sums not deterministic"
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b), f"{what}: the backward is not deterministic"
+
+
+# ----------------------------------------------------------------------------------------------
+# The entries: every kernel shape, both layouts, the three dtypes
+
+GATED = pytest.mark.parametrize("gated", [False, True], ids=["modulate", "gated"])
+DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+
+
+def _splits(L: int) -> int:
+    """A split count that does not divide L where there is one (the glue's would be 1 or 2)."""
+    return {1: 1, 7: 3, 37: 2}.get(L, 1)
+
+
+# (B, L, layout): both batch sizes and every L in tokens; the kernels see channels-last images
+# as the same rows, so fewer of them (the glue's handling of images is test_emulated_ops').
+SHAPES = [(1, 1, "tokens"), (3, 1, "tokens"), (1, 7, "tokens"), (3, 7, "tokens"),
+          (1, 37, "tokens"), (3, 37, "tokens"), (3, 7, "channels_last"),
+          (1, 37, "channels_last")]  # fmt: skip
+
+
+@GATED
+@DTYPE
+@pytest.mark.parametrize("B, L, layout", SHAPES)
+@pytest.mark.parametrize("D", [1, 96])
+def test_emulated_short_rows(kernels, gated, dtype, B, L, layout, D):
+    """D = 1 (a row of one; 8-lane row groups in the backward), D = 96 (warp per row; 16-lane
+    or 32-lane groups, several rows per block)."""
+    _case(kernels, gated, B, L, D, layout, dtype, _splits(L))
+
+
+@GATED
+@pytest.mark.parametrize(
+    "B, L, layout, dtype",
+    [(1, 1, "tokens", t) for t in DTYPES]
+    + [(3, 7, "channels_last", t) for t in DTYPES]
+    + [(1, 37, "tokens", torch.float32), (1, 37, "tokens", torch.bfloat16)],
+    ids=str,
+)
+@pytest.mark.parametrize("D", [1000, 1152])
+def test_emulated_model_rows(kernels, gated, dtype, B, L, layout, D):
+    """D = 1000 (8 vectors per lane, or 4, in warp-per-row; 128-256-thread row groups) and
+    1152 (DiT-XL: a 128-thread block per row in fp32; 160-thread row groups)."""
+    _case(kernels, gated, B, L, D, layout, dtype, _splits(L))
+
+
+@GATED
+@DTYPE
+@pytest.mark.parametrize("B, L, layout", [(3, 1, "tokens"), (1, 7, "channels_last")])
+@pytest.mark.parametrize("D", [4097, 8192])
+def test_emulated_long_rows(kernels, gated, dtype, B, L, layout, D):
+    """D = 4097 (scalar accesses: a 1024-thread block per row; 288-thread groups of 16 elements
+    per thread) and 8192 (the largest the backward takes: 256-512-thread rows; 512-thread
+    groups; gated re-reads y and dr)."""
+    _case(kernels, gated, B, L, D, layout, dtype, _splits(L))
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits, orders, alignment, long rows
+
+
+@GATED
+@pytest.mark.parametrize(
+    "L, splits, dtype",
+    [(37, 3, torch.float32), (37, 5, torch.bfloat16), (37, 37, torch.float32),
+     (7, 5, torch.float32), (7, 5, torch.float16), (7, 7, torch.bfloat16)],
+    ids=str,
+)  # fmt: skip
+def test_emulated_backward_splits(kernels, gated, dtype, L, splits):
+    """Any split count in [1, L] gives the gradients: uneven splits, empty trailing splits
+    (L=7, splits=5: 2 rows each, the last split has none), one row per split."""
+    _case(kernels, gated, 2, L, 96, "tokens", dtype, splits, seed=splits)
+
+
+@GATED
+def test_emulated_backward_is_deterministic_in_any_thread_order(kernels, gated):
+    """Fibers and blocks in forward, reverse and random orders, different SM counts: the same
+    splits give bitwise-identical gradients."""
+    for D in (96, 1152):
+        inputs, cots = _inputs(gated, 3, 19, D, "tokens", torch.float32, D)
+        runs = []
+        for order, sms in ((0, 1), (1, 2), (2, 3), (2, 8)):
+            kernels.configure(order=order, sms=sms, seed=order + sms)
+            runs.append(_backward(kernels, gated, inputs, cots, 3))
+        for grads, partial in runs[1:]:
+            assert torch.equal(partial, runs[0][1])
+            for a, b in zip(grads, runs[0][0]):
+                assert torch.equal(a, b)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t copied into a view that starts one element into its storage (not 16-byte aligned)."""
+    buf = torch.full((t.numel() + 1,), NAN, dtype=t.dtype)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@GATED
+@DTYPE
+@pytest.mark.parametrize("D", [96, 1152])
+def test_emulated_misaligned_pointers_take_the_scalar_path(kernels, gated, dtype, D):
+    """x and the cotangents misaligned: scalar accesses (D = 96: 96-thread row groups, two per
+    block, reductions across 3 warps; D = 1152: 128-thread rows of 8 elements each)."""
+    B, L, splits = 2, 5, 2
+    inputs, cots = _inputs(gated, B, L, D, "tokens", dtype, D + 3)
+    inputs[0] = _misaligned(inputs[0])
+    cots = [_misaligned(c) for c in cots]
+    assert inputs[0].data_ptr() % 16 != 0
+    what = f"misaligned {'gated' if gated else 'modulate'} D={D} {dtype}"
+    _check_forward(gated, _forward(kernels, gated, inputs), inputs, what)
+    grads, partial = _backward(kernels, gated, inputs, cots, splits)
+    assert torch.isfinite(partial).all()
+    _check_backward(gated, grads, inputs, cots, what)
+
+
+@GATED
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_forward_rows_longer_than_registers(kernels, gated, dtype):
+    """D = 8193 (scalar) goes to the forward kernel that re-reads the row from memory: the
+    glue never sends it (D <= 8192), the entries take it."""
+    inputs, _ = _inputs(gated, 2, 1, 8193, "tokens", dtype, 8193)
+    _check_forward(gated, _forward(kernels, gated, inputs), inputs, f"D=8193 {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_constant_rows(kernels, dtype):
+    """Variance 0: out = shift exactly (the mean of a constant row is exact)."""
+    B, L, D = 2, 3, 1152
+    g = torch.Generator().manual_seed(11)
+    shift, scale = (torch.randn(2, B, D, generator=g) * 0.5).to(dtype)
+    x = torch.full((B, L, D), 3.0, dtype=dtype)
+    out = _forward(kernels, False, [x, shift, scale, 1e-5])
+    assert torch.equal(out, shift[:, None].expand_as(out))
+
+
+def test_emulated_splits_helper(kernels):
+    """adaln_bwd_splits (host code) on the emulated device: 2 blocks per SM resident, >= 16
+    rows per split, at most L splits."""
+    assert kernels.adaln_bwd_splits(1, 37, 96, 0, False, None) == 2  # 4 resident, 37 // 16
+    assert kernels.adaln_bwd_splits(3, 37, 96, 0, True, None) == 1  # 4 // 3
+    assert kernels.adaln_bwd_splits(1, 7, 96, 1, False, None) == 1
+    kernels.configure(order=2, sms=64, seed=1)
+    assert kernels.adaln_bwd_splits(2, 4096, 1152, 2, True, None) == 64  # 128 resident // 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The glue: backend="cuda" through the ops' dispatch and autograd, served by the emulation
+
+
+@pytest.fixture
+def cuda_on_cpu(kernels, monkeypatch):
+    backends = importlib.import_module("fastdit.backends")  # fastdit.backends is a function
+    real = backends.unavailable_reason
+    monkeypatch.setattr(
+        backends,
+        "unavailable_reason",
+        lambda backend, device=None: "" if backend == "cuda" else real(backend, device),
+    )
+    monkeypatch.setattr(_ext, "load", lambda: (kernels, ""))
+    monkeypatch.setattr(_ext, "stream_of", lambda t: 0)
+    A._cuda_splits.cache_clear()
+    yield kernels
+    A._cuda_splits.cache_clear()
+
+
+@GATED
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "B, L, D, layout", [(1, 37, 96, "tokens"), (3, 6, 1152, "channels_last"), (2, 1, 1, "tokens")]
+)
+def test_emulated_ops(cuda_on_cpu, gated, dtype, B, L, D, layout):
+    op = OPS[gated]
+    fn = fastdit.gated_adaln if gated else fastdit.adaln_modulate
+    inputs, cots = _inputs(gated, B, L, D, layout, dtype, 5 + D)
+    if layout == "channels_last":
+        cots = [c.contiguous() for c in cots]  # the glue makes the cotangents row-major
+    leaves = [
+        t.detach().requires_grad_(i in op.diff_index) if isinstance(t, torch.Tensor) else t
+        for i, t in enumerate(inputs)
+    ]
+    what = f"ops {'gated' if gated else 'modulate'} B={B} L={L} D={D} {layout} {dtype}"
+    out = fn(*leaves, backend="cuda")
+    assert op.last_backend == "cuda"
+    _check_forward(gated, tuple(o.detach() for o in out) if gated else out.detach(), inputs, what)
+    diff = [leaves[i] for i in op.diff_index]
+    grads = torch.autograd.grad(out, diff, cots)
+    assert op.last_backward_backend == "cuda"
+    for g, x in zip(grads, diff):
+        assert g.stride() == x.stride(), what
+    _check_backward(gated, list(grads), inputs, cots, what)
+    again = torch.autograd.grad(fn(*leaves, backend="cuda"), diff, cots)
+    for a, b in zip(grads, again):
+        assert torch.equal(a, b), f"{what}: the backward is not deterministic"
