@@ -17,16 +17,9 @@ PyTorch's in the same dtype + a tiny floor. patchify / unpatchify are exact.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-from pathlib import Path
 
+import emulated
 import pytest
 import torch
 from tolerance import assert_close_to_reference
@@ -36,7 +29,6 @@ from fastdit import _ext
 
 P = G = importlib.import_module("fastdit.ops.patchify")  # G: where the cuda glue lives
 
-REPO = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 OPS = {
@@ -230,62 +222,10 @@ def test_supports_reasons():
 # The kernels on the CPU: csrc/patchify.cu built with tests/cuda_emu/emulate.h
 
 
-def _emu_build_inputs():
-    sources = [
-        REPO / "csrc" / "patchify.cu",
-        REPO / "csrc" / "common.cuh",
-        REPO / "tests" / "cuda_emu" / "emulate.h",
-        REPO / "tests" / "cuda_emu" / "patchify_module.cpp",
-    ]
-    return sources
-
-
-def _cuda_include() -> Path | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return Path(os.environ[var]) / "include"
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not Path(nvcc).exists():
-        return None
-    for candidate in (Path(nvcc).resolve().parents[1] / "include", Path("/usr/local/cuda/include")):
-        if (candidate / "cuda_fp16.h").exists():
-            return candidate
-    return None
-
-
 @pytest.fixture(scope="module")
 def emu():
-    """The emulated kernels as a module with fastdit._C's patchify entries (built once, cached
-    under build/cuda_emu by the hash of the sources)."""
-    cxx, include = shutil.which("g++") or shutil.which("c++"), _cuda_include()
-    try:
-        import pybind11
-    except ImportError:
-        pybind11 = None
-    if cxx is None or include is None or pybind11 is None or sys.platform != "linux":
-        pytest.skip("the CPU emulation needs Linux, a C++17 compiler, the CUDA headers, pybind11")
-    digest = hashlib.sha256()
-    for path in _emu_build_inputs():
-        digest.update(path.read_bytes())
-    digest.update(f"{cxx} {include} {sys.version}".encode())
-    out_dir = REPO / "build" / "cuda_emu" / digest.hexdigest()[:16]
-    target = out_dir / ("patchify_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not target.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [
-            cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-DFASTDIT_EMULATE",
-            "-include", str(REPO / "tests" / "cuda_emu" / "emulate.h"), f"-I{include}",
-            f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-            "-w", str(REPO / "tests" / "cuda_emu" / "patchify_module.cpp"), "-o", str(tmp),
-        ]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-4000:]
-        os.replace(tmp, target)
-    spec = importlib.util.spec_from_file_location("patchify_emu", target)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The emulated kernels as a module with fastdit._C's patchify entries (tests/emulated.py)."""
+    return emulated.build("patchify")
 
 
 @pytest.fixture

@@ -479,23 +479,20 @@ def _lib():
     return module, _ext
 
 
-def _patches(
-    lib, ext, src: torch.Tensor, dst: torch.Tensor, image: torch.Tensor, p: int, order: str
+def _permute(
+    lib,
+    ext,
+    entry: str,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    image: torch.Tensor,
+    p: int,
+    order: str,
 ) -> None:
-    """dst (tokens) = patchify(src (image)); strides on both sides. `image` gives the sizes."""
+    """dst = patchify(src) (entry "patchify": src an image) or unpatchify(src) ("unpatchify":
+    src tokens), strides on both sides; ``image`` is whichever side gives the sizes."""
     B, C, H, W = image.shape
-    lib.patchify(
-        src.data_ptr(), src.stride(), dst.data_ptr(), dst.stride(), B, C, H, W, p,
-        ORDER_CODES[order], ext.dtype_code(src), src.device.index, ext.stream_of(src),
-    )  # fmt: skip
-
-
-def _unpatches(
-    lib, ext, src: torch.Tensor, dst: torch.Tensor, image: torch.Tensor, p: int, order: str
-) -> None:
-    """dst (image) = unpatchify(src (tokens)); strides on both sides."""
-    B, C, H, W = image.shape
-    lib.unpatchify(
+    getattr(lib, entry)(
         src.data_ptr(), src.stride(), dst.data_ptr(), dst.stride(), B, C, H, W, p,
         ORDER_CODES[order], ext.dtype_code(src), src.device.index, ext.stream_of(src),
     )  # fmt: skip
@@ -506,7 +503,7 @@ def _cuda_patchify(x: torch.Tensor, patch_size: int, order: str) -> torch.Tensor
     B, C, H, W = x.shape
     p = patch_size
     out = torch.empty(B, (H // p) * (W // p), C * p * p, dtype=x.dtype, device=x.device)
-    _patches(lib, ext, x, out, x, p, order)
+    _permute(lib, ext, "patchify", x, out, x, p, order)
     return out
 
 
@@ -514,7 +511,7 @@ def _cuda_patchify_backward(grads, inputs) -> list[torch.Tensor]:
     lib, ext = _lib()
     x, p, order = inputs
     dx = torch.empty_like(x)  # x's layout (channels-last stays so)
-    _unpatches(lib, ext, grads[0], dx, x, p, order)
+    _permute(lib, ext, "unpatchify", grads[0], dx, x, p, order)
     return [dx]
 
 
@@ -526,7 +523,7 @@ def _cuda_unpatchify(
     p = patch_size
     h, w = (int(g) for g in grid)
     out = torch.empty(B, K // (p * p), h * p, w * p, dtype=tokens.dtype, device=tokens.device)
-    _unpatches(lib, ext, tokens, out, out, p, order)
+    _permute(lib, ext, "unpatchify", tokens, out, out, p, order)
     return out
 
 
@@ -535,7 +532,7 @@ def _cuda_unpatchify_backward(grads, inputs) -> list[torch.Tensor]:
     tokens, p, grid, order = inputs
     dout = grads[0]
     dtokens = torch.empty_like(tokens)
-    _patches(lib, ext, dout, dtokens, dout, p, order)
+    _permute(lib, ext, "patchify", dout, dtokens, dout, p, order)
     return [dtokens]
 
 

@@ -356,6 +356,28 @@ def _final_dmod(
 
 
 @triton.jit
+def _final_dx_chunk(
+    X, SCALE, G, W, rows, b, t, n_ok, mean, rstd, d0, N, w, C, K, D,
+    sx_d, ssc_b, ssc_d, sg_b, sg_c, sg_h, sg_w, sw_k, sw_d,
+    P: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """Channels [d0, d0 + BD) of _final_dx_kernel's rows: (d, d_ok, mask, xh = LN(x),
+    dm = d modulated, g = dm (1 + scale))."""
+    d = d0 + tl.arange(0, BD)
+    d_ok = d < D
+    mask = n_ok[:, None] & d_ok[None, :]
+    x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
+    xh = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    scale = tl.load(SCALE + b * ssc_b + d * ssc_d, mask=d_ok, other=0.0).to(tl.float32)
+    dm = _final_dmod(
+        G, W, t, n_ok, d, d_ok, N, w, C, K, sg_b, sg_c, sg_h, sg_w, sw_k, sw_d, P, BM, BD, BK,
+        INTERPRETED,
+    )  # fmt: skip
+    return d, d_ok, mask, xh, dm, dm * (1.0 + scale[None, :])
+
+
+@triton.jit
 def _final_dx_kernel(
     X, SCALE, W, G, DX, STATS, PART,
     N, w, C, K, D, blocks_per_sample, plane, eps,
@@ -384,37 +406,11 @@ def _final_dx_kernel(
     sum_gx = tl.zeros([BM], dtype=tl.float32)
     d0 = 0
     while d0 < D:
-        d = d0 + tl.arange(0, BD)
-        d_ok = d < D
+        d, d_ok, mask, xh, dm, g = _final_dx_chunk(
+            X, SCALE, G, W, rows, b, t, n_ok, mean, rstd, d0, N, w, C, K, D,
+            sx_d, ssc_b, ssc_d, sg_b, sg_c, sg_h, sg_w, sw_k, sw_d, P, BM, BD, BK, INTERPRETED,
+        )  # fmt: skip
         d0 += BD
-        mask = n_ok[:, None] & d_ok[None, :]
-        x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
-        xh = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        scale = tl.load(SCALE + b * ssc_b + d * ssc_d, mask=d_ok, other=0.0).to(tl.float32)
-        dm = _final_dmod(
-            G,
-            W,
-            t,
-            n_ok,
-            d,
-            d_ok,
-            N,
-            w,
-            C,
-            K,
-            sg_b,
-            sg_c,
-            sg_h,
-            sg_w,
-            sw_k,
-            sw_d,
-            P,
-            BM,
-            BD,
-            BK,
-            INTERPRETED,
-        )
-        g = dm * (1.0 + scale[None, :])
         sum_g += tl.sum(g, axis=1)
         sum_gx += tl.sum(g * xh, axis=1)
 
@@ -426,37 +422,11 @@ def _final_dx_kernel(
     part = PART + (b * blocks_per_sample + block) * D
     d0 = 0
     while d0 < D:
-        d = d0 + tl.arange(0, BD)
-        d_ok = d < D
+        d, d_ok, mask, xh, dm, g = _final_dx_chunk(
+            X, SCALE, G, W, rows, b, t, n_ok, mean, rstd, d0, N, w, C, K, D,
+            sx_d, ssc_b, ssc_d, sg_b, sg_c, sg_h, sg_w, sw_k, sw_d, P, BM, BD, BK, INTERPRETED,
+        )  # fmt: skip
         d0 += BD
-        mask = n_ok[:, None] & d_ok[None, :]
-        x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
-        xh = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        scale = tl.load(SCALE + b * ssc_b + d * ssc_d, mask=d_ok, other=0.0).to(tl.float32)
-        dm = _final_dmod(
-            G,
-            W,
-            t,
-            n_ok,
-            d,
-            d_ok,
-            N,
-            w,
-            C,
-            K,
-            sg_b,
-            sg_c,
-            sg_h,
-            sg_w,
-            sw_k,
-            sw_d,
-            P,
-            BM,
-            BD,
-            BK,
-            INTERPRETED,
-        )
-        g = dm * (1.0 + scale[None, :])
         dx = rstd[:, None] * (g - mean_g[:, None] - xh * mean_gx[:, None])
         tl.store(
             DX + dx_rows[:, None] + (d * sdx_d)[None, :],
