@@ -35,9 +35,12 @@ echo "built in $(( $(date +%s) - start )) s"
 $PY -m fastdit info 2>&1 | tee "$OUT/info.txt"
 
 if [ "$PART" != bench ]; then
-  step "tests (Triton compiled for the GPU)"
-  FASTDIT_TEST_TRITON_GPU=1 timeout ${TEST_TIMEOUT:-180} $PY -m pytest -q --no-header \
-    -p no:cacheprovider --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.txt" | tail -n 30
+  # The CPU-only checks (CUDA emulator, compile-and-count-spills) ran in CI; here the kernels
+  # run for real.
+  step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI)"
+  FASTDIT_TEST_TRITON_GPU=1 timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q --no-header \
+    -p no:cacheprovider --ignore=tests/test_adaln_cuda_emu.py -k "not emulated and not spills" \
+    --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.txt" | tail -n 30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 [ "$PART" = tests ] && { echo; echo "results in $OUT (status $status)"; exit $status; }

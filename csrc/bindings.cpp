@@ -90,6 +90,48 @@ int64_t final_layer_bwd_max_scalar_d();
 bool final_layer_bwd_vec4(int dtype, int64_t D, const void* x, const void* dx,
                           const void* scale, const void* weight);
 
+// downsampled_attention.cu
+cudaError_t dwconv_split_fwd_launch(const void* x, const int64_t* x_strides, const void* weight,
+                                    const void* bias, void* t, int64_t B, int64_t d, int64_t H,
+                                    int64_t W, int64_t k, bool shortcut, int dtype,
+                                    cudaStream_t stream);
+cudaError_t dwconv_split_dx_launch(const void* weight, const void* dt, void* dx,
+                                   const int64_t* dx_strides, int64_t B, int64_t d, int64_t H,
+                                   int64_t W, int64_t k, bool shortcut, int dtype,
+                                   cudaStream_t stream);
+cudaError_t dwconv_split_dw_launch(const void* x, const int64_t* x_strides, const void* dt,
+                                   void* partial, int64_t B, int64_t d, int64_t H, int64_t W,
+                                   int64_t k, int64_t splits, int dtype, cudaStream_t stream);
+cudaError_t dwconv_split_dw_splits(int64_t B, int64_t d, int64_t H, int64_t W, int64_t k,
+                                   int dtype, int device, int64_t* splits);
+int64_t dwconv_split_max_k();
+int64_t dwconv_split_tiles(int64_t H, int64_t W, int64_t k, int kind);
+int64_t dwconv_split_channel_tile();
+int64_t attention_padded_head_dim(int64_t hd);
+int64_t attention_row_block();
+cudaError_t attention_fits(int64_t hdp, int device, bool* fits);
+cudaError_t attention_prep_launch(const void* q, const int64_t* sq, const void* k,
+                                  const int64_t* sk, const float* table, const float* scale,
+                                  float* qh, float* kh, int64_t G, int64_t heads, int64_t n,
+                                  int64_t hd, int64_t hdp, int dtype, cudaStream_t stream);
+cudaError_t attention_post_launch(const void* q, const int64_t* sq, const void* k,
+                                  const int64_t* sk, const float* table, const float* scale,
+                                  const float* dqh, const float* dkh, void* dq,
+                                  const int64_t* sdq, void* dk, const int64_t* sdk, int64_t G,
+                                  int64_t heads, int64_t n, int64_t hd, int64_t hdp, int dtype,
+                                  cudaStream_t stream);
+cudaError_t attention_fwd_launch(const float* qh, const float* kh, const void* v,
+                                 const int64_t* sv, void* out, const int64_t* so, int merge,
+                                 int64_t gw, const void* dout, float* lse, float* delta,
+                                 int64_t G, int64_t heads, int64_t n, int64_t hd, int64_t hdp,
+                                 bool store_o, bool stats, int dtype, cudaStream_t stream);
+cudaError_t attention_bwd_launch(const float* qh, const float* kh, const void* v,
+                                 const int64_t* sv, const void* dout, const int64_t* so,
+                                 int merge, int64_t gw, const float* lse, const float* delta,
+                                 float* dqh, float* dkh, float* dlogit, void* dv,
+                                 const int64_t* sdv, int64_t G, int64_t heads, int64_t n,
+                                 int64_t hd, int64_t hdp, int dtype, cudaStream_t stream);
+
 namespace {
 
 std::string version_string(int v) {  // 13000 -> "13.0", 12080 -> "12.8"
@@ -512,6 +554,294 @@ std::tuple<int64_t, int64_t, int64_t> final_layer_bwd_plan(int64_t B, int64_t C,
   return {rows, weights, weights * ((h * w + tile - 1) / tile)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The downsampled_attention family (downsampled_attention.cu): U-DiT's depthwise conv + polyphase
+// split. x and dx are images (B, d, H, W) given by element strides (any layout), H and W even;
+// t and dt are (B, 4, n, d) contiguous with n = (H/2) * (W/2); the depthwise weight (d, 1, k, k)
+// and bias (d,) are contiguous, k odd <= DWCONV_MAX_K. The kernels index the pixels of one image
+// with 32-bit integers and memory with 64-bit offsets, on a 1-D grid of < 2^31 blocks.
+
+constexpr int64_t kDwconvSideLimit = int64_t{1} << 30;
+
+// dtype, device, B >= 0, 1 <= d < 2^31, H and W even in [0, 2^30] with H * W < 2^31, k odd in
+// [1, DWCONV_MAX_K], and the tokens' offsets inside int64. False when there is no work.
+bool check_dwconv(const char* op, int64_t B, int64_t d, int64_t H, int64_t W, int64_t k,
+                  int dtype, int device) {
+  check_dtype_device(op, dtype, device);
+  if (B < 0) throw invalid_argument(op, "B must be >= 0, got " + std::to_string(B));
+  if (d < 1 || d > INT_MAX) {
+    throw invalid_argument(op, "d must be in [1, " + std::to_string(INT_MAX) + "], got " +
+                                   std::to_string(d));
+  }
+  if (H < 0 || W < 0 || H % 2 != 0 || W % 2 != 0 || H > kDwconvSideLimit ||
+      W > kDwconvSideLimit) {
+    throw invalid_argument(op, "H and W must be even, in [0, 2^30], got H=" + std::to_string(H) +
+                                   ", W=" + std::to_string(W));
+  }
+  if (H > 0 && W > 0 && H * W >= kInt32Limit) {
+    throw invalid_argument(op, "H * W must be < 2^31, got H=" + std::to_string(H) +
+                                   ", W=" + std::to_string(W));
+  }
+  const int64_t max_k = dwconv_split_max_k();
+  if (k < 1 || k % 2 == 0 || k > max_k) {
+    throw invalid_argument(op, "k (the depthwise kernel size) must be odd, in [1, " +
+                                   std::to_string(max_k) + "], got " + std::to_string(k));
+  }
+  const int64_t pixels = H * W;  // = 4 n
+  if (B > 0 && pixels > 0 && B > INT64_MAX / (pixels * d)) {
+    throw invalid_argument(op, "B * H * W * d overflows int64");
+  }
+  return B > 0 && pixels > 0;
+}
+
+// B * ceil(d / 32) * per_sample blocks (per_sample: tiles or splits) must be < 2^31.
+void check_dwconv_blocks(const char* op, int64_t B, int64_t d, int64_t per_sample) {
+  const int64_t ct = dwconv_split_channel_tile();
+  const int64_t per_b = (d + ct - 1) / ct * per_sample;
+  if (per_b >= kInt32Limit || B >= kInt32Limit / per_b) {
+    throw invalid_argument(op, "too many blocks: B * ceil(d / " + std::to_string(ct) +
+                                   ") * " + std::to_string(per_sample) +
+                                   " (tiles or splits) must be < 2^31, got B=" +
+                                   std::to_string(B) + ", d=" + std::to_string(d));
+  }
+}
+
+void dwconv_split_entry(std::uintptr_t x, std::vector<int64_t> x_strides, std::uintptr_t weight,
+                        std::uintptr_t bias, std::uintptr_t t, int64_t B, int64_t d, int64_t H,
+                        int64_t W, int64_t k, bool shortcut, int dtype, int device,
+                        std::uintptr_t stream) {
+  constexpr const char* op = "downsampled_attention_dwconv_split";
+  const bool work = check_dwconv(op, B, d, H, W, k, dtype, device);
+  check_strides(op, "x_strides", x_strides, {B, d, H, W});
+  if (!work) return;
+  check_dwconv_blocks(op, B, d, dwconv_split_tiles(H, W, k, 0));
+  check_pointers(op, {x, weight, bias, t}, "x, weight, bias and t");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, dwconv_split_fwd_launch(cptr(x), x_strides.data(), cptr(weight),
+                                                 cptr(bias), mptr(t), B, d, H, W, k, shortcut,
+                                                 dtype, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void dwconv_split_dx_entry(std::uintptr_t weight, std::uintptr_t dt, std::uintptr_t dx,
+                           std::vector<int64_t> dx_strides, int64_t B, int64_t d, int64_t H,
+                           int64_t W, int64_t k, bool shortcut, int dtype, int device,
+                           std::uintptr_t stream) {
+  constexpr const char* op = "downsampled_attention_dwconv_split_dx";
+  const bool work = check_dwconv(op, B, d, H, W, k, dtype, device);
+  check_strides(op, "dx_strides", dx_strides, {B, d, H, W});
+  if (!work) return;
+  check_dwconv_blocks(op, B, d, dwconv_split_tiles(H, W, k, 1));
+  check_pointers(op, {weight, dt, dx}, "weight, dt and dx");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, dwconv_split_dx_launch(cptr(weight), cptr(dt), mptr(dx),
+                                                dx_strides.data(), B, d, H, W, k, shortcut,
+                                                dtype, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void dwconv_split_dw_entry(std::uintptr_t x, std::vector<int64_t> x_strides, std::uintptr_t dt,
+                           std::uintptr_t partial, int64_t B, int64_t d, int64_t H, int64_t W,
+                           int64_t k, int64_t splits, int dtype, int device,
+                           std::uintptr_t stream) {
+  constexpr const char* op = "downsampled_attention_dwconv_split_dw";
+  const bool work = check_dwconv(op, B, d, H, W, k, dtype, device);
+  check_strides(op, "x_strides", x_strides, {B, d, H, W});
+  const int64_t tiles = work ? dwconv_split_tiles(H, W, k, 2) : 0;
+  if (splits < 1 || (work && splits > tiles)) {
+    throw invalid_argument(op, "splits must be in [1, " + std::to_string(tiles) +
+                                   "] (the tiles of the image), got " + std::to_string(splits));
+  }
+  if (!work) return;
+  check_dwconv_blocks(op, B, d, splits);
+  check_pointers(op, {x, dt, partial}, "x, dt and partial");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, dwconv_split_dw_launch(cptr(x), x_strides.data(), cptr(dt),
+                                                mptr(partial), B, d, H, W, k, splits, dtype,
+                                                reinterpret_cast<cudaStream_t>(stream)));
+}
+
+int64_t dwconv_split_dw_plan(int64_t B, int64_t d, int64_t H, int64_t W, int64_t k, int dtype,
+                             int device) {
+  constexpr const char* op = "downsampled_attention_dwconv_split_dw_plan";
+  if (!check_dwconv(op, B, d, H, W, k, dtype, device)) {
+    throw invalid_argument(op, "B, H and W must be >= 1 (there is no work to plan)");
+  }
+  DeviceGuard guard(device, op);
+  int64_t splits = 1;
+  FASTDIT_CUDA_CHECK(op, dwconv_split_dw_splits(B, d, H, W, k, dtype, device, &splits));
+  check_dwconv_blocks(op, B, d, splits);
+  return splits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attention within the groups (downsampled_attention.cu, part 2). G * heads problems of n
+// tokens and head dim hd (even, <= 128); q, k, v and their gradients are (G, heads, n, hd) given
+// by their (group, head, token) element strides with unit channel stride; q^ and k^ and their
+// gradients are fp32 (G, heads, n, hdp) contiguous scratch, hdp = padded_head_dim(hd); the
+// output (and its gradient) is either a (G, heads, n, hd) tensor (merge = 0, strides of its 4
+// dims) or the merged (G / 4, heads * hd, 2 gh, 2 gw) image (merge = 1, its 4 strides, gw the
+// group grid's width). table: (2, n, hd / 2) fp32 cos, sin (0: no RoPE); scale: (heads,) fp32
+// (0: plain attention, hd^-0.5).
+
+// False when there is no work (G, heads or n == 0).
+bool check_attention(const char* op, int64_t G, int64_t heads, int64_t n, int64_t hd,
+                     int64_t hdp, int dtype, int device) {
+  check_dtype_device(op, dtype, device);
+  if (G < 0 || heads < 0 || n < 0) {
+    throw invalid_argument(op, "G, heads and n must be >= 0, got G=" + std::to_string(G) +
+                                   ", heads=" + std::to_string(heads) + ", n=" + std::to_string(n));
+  }
+  if (hd < 2 || hd % 2 != 0 || attention_padded_head_dim(hd) < 0) {
+    throw invalid_argument(op, "hd must be even, in [2, 128], got " + std::to_string(hd));
+  }
+  if (hdp != attention_padded_head_dim(hd)) {
+    throw invalid_argument(op, "hdp must be downsampled_attention_padded_head_dim(hd) = " +
+                                   std::to_string(attention_padded_head_dim(hd)) + ", got " +
+                                   std::to_string(hdp));
+  }
+  if (G == 0 || heads == 0 || n == 0) return false;
+  if (G > INT64_MAX / heads || G * heads >= kInt32Limit) {
+    throw invalid_argument(op, "G * heads must be < 2^31 (one block row per problem)");
+  }
+  if ((n + attention_row_block() - 1) / attention_row_block() > 65535) {
+    throw invalid_argument(op, "n must be <= 65535 * " + std::to_string(attention_row_block()) +
+                                   ", got " + std::to_string(n));
+  }
+  if (G * heads > INT64_MAX / (2 * n * hdp)) {
+    throw invalid_argument(op, "G * heads * n * hdp overflows int64");
+  }
+  return true;
+}
+
+void check_rows(const char* op, const char* name, const std::vector<int64_t>& strides,
+                int64_t G, int64_t heads, int64_t n) {
+  check_strides(op, name, strides, {G, heads, n});
+}
+
+void check_out_layout(const char* op, const std::vector<int64_t>& strides, int merge, int64_t gw,
+                      int64_t G, int64_t heads, int64_t n, int64_t hd) {
+  if (merge == 0) {
+    check_strides(op, "out_strides", strides, {G, heads, n, hd});
+    return;
+  }
+  if (merge != 1) throw invalid_argument(op, "merge must be 0 or 1, got " + std::to_string(merge));
+  if (G % 4 != 0 || gw < 1 || n % gw != 0) {
+    throw invalid_argument(op, "a merge needs G a multiple of 4 and n a multiple of gw >= 1, got "
+                               "G=" + std::to_string(G) + ", n=" + std::to_string(n) +
+                               ", gw=" + std::to_string(gw));
+  }
+  check_strides(op, "out_strides", strides, {G / 4, heads * hd, 2 * (n / gw), 2 * gw});
+}
+
+bool attention_fits_entry(int64_t hd, int device) {
+  constexpr const char* op = "downsampled_attention_fits";
+  const int64_t hdp = attention_padded_head_dim(hd);
+  if (hd < 2 || hd % 2 != 0 || hdp < 0) {
+    throw invalid_argument(op, "hd must be even, in [2, 128], got " + std::to_string(hd));
+  }
+  if (device < 0) throw invalid_argument(op, "device must be >= 0, got " + std::to_string(device));
+  DeviceGuard guard(device, op);
+  bool fits = false;
+  FASTDIT_CUDA_CHECK(op, attention_fits(hdp, device, &fits));
+  return fits;
+}
+
+void attention_prep_entry(std::uintptr_t q, std::vector<int64_t> q_strides, std::uintptr_t k,
+                          std::vector<int64_t> k_strides, std::uintptr_t table,
+                          std::uintptr_t scale, std::uintptr_t qh, std::uintptr_t kh, int64_t G,
+                          int64_t heads, int64_t n, int64_t hd, int64_t hdp, int dtype,
+                          int device, std::uintptr_t stream) {
+  constexpr const char* op = "downsampled_attention_prep";
+  const bool work = check_attention(op, G, heads, n, hd, hdp, dtype, device);
+  check_rows(op, "q_strides", q_strides, G, heads, n);
+  check_rows(op, "k_strides", k_strides, G, heads, n);
+  if (!work) return;
+  check_pointers(op, {q, k, qh, kh}, "q, k, qh and kh");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, attention_prep_launch(
+                             cptr(q), q_strides.data(), cptr(k), k_strides.data(),
+                             reinterpret_cast<const float*>(table),
+                             reinterpret_cast<const float*>(scale), reinterpret_cast<float*>(qh),
+                             reinterpret_cast<float*>(kh), G, heads, n, hd, hdp, dtype,
+                             reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void attention_fwd_entry(std::uintptr_t qh, std::uintptr_t kh, std::uintptr_t v,
+                         std::vector<int64_t> v_strides, std::uintptr_t out,
+                         std::vector<int64_t> out_strides, int merge, int64_t gw,
+                         std::uintptr_t dout, std::uintptr_t lse, std::uintptr_t delta,
+                         bool store_o, bool stats, int64_t G, int64_t heads, int64_t n,
+                         int64_t hd, int64_t hdp, int dtype, int device, std::uintptr_t stream) {
+  constexpr const char* op = "downsampled_attention_fwd";
+  const bool work = check_attention(op, G, heads, n, hd, hdp, dtype, device);
+  check_rows(op, "v_strides", v_strides, G, heads, n);
+  check_out_layout(op, out_strides, merge, gw, G, heads, n, hd);
+  if (!store_o && !stats) throw invalid_argument(op, "nothing to do: store_o and stats are off");
+  if (!work) return;
+  check_pointers(op, {qh, kh, v}, "qh, kh and v");
+  if (store_o) check_pointers(op, {out}, "out (store_o)");
+  if (stats) check_pointers(op, {dout, lse, delta}, "dout, lse and delta (stats)");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, attention_fwd_launch(
+                             reinterpret_cast<const float*>(qh),
+                             reinterpret_cast<const float*>(kh), cptr(v), v_strides.data(),
+                             mptr(out), out_strides.data(), merge, gw, cptr(dout),
+                             reinterpret_cast<float*>(lse), reinterpret_cast<float*>(delta), G,
+                             heads, n, hd, hdp, store_o, stats, dtype,
+                             reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void attention_bwd_entry(std::uintptr_t qh, std::uintptr_t kh, std::uintptr_t v,
+                         std::vector<int64_t> v_strides, std::uintptr_t dout,
+                         std::vector<int64_t> dout_strides, int merge, int64_t gw,
+                         std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dqh,
+                         std::uintptr_t dkh, std::uintptr_t dlogit, std::uintptr_t dv,
+                         std::vector<int64_t> dv_strides, int64_t G, int64_t heads, int64_t n,
+                         int64_t hd, int64_t hdp, int dtype, int device, std::uintptr_t stream) {
+  constexpr const char* op = "downsampled_attention_bwd";
+  const bool work = check_attention(op, G, heads, n, hd, hdp, dtype, device);
+  check_rows(op, "v_strides", v_strides, G, heads, n);
+  check_rows(op, "dv_strides", dv_strides, G, heads, n);
+  check_out_layout(op, dout_strides, merge, gw, G, heads, n, hd);
+  if (!work) return;
+  check_pointers(op, {qh, kh, v, dout, lse, delta, dqh, dkh, dlogit, dv},
+                 "qh, kh, v, dout, lse, delta, dqh, dkh, dlogit and dv");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, attention_bwd_launch(
+                             reinterpret_cast<const float*>(qh),
+                             reinterpret_cast<const float*>(kh), cptr(v), v_strides.data(),
+                             cptr(dout), dout_strides.data(), merge, gw,
+                             reinterpret_cast<const float*>(lse),
+                             reinterpret_cast<const float*>(delta), reinterpret_cast<float*>(dqh),
+                             reinterpret_cast<float*>(dkh), reinterpret_cast<float*>(dlogit),
+                             mptr(dv), dv_strides.data(), G, heads, n, hd, hdp, dtype,
+                             reinterpret_cast<cudaStream_t>(stream)));
+}
+
+void attention_post_entry(std::uintptr_t q, std::vector<int64_t> q_strides, std::uintptr_t k,
+                          std::vector<int64_t> k_strides, std::uintptr_t table,
+                          std::uintptr_t scale, std::uintptr_t dqh, std::uintptr_t dkh,
+                          std::uintptr_t dq, std::vector<int64_t> dq_strides, std::uintptr_t dk,
+                          std::vector<int64_t> dk_strides, int64_t G, int64_t heads, int64_t n,
+                          int64_t hd, int64_t hdp, int dtype, int device, std::uintptr_t stream) {
+  constexpr const char* op = "downsampled_attention_post";
+  const bool work = check_attention(op, G, heads, n, hd, hdp, dtype, device);
+  check_rows(op, "q_strides", q_strides, G, heads, n);
+  check_rows(op, "k_strides", k_strides, G, heads, n);
+  check_rows(op, "dq_strides", dq_strides, G, heads, n);
+  check_rows(op, "dk_strides", dk_strides, G, heads, n);
+  if (!work) return;
+  check_pointers(op, {q, k, dqh, dkh, dq, dk}, "q, k, dqh, dkh, dq and dk");
+  DeviceGuard guard(device, op);
+  FASTDIT_CUDA_CHECK(op, attention_post_launch(
+                             cptr(q), q_strides.data(), cptr(k), k_strides.data(),
+                             reinterpret_cast<const float*>(table),
+                             reinterpret_cast<const float*>(scale),
+                             reinterpret_cast<const float*>(dqh),
+                             reinterpret_cast<const float*>(dkh), mptr(dq), dq_strides.data(),
+                             mptr(dk), dk_strides.data(), G, heads, n, hd, hdp, dtype,
+                             reinterpret_cast<cudaStream_t>(stream)));
+}
+
 py::dict build_info() {
   py::dict info;
   info["cuda_version"] = version_string(CUDART_VERSION);
@@ -707,6 +1037,69 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FINAL_LAYER_MAX_D") = fastdit::final_layer_max_d();
   m.attr("FINAL_LAYER_MAX_K") = fastdit::final_layer_max_k();
   m.attr("FINAL_LAYER_BWD_MAX_SCALAR_D") = fastdit::final_layer_bwd_max_scalar_d();
+
+  // The downsampled_attention family: U-DiT's depthwise conv + polyphase split.
+  m.def("downsampled_attention_dwconv_split", &fastdit::dwconv_split_entry, py::arg("x_ptr"),
+        py::arg("x_strides"), py::arg("weight_ptr"), py::arg("bias_ptr"), py::arg("t_ptr"),
+        py::arg("B"), py::arg("d"), py::arg("H"), py::arg("W"), py::arg("k"), py::arg("shortcut"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "t[b, 2a + b', i * (W/2) + j, c] = (dwconv_k(x) + bias (+ x if shortcut))[b, c, 2i + a, "
+        "2j + b'] for x (B, d, H, W) by element strides (H, W even), weight (d, 1, k, k) and "
+        "bias (d,) contiguous, t (B, 4, (H/2) * (W/2), d) contiguous; k odd <= DWCONV_MAX_K, "
+        "padding k // 2, fp32 accumulation.");
+  m.def("downsampled_attention_dwconv_split_dx", &fastdit::dwconv_split_dx_entry,
+        py::arg("weight_ptr"), py::arg("dt_ptr"), py::arg("dx_ptr"), py::arg("dx_strides"),
+        py::arg("B"), py::arg("d"), py::arg("H"), py::arg("W"), py::arg("k"), py::arg("shortcut"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "dx (B, d, H, W) by element strides: the gradient of downsampled_attention_dwconv_split "
+        "for dt (B, 4, n, d) contiguous (the transposed depthwise conv, + dt with the shortcut).");
+  m.def("downsampled_attention_dwconv_split_dw", &fastdit::dwconv_split_dw_entry,
+        py::arg("x_ptr"), py::arg("x_strides"), py::arg("dt_ptr"), py::arg("partial_ptr"),
+        py::arg("B"), py::arg("d"), py::arg("H"), py::arg("W"), py::arg("k"), py::arg("splits"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "float32 partial sums partial (B, splits, k*k + 1, d) of the weight gradient (taps "
+        "ky * k + kx) and the bias gradient (tap k*k), each over the pixels of one split of one "
+        "sample; splits from downsampled_attention_dwconv_split_dw_plan. The caller sums over "
+        "(B, splits) in a fixed order (deterministic; no atomics).");
+  m.def("downsampled_attention_padded_head_dim", &fastdit::attention_padded_head_dim,
+        py::arg("hd"), "The head dim the attention kernels run at for hd (-1 above 128).");
+  m.def("downsampled_attention_fits", &fastdit::attention_fits_entry, py::arg("hd"),
+        py::arg("device"),
+        "Whether the attention kernels for head dim hd fit the device's shared memory per block.");
+  m.def("downsampled_attention_prep", &fastdit::attention_prep_entry, py::arg("q_ptr"),
+        py::arg("q_strides"), py::arg("k_ptr"), py::arg("k_strides"), py::arg("table_ptr"),
+        py::arg("scale_ptr"), py::arg("qh_ptr"), py::arg("kh_ptr"), py::arg("G"),
+        py::arg("heads"), py::arg("n"), py::arg("hd"), py::arg("hdp"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"),
+        "q^, k^ (fp32, hdp channels): RoPE2D, the L2 normalisation and the logit scale.");
+  m.def("downsampled_attention_fwd", &fastdit::attention_fwd_entry, py::arg("qh_ptr"),
+        py::arg("kh_ptr"), py::arg("v_ptr"), py::arg("v_strides"), py::arg("out_ptr"),
+        py::arg("out_strides"), py::arg("merge"), py::arg("gw"), py::arg("dout_ptr"),
+        py::arg("lse_ptr"), py::arg("delta_ptr"), py::arg("store_o"), py::arg("stats"),
+        py::arg("G"), py::arg("heads"), py::arg("n"), py::arg("hd"), py::arg("hdp"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "softmax(q^ k^T) v into out (merged or not); with stats also the backward's per-row "
+        "log2-sum-exp and delta = sum(dout * o).");
+  m.def("downsampled_attention_bwd", &fastdit::attention_bwd_entry, py::arg("qh_ptr"),
+        py::arg("kh_ptr"), py::arg("v_ptr"), py::arg("v_strides"), py::arg("dout_ptr"),
+        py::arg("dout_strides"), py::arg("merge"), py::arg("gw"), py::arg("lse_ptr"),
+        py::arg("delta_ptr"), py::arg("dqh_ptr"), py::arg("dkh_ptr"), py::arg("dlogit_ptr"),
+        py::arg("dv_ptr"), py::arg("dv_strides"), py::arg("G"), py::arg("heads"), py::arg("n"),
+        py::arg("hd"), py::arg("hdp"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        "d q^, d k^ (fp32), d v, and per query row sum(dS * logit).");
+  m.def("downsampled_attention_post", &fastdit::attention_post_entry, py::arg("q_ptr"),
+        py::arg("q_strides"), py::arg("k_ptr"), py::arg("k_strides"), py::arg("table_ptr"),
+        py::arg("scale_ptr"), py::arg("dqh_ptr"), py::arg("dkh_ptr"), py::arg("dq_ptr"),
+        py::arg("dq_strides"), py::arg("dk_ptr"), py::arg("dk_strides"), py::arg("G"),
+        py::arg("heads"), py::arg("n"), py::arg("hd"), py::arg("hdp"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"),
+        "d q, d k from d q^, d k^: back through the scale, the normalisation and RoPE2D.");
+  m.def("downsampled_attention_dwconv_split_dw_plan", &fastdit::dwconv_split_dw_plan,
+        py::arg("B"), py::arg("d"), py::arg("H"), py::arg("W"), py::arg("k"), py::arg("dtype"),
+        py::arg("device"),
+        "splits for downsampled_attention_dwconv_split_dw on `device`: about two waves of "
+        "resident blocks, at most one split per tile of the image.");
+  m.attr("DOWNSAMPLED_ATTENTION_DWCONV_MAX_K") = fastdit::dwconv_split_max_k();
   m.def("build_info", &fastdit::build_info,
         "Build facts: CUDA runtime version, CUDA archs compiled, CUDA compiler.");
   m.def("runtime_check", &fastdit::runtime_check, py::arg("device"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import emulated
 import pytest
 import torch
 from tolerance import assert_close_to_reference
@@ -613,11 +614,26 @@ LOW = (torch.float32, torch.float16, torch.bfloat16)
 KERNELS = ["triton", "cuda"]
 
 
-def _skip_unless(op, backend: str) -> torch.device:
+def _skip_unless(op, backend: str, monkeypatch) -> torch.device:
+    """The device the backend's kernels run on here: the GPU; the CPU for Triton under the
+    interpreter; the CPU for cuda without a GPU, through csrc/ built against the CUDA emulator
+    (tests/emulated.py) standing in for fastdit._C, with the dispatch told that cuda can serve."""
+    from fastdit import _ext
     from fastdit.backends import triton_interpreting, unavailable_reason
 
     if backend not in op.kernels:
         pytest.skip(f"no {backend} kernel for {op.name}")
+    if backend == "cuda" and not torch.cuda.is_available():
+        emu = emulated.build("downsampled_attention")
+        backends = importlib.import_module("fastdit.backends")  # fastdit.backends: a function
+        monkeypatch.setattr(_ext, "load", lambda: (emu, ""))
+        monkeypatch.setattr(_ext, "stream_of", lambda t: 0)
+        monkeypatch.setattr(
+            backends,
+            "unavailable_reason",
+            lambda name, device=None: "" if name == "cuda" else unavailable_reason(name, device),
+        )
+        return torch.device("cpu")
     on_cpu = backend == "triton" and triton_interpreting()
     device = torch.device("cpu") if on_cpu else torch.device("cuda")
     reason = unavailable_reason(backend, device)
@@ -673,8 +689,8 @@ ATTENTION_CASES = [  # (G, heads, n, hd)
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("cosine", [True, False])
 @pytest.mark.parametrize("G, heads, n, hd", ATTENTION_CASES)
-def test_attention_backends(backend, dtype, cosine, G, heads, n, hd):
-    device = _skip_unless(da._attention, backend)
+def test_attention_backends(backend, dtype, cosine, G, heads, n, hd, monkeypatch):
+    device = _skip_unless(da._attention, backend, monkeypatch)
     q, k, v = (t.to(dtype).to(device) for t in _qkv(G, heads, n, hd))
     ls = _logit_scale_for(heads, dtype, device)
     grads = _check_backend(da._attention, backend, [q, k, v, ls, cosine], f"{backend} {dtype}")
@@ -683,9 +699,9 @@ def test_attention_backends(backend, dtype, cosine, G, heads, n, hd):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_attention_strided_views_backends(backend):
+def test_attention_strided_views_backends(backend, monkeypatch):
     """q, k, v as the layer makes them: head views of one (B, 4, n, 3d) projection."""
-    device = _skip_unless(da._attention, backend)
+    device = _skip_unless(da._attention, backend, monkeypatch)
     B, n, heads, hd = 2, 12, 2, 24
     qkv = torch.randn(B, 4, n, 3 * heads * hd, device=device)
     q, k, v = (
@@ -693,6 +709,23 @@ def test_attention_strided_views_backends(backend):
     )  # (B, 4, heads, n, hd), strided
     ls = _logit_scale_for(heads, torch.float32, device)
     _check_backend(da._attention, backend, [q, k, v, ls, True], "views")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_attention_1024_tokens_backends(backend, monkeypatch):
+    """The largest group of a 512 px U-DiT: 32 x 32 = 1024 tokens (many key tiles for the
+    online softmax), bf16, forward and backward. Under the Triton interpreter with 64 x 64 tiles
+    (16 s rather than minutes; the tile size is a launch parameter, the loop is the same);
+    cuda through the emulator takes ~25 s."""
+    device = _skip_unless(da._attention, backend, monkeypatch)
+    if backend == "triton" and device.type == "cpu":
+        kernels = importlib.import_module("fastdit.triton.downsampled_attention")
+        monkeypatch.setattr(
+            kernels, "attention_tiles", lambda n, hd, dtype=None: dict(BM=64, BN=64, num_warps=4)
+        )
+    q, k, v = (t.to(torch.bfloat16).to(device) for t in _qkv(1, 1, 1024, 24))
+    ls = _logit_scale_for(1, torch.bfloat16, device, clamp_one=False)
+    _check_backend(da._attention, backend, [q, k, v, ls, True], f"{backend} 1024 tokens")
 
 
 LAYER_CASES = [  # (B, d, heads, H, W, ksize)
@@ -720,8 +753,8 @@ def _layer_inputs(B, d, heads, H, W, ksize, dtype, device, layout, switches, tab
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("B, d, heads, H, W, ksize", LAYER_CASES)
-def test_layer_backends(backend, dtype, layout, B, d, heads, H, W, ksize):
-    device = _skip_unless(da._layer, backend)
+def test_layer_backends(backend, dtype, layout, B, d, heads, H, W, ksize, monkeypatch):
+    device = _skip_unless(da._layer, backend, monkeypatch)
     switches = dict(rope=True, cosine=True, shortcut=True)
     inputs = _layer_inputs(B, d, heads, H, W, ksize, dtype, device, layout, switches, table=True)
     _check_backend(da._layer, backend, inputs, f"{backend} {dtype} {layout}")
@@ -729,8 +762,8 @@ def test_layer_backends(backend, dtype, layout, B, d, heads, H, W, ksize):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("switches", SWITCHES[1:], ids=str)
-def test_layer_ablation_switches_backends(backend, switches):
-    device = _skip_unless(da._layer, backend)
+def test_layer_ablation_switches_backends(backend, switches, monkeypatch):
+    device = _skip_unless(da._layer, backend, monkeypatch)
     inputs = _layer_inputs(2, 32, 2, 4, 6, 5, torch.float32, device, "contiguous", switches)
     _check_backend(da._layer, backend, inputs, f"{backend} {switches}")
 
@@ -755,7 +788,7 @@ def _kernel_cases(device):
 def test_every_element_is_written(backend, name, monkeypatch):
     """Outputs, gradients and scratch poisoned with NaN: an element a kernel skips stays NaN."""
     op, _ = _kernel_cases("cpu")[name]
-    device = _skip_unless(op, backend)
+    device = _skip_unless(op, backend, monkeypatch)
     op, inputs = _kernel_cases(device)[name]
     grad = torch.randn_like(op.reference(*inputs))
     real_empty, real_empty_like = torch.empty, torch.empty_like
@@ -777,9 +810,9 @@ def test_every_element_is_written(backend, name, monkeypatch):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("name", ["attention_in_groups", "downsampled_attention"])
-def test_backward_is_deterministic(backend, name):
+def test_backward_is_deterministic(backend, name, monkeypatch):
     op, _ = _kernel_cases("cpu")[name]
-    device = _skip_unless(op, backend)
+    device = _skip_unless(op, backend, monkeypatch)
     op, inputs = _kernel_cases(device)[name]
     grad = torch.randn_like(op.reference(*inputs))
     first, second = op._bwd(grad, *inputs, backend), op._bwd(grad, *inputs, backend)
@@ -788,8 +821,8 @@ def test_backward_is_deterministic(backend, name):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_opcheck_kernels(backend):
-    device = _skip_unless(da._layer, backend)
+def test_opcheck_kernels(backend, monkeypatch):
+    device = _skip_unless(da._layer, backend, monkeypatch)
     for name, (op, inputs) in _kernel_cases(device).items():
         args = [
             t.detach().requires_grad_() if i in op.diff_index else t for i, t in enumerate(inputs)
@@ -798,10 +831,10 @@ def test_opcheck_kernels(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_compile_fullgraph_through_udit_attention(backend):
+def test_compile_fullgraph_through_udit_attention(backend, monkeypatch):
     """torch.compile(fullgraph=True) of U-DiT's attention module on the kernels, forward and
     backward, against the reference run eagerly."""
-    device = _skip_unless(da._layer, backend)
+    device = _skip_unless(da._layer, backend, monkeypatch)
     from fastdit.nn.udit import DownsampledAttention
 
     module = DownsampledAttention(32, 2, backend=backend).to(device)

@@ -514,6 +514,86 @@ def downsampled_attention(
 
 
 # ----------------------------------------------------------------------------------------------
+# The layer's orchestration, shared by the kernel backends: each brings the dwconv + split kernel
+# (forward, backward) and the attention (forward with the merge in its store; backward). The
+# two projections are cuBLAS / cuDNN matrix products through torch. No stand-alone copy.
+
+
+def _heads_view(qkv: torch.Tensor, part: int, heads: int) -> torch.Tensor:
+    """q (part 0), k (1) or v (2) of a (B, 4, n, 3d) projection as (B, 4, heads, n, hd)."""
+    d = qkv.shape[-1] // 3
+    return qkv[..., part * d : (part + 1) * d].unflatten(-1, (heads, -1)).transpose(2, 3)
+
+
+def _channel_rows(t: torch.Tensor) -> torch.Tensor:
+    """An image (B, C, H, W) as (B, C, H*W): a view for channels-first or channels-last memory
+    (the matrix products take either orientation), a copy only for other strides."""
+    if t.is_contiguous():
+        return t.flatten(2)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).flatten(1, 2).transpose(1, 2)
+    return t.contiguous().flatten(2)
+
+
+def _logit_scale_grad(dls: torch.Tensor, logit_scale: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """d logit_scale from the fp32 per-head sums of d scale * scale: zero where the clamp is
+    active (and for plain attention, which ignores logit_scale)."""
+    dls = dls.reshape(logit_scale.shape)
+    if cosine:
+        dls = dls * (logit_scale.to(torch.float32) <= LOGIT_SCALE_MAX)
+    else:
+        dls = torch.zeros_like(dls)
+    return dls.to(logit_scale.dtype)
+
+
+def layer_forward_with(split, attend, *inputs):
+    """``split(x, dw_weight, dw_bias, shortcut) -> t (B, 4, n, d)``; ``attend(x, qkv,
+    logit_scale, heads, rope, cosine, table, image)`` writes the merged attention output into
+    ``image`` (x's layout). ``inputs``: the layer op's."""
+    (x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight, out_bias, num_heads,
+     rope, cosine, shortcut, rope_table) = inputs  # fmt: skip
+    qkv = F.linear(split(x, dw_weight, dw_bias, shortcut), qkv_weight, qkv_bias)
+    image = torch.empty_like(x)
+    attend(x, qkv, logit_scale, num_heads, rope, cosine, rope_table, image)
+    return _checks.same_layout(F.conv2d(image, out_weight, out_bias), x)
+
+
+def layer_backward_with(split, split_backward, attend_backward, grads, inputs):
+    """``split_backward(x, dw_weight, dt, shortcut) -> (dx, d dw_weight, d dw_bias)``;
+    ``attend_backward(x, qkv, logit_scale, heads, rope, cosine, table, image, d_image, dq, dk,
+    dv)`` recomputes the merged output into ``image``, fills dq, dk, dv and returns the fp32
+    per-head d logit_scale before the clamp's mask."""
+    (x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight, out_bias, heads,
+     rope, cosine, shortcut, table) = inputs  # fmt: skip
+    dout = grads[0]
+    t = split(x, dw_weight, dw_bias, shortcut)
+    qkv = F.linear(t, qkv_weight, qkv_bias)
+    image = torch.empty_like(x)
+    # d image = W_out^T d out (a 1x1 conv), laid out as image: the kernels read both with one
+    # set of strides.
+    d_image = F.conv2d(dout, out_weight.transpose(0, 1))
+    if d_image.stride() != image.stride():
+        d_image = torch.empty_like(image).copy_(d_image)
+    dqkv = torch.empty_like(qkv)
+    dq, dk, dv = (_heads_view(dqkv, i, heads) for i in range(3))
+    dls = attend_backward(
+        x, qkv, logit_scale, heads, rope, cosine, table, image, d_image, dq, dk, dv
+    )
+    # The parameter gradients of the two projections: matrix products in the dtype (fp32
+    # accumulation inside), as eager autograd computes them.
+    per_sample = _channel_rows(dout) @ _channel_rows(image).transpose(1, 2)  # (B, C, C)
+    d_out_weight = per_sample.sum(0).reshape(out_weight.shape)
+    d_out_bias = dout.sum((0, 2, 3))
+    rows = dqkv.reshape(-1, dqkv.shape[-1])
+    d_qkv_weight = rows.t() @ t.reshape(-1, t.shape[-1])
+    d_qkv_bias = rows.sum(0)
+    dt = F.linear(dqkv, qkv_weight.t()).contiguous()
+    dx, d_dw_weight, d_dw_bias = split_backward(x, dw_weight, dt, shortcut)
+    return [dx, d_dw_weight, d_dw_bias, d_qkv_weight, d_qkv_bias,
+            _logit_scale_grad(dls, logit_scale, cosine), d_out_weight, d_out_bias]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
 # Kernel backends
 #
 # triton (fastdit/triton/downsampled_attention.py): attention_in_groups forward and backward,
@@ -532,4 +612,264 @@ _layer.register(
     lazy(_TRITON, "layer_forward"),
     backward=lazy(_TRITON, "layer_backward"),
     supports=lazy(_TRITON, "supports_layer"),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the depthwise conv + polyphase split
+#
+# fastdit._C's downsampled_attention_dwconv_split* entries (csrc/downsampled_attention.cu), with
+# the contracts of the Triton backend's _dwconv_split / _dwconv_split_backward: the depthwise
+# k x k conv + bias (+ x with the shortcut) written straight into the four groups (B, 4, n, d);
+# its backward writes dx in x's memory layout and float32 partial sums of the weight and bias
+# gradients per (sample, split), added here in a fixed order (deterministic). k odd <= 7.
+
+CUDA_DWCONV_MAX_K = 7  # fastdit._C.DOWNSAMPLED_ATTENTION_DWCONV_MAX_K
+_cuda_dw_plans: dict[tuple, int] = {}
+
+
+def _cuda_lib():
+    from .. import _ext
+
+    module, reason = _ext.load()
+    if module is None:  # the backend check says so before any call; this is a safety net
+        raise RuntimeError(reason)
+    return module, _ext
+
+
+def _cuda_dwconv_split_dw_plan(
+    B: int, d: int, H: int, W: int, k: int, dtype: int, index: int | None
+) -> int:
+    """The dw kernel's splits of each sample's tiles on this GPU (cached per shape)."""
+    key = (B, d, H, W, k, dtype, index)
+    if key not in _cuda_dw_plans:
+        lib, _ = _cuda_lib()
+        if len(_cuda_dw_plans) >= 256:
+            _cuda_dw_plans.clear()
+        _cuda_dw_plans[key] = int(
+            lib.downsampled_attention_dwconv_split_dw_plan(B, d, H, W, k, dtype, index)
+        )
+    return _cuda_dw_plans[key]
+
+
+def _cuda_dwconv_split(
+    x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, shortcut: bool
+) -> torch.Tensor:
+    """t (B, 4, n, d) contiguous = polyphase_split(dwconv_k(x) + bias (+ x)); x any strides."""
+    lib, ext = _cuda_lib()
+    B, d, H, W = x.shape
+    k = dw_weight.shape[-1]
+    w = dw_weight.to(x.dtype).contiguous()
+    b = dw_bias.to(x.dtype).contiguous()
+    t = torch.empty(B, 4, (H // 2) * (W // 2), d, dtype=x.dtype, device=x.device)
+    lib.downsampled_attention_dwconv_split(
+        x.data_ptr(), x.stride(), w.data_ptr(), b.data_ptr(), t.data_ptr(), B, d, H, W, k,
+        bool(shortcut), ext.dtype_code(x), x.device.index, ext.stream_of(x),
+    )  # fmt: skip
+    return t
+
+
+def _cuda_dwconv_split_backward(
+    x: torch.Tensor, dw_weight: torch.Tensor, dt: torch.Tensor, shortcut: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x in x's memory layout, d dw_weight, d dw_bias in the weight's dtype) from
+    d t (B, 4, n, d)."""
+    lib, ext = _cuda_lib()
+    B, d, H, W = x.shape
+    k = dw_weight.shape[-1]
+    taps = k * k
+    code, dev, stream = ext.dtype_code(x), x.device, ext.stream_of(x)
+    w = dw_weight.to(x.dtype).contiguous()
+    dt = dt.to(x.dtype).contiguous()
+    dx = torch.empty_like(x)  # x's layout (channels-last stays so)
+    lib.downsampled_attention_dwconv_split_dx(
+        w.data_ptr(), dt.data_ptr(), dx.data_ptr(), dx.stride(), B, d, H, W, k, bool(shortcut),
+        code, dev.index, stream,
+    )  # fmt: skip
+    splits = _cuda_dwconv_split_dw_plan(B, d, H, W, k, code, dev.index)
+    partial = torch.empty(B, splits, taps + 1, d, dtype=torch.float32, device=dev)
+    lib.downsampled_attention_dwconv_split_dw(
+        x.data_ptr(), x.stride(), dt.data_ptr(), partial.data_ptr(), B, d, H, W, k, splits,
+        code, dev.index, stream,
+    )  # fmt: skip
+    sums = partial.sum((0, 1))  # (taps + 1, d) float32, over samples and splits in a fixed order
+    d_weight = sums[:taps].t().reshape(dw_weight.shape).to(dw_weight.dtype)
+    return dx, d_weight, sums[taps].to(dw_weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: attention within the groups (csrc/downsampled_attention.cu, TF32 tensor cores), and the
+# layer around it: dwconv + split kernel, qkv projection (cuBLAS), prep (RoPE, normalisation,
+# scale), attention with the merge in its store, output projection (cuBLAS/cuDNN).
+
+CUDA_MAX_HEAD_DIM = 128
+
+
+def _cuda_attention_reason(t: torch.Tensor, hd: int) -> str:
+    from .. import _ext
+
+    if t.dtype not in _ext.DTYPE_CODES:
+        return f"the cuda kernels take float32, float16 or bfloat16, not {t.dtype}"
+    if hd % 2 or hd > CUDA_MAX_HEAD_DIM:
+        return f"the cuda attention kernels take an even head dim <= {CUDA_MAX_HEAD_DIM}, got {hd}"
+    if t.is_cuda:
+        if torch.cuda.get_device_capability(t.device) < (8, 0):
+            return "the cuda attention kernels run on TF32 tensor cores (mma.sync): sm_80 or newer"
+        lib, _ = _cuda_lib()
+        if not lib.downsampled_attention_fits(hd, t.device.index):
+            return (
+                f"the cuda attention kernels for head dim {hd} need more shared memory per block "
+                "than this GPU offers (99 KB on sm_86/89/120: head dims above 64)"
+            )
+    return ""
+
+
+def _cuda_supports_attention(q, k, v, logit_scale, cosine) -> str:
+    return _cuda_attention_reason(q, q.shape[-1])
+
+
+def _cuda_supports_layer(x, dw_weight, *params) -> str:
+    B, d, H, W = x.shape
+    num_heads = params[6]
+    if dw_weight.shape[-1] > CUDA_DWCONV_MAX_K:
+        return f"the cuda depthwise conv takes k <= {CUDA_DWCONV_MAX_K}, got {dw_weight.shape[-1]}"
+    if H * W >= 2**31:
+        return f"the cuda depthwise conv takes H * W < 2^31, got {H} x {W}"
+    return _cuda_attention_reason(x, d // num_heads)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _rows(t: torch.Tensor) -> list[int]:
+    """A (G, heads, n, hd) view with unit channel stride: its (group, head, token) strides."""
+    return list(t.stride()[:3])
+
+
+class _CudaAttention:
+    """The attention problems of one call: q, k, v as (G, heads, n, hd) views with unit channel
+    stride (a copy only where a view cannot be had), and q^, k^ prepared by the prep kernel."""
+
+    def __init__(self, q, k, v, logit_scale, cosine: bool, table: torch.Tensor | None):
+        self.lib, self.ext = _cuda_lib()
+        self.q, self.k, self.v = (self._groups(t) for t in (q, k, v))
+        self.G, self.heads, self.n, self.hd = self.q.shape
+        self.hdp = self.lib.downsampled_attention_padded_head_dim(self.hd)
+        self.table = None if table is None else table.to(torch.float32).contiguous()
+        self.scale = None
+        if cosine:
+            clamped = torch.clamp(logit_scale.detach().to(torch.float32), max=LOGIT_SCALE_MAX)
+            self.scale = clamped.exp().reshape(-1).contiguous()
+        dev = self.q.device
+        self.tail = (
+            self.G, self.heads, self.n, self.hd, self.hdp, self.ext.dtype_code(self.q), dev.index,
+            self.ext.stream_of(self.q),
+        )  # fmt: skip
+        self.qh = torch.empty(self.G, self.heads, self.n, self.hdp, dtype=torch.float32, device=dev)
+        self.kh = torch.empty_like(self.qh)
+        self.lib.downsampled_attention_prep(
+            self.q.data_ptr(), _rows(self.q), self.k.data_ptr(), _rows(self.k), _ptr(self.table),
+            _ptr(self.scale), self.qh.data_ptr(), self.kh.data_ptr(), *self.tail,
+        )  # fmt: skip
+
+    @staticmethod
+    def _groups(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1, *t.shape[-3:])
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    def _layout(self, t: torch.Tensor, gw: int) -> tuple[list[int], int, int]:
+        """(strides, merge, gw) of an output-shaped tensor: the (B, d, H, W) image of the layer
+        (gw > 0: the merge) or a (..., heads, n, hd) tensor."""
+        if gw:
+            return list(t.stride()), 1, gw
+        return list(t.reshape(-1, *t.shape[-3:]).stride()), 0, 1
+
+    def forward(self, out: torch.Tensor, gw: int = 0) -> None:
+        strides, merge, gw = self._layout(out, gw)
+        self.lib.downsampled_attention_fwd(
+            self.qh.data_ptr(), self.kh.data_ptr(), self.v.data_ptr(), _rows(self.v),
+            out.data_ptr(), strides, merge, gw, 0, 0, 0, True, False, *self.tail,
+        )  # fmt: skip
+
+    def backward(self, dout, dq, dk, dv, out=None, gw: int = 0) -> torch.Tensor:
+        """Fills dq, dk, dv ((..., heads, n, hd), any strides with unit channel stride) and, when
+        given, ``out`` (recomputed; it must share dout's strides); returns d logit_scale (heads,)
+        in fp32 before the clamp's mask."""
+        dev = self.q.device
+        strides, merge, gw = self._layout(dout, gw)
+        if out is not None and self._layout(out, gw)[0] != strides:
+            raise AssertionError("o and d o share one set of strides")
+        lse = torch.empty(self.G, self.heads, self.n, dtype=torch.float32, device=dev)
+        delta, dlogit = torch.empty_like(lse), torch.empty_like(lse)
+        self.lib.downsampled_attention_fwd(
+            self.qh.data_ptr(), self.kh.data_ptr(), self.v.data_ptr(), _rows(self.v),
+            _ptr(out), strides, merge, gw, dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+            out is not None, True, *self.tail,
+        )  # fmt: skip
+        dqh, dkh = torch.empty_like(self.qh), torch.empty_like(self.kh)
+        dq, dk, dv = (t.reshape(-1, *t.shape[-3:]) for t in (dq, dk, dv))  # views
+        self.lib.downsampled_attention_bwd(
+            self.qh.data_ptr(), self.kh.data_ptr(), self.v.data_ptr(), _rows(self.v),
+            dout.data_ptr(), strides, merge, gw, lse.data_ptr(), delta.data_ptr(),
+            dqh.data_ptr(), dkh.data_ptr(), dlogit.data_ptr(), dv.data_ptr(), _rows(dv),
+            *self.tail,
+        )  # fmt: skip
+        self.lib.downsampled_attention_post(
+            self.q.data_ptr(), _rows(self.q), self.k.data_ptr(), _rows(self.k), _ptr(self.table),
+            _ptr(self.scale), dqh.data_ptr(), dkh.data_ptr(), dq.data_ptr(), _rows(dq),
+            dk.data_ptr(), _rows(dk), *self.tail,
+        )  # fmt: skip
+        return dlogit.sum((0, 2))  # over groups and tokens, in a fixed order
+
+
+def _cuda_attention_forward(q, k, v, logit_scale, cosine) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _CudaAttention(q, k, v, logit_scale, cosine, None).forward(out)
+    return out
+
+
+def _cuda_attention_backward(grads, inputs) -> list[torch.Tensor]:
+    q, k, v, logit_scale, cosine = inputs
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dls = _CudaAttention(q, k, v, logit_scale, cosine, None).backward(grads[0], dq, dk, dv)
+    return [dq, dk, dv, _logit_scale_grad(dls, logit_scale, cosine)]
+
+
+def _cuda_attention(x, qkv, logit_scale, heads, rope, cosine, table) -> _CudaAttention:
+    B, d, H, W = x.shape
+    if rope and table is None:
+        table = rope_table(d // heads, (H // 2, W // 2), torch.float32, x.device)
+    q, k, v = (_heads_view(qkv, i, heads) for i in range(3))
+    return _CudaAttention(q, k, v, logit_scale, cosine, table if rope else None)
+
+
+def _cuda_layer_attend(x, qkv, logit_scale, heads, rope, cosine, table, image) -> None:
+    _cuda_attention(x, qkv, logit_scale, heads, rope, cosine, table).forward(image, x.shape[3] // 2)
+
+
+def _cuda_layer_attend_backward(x, qkv, logit_scale, heads, rope, cosine, table, image, d_image,
+                                dq, dk, dv) -> torch.Tensor:  # fmt: skip
+    attention = _cuda_attention(x, qkv, logit_scale, heads, rope, cosine, table)
+    return attention.backward(d_image, dq, dk, dv, out=image, gw=x.shape[3] // 2)
+
+
+def _cuda_layer_forward(*inputs) -> torch.Tensor:
+    return layer_forward_with(_cuda_dwconv_split, _cuda_layer_attend, *inputs)
+
+
+def _cuda_layer_backward(grads, inputs) -> list[torch.Tensor]:
+    return layer_backward_with(
+        _cuda_dwconv_split, _cuda_dwconv_split_backward, _cuda_layer_attend_backward, grads, inputs
+    )
+
+
+_attention.register(
+    "cuda",
+    _cuda_attention_forward,
+    backward=_cuda_attention_backward,
+    supports=_cuda_supports_attention,
+)
+_layer.register(
+    "cuda", _cuda_layer_forward, backward=_cuda_layer_backward, supports=_cuda_supports_layer
 )

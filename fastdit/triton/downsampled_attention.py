@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _checks
+from ..ops.downsampled_attention import _heads_view, layer_backward_with, layer_forward_with
 from ._common import INTERPRETED, RTNE_BF16, _round, device_context, dtype_reason
 
 LOGIT_SCALE_MAX = 4.6052  # the released clamp (fastdit.ops.downsampled_attention)
@@ -716,22 +716,6 @@ def _dwconv_split_backward(x, dw_weight, dt, shortcut: bool):
     return dx, dw, sums[ksize * ksize].to(dw_weight.dtype)
 
 
-def _channel_rows(t: torch.Tensor) -> torch.Tensor:
-    """An image (B, C, H, W) as (B, C, H*W): a view for channels-first or channels-last memory
-    (the matrix products take either orientation), a copy only for other strides."""
-    if t.is_contiguous():
-        return t.flatten(2)
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).flatten(1, 2).transpose(1, 2)
-    return t.contiguous().flatten(2)
-
-
-def _heads_view(qkv: torch.Tensor, part: int, heads: int) -> torch.Tensor:
-    """q (part 0), k (1) or v (2) of a (B, 4, n, 3d) projection as (B, 4, heads, n, hd)."""
-    d = qkv.shape[-1] // 3
-    return qkv[..., part * d : (part + 1) * d].unflatten(-1, (heads, -1)).transpose(2, 3)
-
-
 def _layer_problem(x, qkv, logit_scale, heads, rope, cosine, table, out):
     B, d, H, W = x.shape
     if rope and table is None:
@@ -754,46 +738,20 @@ def supports_layer(x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out
     return ""
 
 
-def _qkv(x, dw_weight, dw_bias, qkv_weight, qkv_bias, shortcut):
-    t = _dwconv_split(x, dw_weight, dw_bias, shortcut)
-    return t, torch.nn.functional.linear(t, qkv_weight, qkv_bias)
+def _attend(x, qkv, logit_scale, heads, rope, cosine, table, image) -> None:
+    _forward(_layer_problem(x, qkv, logit_scale, heads, rope, cosine, table, image))
 
 
-def layer_forward(x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight,
-                  out_bias, num_heads, rope, cosine, shortcut, rope_table):  # fmt: skip
-    _, qkv = _qkv(x, dw_weight, dw_bias, qkv_weight, qkv_bias, shortcut)
-    image = torch.empty_like(x)  # the merged attention output, in x's memory format
-    pb = _layer_problem(x, qkv, logit_scale, num_heads, rope, cosine, rope_table, image)
-    _forward(pb)
-    return _checks.same_layout(torch.nn.functional.conv2d(image, out_weight, out_bias), x)
+def _attend_backward(x, qkv, logit_scale, heads, rope, cosine, table, image, d_image, dq, dk, dv):
+    pb = _layer_problem(x, qkv, logit_scale, heads, rope, cosine, table, image)
+    return _backward(pb, d_image, dq, dk, dv)  # recomputes o into image
+
+
+def layer_forward(*inputs) -> torch.Tensor:
+    return layer_forward_with(_dwconv_split, _attend, *inputs)
 
 
 def layer_backward(grads, inputs) -> list[torch.Tensor]:
-    (x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight, out_bias, heads,
-     rope, cosine, shortcut, table) = inputs  # fmt: skip
-    dout = grads[0]
-    t, qkv = _qkv(x, dw_weight, dw_bias, qkv_weight, qkv_bias, shortcut)
-    image = torch.empty_like(x)
-    # d image = W_out^T d out (a 1x1 conv), laid out as image: the kernels read both with one
-    # set of strides.
-    d_image = torch.nn.functional.conv2d(dout, out_weight.transpose(0, 1))
-    if d_image.stride() != image.stride():
-        d_image = torch.empty_like(image).copy_(d_image)
-    pb = _layer_problem(x, qkv, logit_scale, heads, rope, cosine, table, image)
-    dqkv = torch.empty_like(qkv)
-    dq, dk, dv = (_heads_view(dqkv, i, heads) for i in range(3))
-    dls = _backward(pb, d_image, dq, dk, dv)  # recomputes o into image
-    # The parameter gradients of the two projections: matrix products in the dtype (fp32
-    # accumulation inside), as eager autograd computes them.
-    per_sample = _channel_rows(dout) @ _channel_rows(image).transpose(1, 2)  # (B, C, C)
-    d_out_weight = per_sample.sum(0).reshape(out_weight.shape)
-    d_out_bias = dout.sum((0, 2, 3))
-    rows = dqkv.reshape(-1, dqkv.shape[-1])
-    d_qkv_weight = rows.t() @ t.reshape(-1, t.shape[-1])
-    d_qkv_bias = rows.sum(0)
-    dt = torch.nn.functional.linear(dqkv, qkv_weight.t()).contiguous()
-    dx, d_dw_weight, d_dw_bias = _dwconv_split_backward(x, dw_weight, dt, shortcut)
-    if cosine:
-        dls = dls * (logit_scale.float() <= LOGIT_SCALE_MAX)
-    return [dx, d_dw_weight, d_dw_bias, d_qkv_weight, d_qkv_bias, dls.to(logit_scale.dtype),
-            d_out_weight, d_out_bias]  # fmt: skip
+    return layer_backward_with(
+        _dwconv_split, _dwconv_split_backward, _attend_backward, grads, inputs
+    )

@@ -13,7 +13,10 @@
 // bytes (NaN floats) before each launch, so reading what no thread wrote shows up too.
 //
 // Only what the fastdit kernels use is provided: 1-D blocks whose size is a multiple of 32,
-// full-warp shuffles, static and dynamic shared memory, and the float intrinsics below.
+// full-warp shuffles and __syncwarp, static and dynamic shared memory, the float intrinsics
+// below, and the warp-wide TF32 tensor-core product mma.m16n8k8 (emu::mma_m16n8k8_tf32, with the
+// fragment layouts of the PTX ISA, so that a kernel that places its fragments wrongly computes a
+// wrong product here too).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +25,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -60,6 +64,7 @@ struct Emulator {
   std::vector<Thread> threads;
   std::vector<std::vector<char>> stacks;
   std::vector<uint64_t> slots;  // one shuffle slot per thread
+  std::vector<std::array<uint32_t, 6>> mma_slots;  // one mma operand slot per thread
   ucontext_t scheduler;
   Thread* current = nullptr;
   dim3 grid, block;
@@ -110,6 +115,7 @@ inline void run_block(int n) {
     e.threads.resize(n);
     e.stacks.resize(n);
     e.slots.resize(n);
+    e.mma_slots.resize(n);
   }
   for (int i = 0; i < n; ++i) {
     Thread& t = e.threads[i];
@@ -221,6 +227,53 @@ V exchange(V v, F src) {
   return out;
 }
 
+// The lanes of the current warp meet (a __syncwarp, or half of a warp-collective operation).
+inline void warp_barrier() {
+  em().current->state = kAtWarpBarrier;
+  yield();
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += A (16x8) B (8x8), for the whole warp.
+// Fragments as the PTX ISA lays them out, with groupID = lane / 4 and tig = lane % 4:
+//   A: a0 (groupID, tig), a1 (groupID + 8, tig), a2 (groupID, tig + 4), a3 (groupID + 8, tig + 4)
+//   B: b0 (row tig, col groupID), b1 (row tig + 4, col groupID)
+//   C, D: c0 (groupID, 2 tig), c1 (groupID, 2 tig + 1), c2 (groupID + 8, 2 tig),
+//         c3 (groupID + 8, 2 tig + 1).
+// The tensor cores read only the TF32 bits of each operand (sign, exponent, 10 mantissa bits):
+// the low 13 bits are dropped here too. Products are exact; the sum runs in double, rounded once
+// into the fp32 accumulator (the hardware's fp32 adds are at least this close to exact).
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Emulator& e = em();
+  Thread* t = e.current;
+  e.mma_slots[t->linear] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  warp_barrier();
+  const int lane = t->linear % 32;
+  const int base = t->linear - lane;
+  const auto tf32 = [](uint32_t bits) {
+    bits &= 0xFFFFE000u;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return static_cast<double>(f);
+  };
+  const auto a_at = [&](int row, int col) {  // A[row][col], row < 16, col < 8
+    const int reg = (row >= 8 ? 1 : 0) + (col >= 4 ? 2 : 0);
+    return tf32(e.mma_slots[base + (row % 8) * 4 + col % 4][reg]);
+  };
+  const auto b_at = [&](int row, int col) {  // B[row][col], row < 8, col < 8
+    return tf32(e.mma_slots[base + col * 4 + row % 4][4 + (row >= 4 ? 1 : 0)]);
+  };
+  const int g = lane / 4, tig = lane % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * tig + (i % 2);
+    double sum = 0.0;
+    for (int k = 0; k < 8; ++k) sum += a_at(row, k) * b_at(k, col);
+    out[i] = static_cast<float>(static_cast<double>(d[i]) + sum);
+  }
+  warp_barrier();  // nobody overwrites a slot before every lane has read
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::em().current->idx)
@@ -232,6 +285,8 @@ inline void __syncthreads() {
   ::emu::em().current->state = ::emu::kAtBlockBarrier;
   ::emu::yield();
 }
+
+inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::warp_barrier(); }
 
 template <typename V>
 V __shfl_xor_sync(unsigned, V v, int mask) {
@@ -260,6 +315,9 @@ inline float __frsqrt_rn(float x) {
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float x) { return std::sqrt(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 
 // The CUDA runtime's host calls that launchers make, answered by the emulator (nothing is linked
 // against cudart): the last-error slot is always clear (an emulated launch that cannot run
