@@ -894,9 +894,9 @@ cudaError_t dwconv_split_dw_splits(int64_t B, int64_t d, int64_t H, int64_t W, i
 // rounding is below the dtype's own), and 3xTF32 for float32.
 //
 // Shared memory per block (floats, rows padded against bank conflicts): fwd 64 (HDP+4) x 2 +
-// 64 x v_stride + 4 x 16 x 68; the backward kernels add one 64 x (HDP+4) tile and 2 x 64. At
-// HDP = 96: 93 / 118.5 KB; at 128: 117 / 150.5 KB (the glue checks the device's opt-in limit:
-// 99 KB on sm_86/89/120 leaves the backward at HDP >= 96 to the other backends).
+// 64 x v_stride + 4 x 16 x 68; the backward kernels add one 64 x (HDP+4) tile, 2 x 64 floats
+// and 64 row offsets. At HDP = 96: 93 / 119 KB; at 128: 117 / 151 KB. The glue checks the
+// device's opt-in limit: 99 KB on sm_86/89/120 leaves HDP >= 96 to the other backends.
 // ---------------------------------------------------------------------------------------------
 
 namespace fastdit {
@@ -928,8 +928,9 @@ inline size_t fwd_smem(int hdp) {
          (static_cast<size_t>(kRows) * row_stride(hdp) + kTile * row_stride(hdp) +
           kTile * v_stride(hdp) + 4 * 16 * kPStride);
 }
-inline size_t bwd_smem(int hdp) {
-  return fwd_smem(hdp) + sizeof(float) * (static_cast<size_t>(kTile) * row_stride(hdp) + 2 * kTile);
+inline size_t bwd_smem(int hdp) {  // + the d out tile, lse, delta, the row offsets of d out
+  return fwd_smem(hdp) + sizeof(float) * (static_cast<size_t>(kTile) * row_stride(hdp) + 2 * kTile) +
+         sizeof(int64_t) * kTile;
 }
 
 // Where element (z, h, t, c) of an attention output (or of its gradient) lives. merge = 0:
@@ -958,6 +959,16 @@ __device__ __forceinline__ float bits_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+#endif
+}
+
+__device__ __forceinline__ uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
 #endif
 }
 
@@ -990,28 +1001,37 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// An operand in TF32: hi, and with PRECISE the rounding error lo = tf32(x - hi).
-template <int N, bool PRECISE>
+// An operand in TF32: hi, and with PRECISE the rounding error lo = tf32(x - hi). EXACT: values
+// already exact in TF32 (fp16 / bf16 inputs widened to fp32: v and d out), taken as they are,
+// with no rounding and no lo term.
+template <int N, bool PRECISE, bool EXACT = false>
 struct Operand {
   uint32_t hi[N];
-  uint32_t lo[PRECISE ? N : 1];
+  uint32_t lo[PRECISE && !EXACT ? N : 1];
   __device__ __forceinline__ explicit Operand(const float (&x)[N]) {
     FD_UNROLL
     for (int i = 0; i < N; ++i) {
-      hi[i] = tf32(x[i]);
-      if constexpr (PRECISE) lo[i] = tf32(x[i] - bits_float(hi[i]));
+      if constexpr (EXACT) {
+        hi[i] = float_bits(x[i]);
+      } else {
+        hi[i] = tf32(x[i]);
+        if constexpr (PRECISE) lo[i] = tf32(x[i] - bits_float(hi[i]));
+      }
     }
   }
 };
 
-// d += A B with the operands already in TF32 (three products with PRECISE: small terms first).
-template <bool PRECISE>
-__device__ __forceinline__ void mma(float (&d)[4], const Operand<4, PRECISE>& a,
-                                    const Operand<2, PRECISE>& b) {
-  if constexpr (PRECISE) {
+// d += A B with the operands in TF32: with PRECISE, the cross terms of whichever operands are
+// not exact, small terms first.
+template <bool PRECISE, bool A_EXACT, bool B_EXACT>
+__device__ __forceinline__ void mma(float (&d)[4], const Operand<4, PRECISE, A_EXACT>& a,
+                                    const Operand<2, PRECISE, B_EXACT>& b) {
+  if constexpr (PRECISE && !A_EXACT) {
     const uint32_t(&al)[4] = *reinterpret_cast<const uint32_t(*)[4]>(a.lo);
-    const uint32_t(&bl)[2] = *reinterpret_cast<const uint32_t(*)[2]>(b.lo);
     mma_tf32(d, al, b.hi);
+  }
+  if constexpr (PRECISE && !B_EXACT) {
+    const uint32_t(&bl)[2] = *reinterpret_cast<const uint32_t(*)[2]>(b.lo);
     mma_tf32(d, a.hi, bl);
   }
   mma_tf32(d, a.hi, b.hi);
@@ -1019,26 +1039,26 @@ __device__ __forceinline__ void mma(float (&d)[4], const Operand<4, PRECISE>& a,
 
 // Fragments from shared memory (lane = 4 g + tig; see emulate.h for the layouts).
 // A (16 x 8) at rows r0.., columns c0.. of a row-major tile X with row stride ld.
-template <bool PRECISE>
-__device__ __forceinline__ Operand<4, PRECISE> a_frag(const float* X, int ld, int r0, int c0,
-                                                      int g, int tig) {
+template <bool PRECISE, bool EXACT = false>
+__device__ __forceinline__ Operand<4, PRECISE, EXACT> a_frag(const float* X, int ld, int r0,
+                                                             int c0, int g, int tig) {
   const float v[4] = {X[(r0 + g) * ld + c0 + tig], X[(r0 + g + 8) * ld + c0 + tig],
                       X[(r0 + g) * ld + c0 + tig + 4], X[(r0 + g + 8) * ld + c0 + tig + 4]};
-  return Operand<4, PRECISE>(v);
+  return Operand<4, PRECISE, EXACT>(v);
 }
 // B (8 x 8) = Y^T for a row-major Y (rows n0.. are B's columns, columns k0.. its rows).
-template <bool PRECISE>
-__device__ __forceinline__ Operand<2, PRECISE> bt_frag(const float* Y, int ld, int k0, int n0,
-                                                       int g, int tig) {
+template <bool PRECISE, bool EXACT = false>
+__device__ __forceinline__ Operand<2, PRECISE, EXACT> bt_frag(const float* Y, int ld, int k0,
+                                                              int n0, int g, int tig) {
   const float v[2] = {Y[(n0 + g) * ld + k0 + tig], Y[(n0 + g) * ld + k0 + tig + 4]};
-  return Operand<2, PRECISE>(v);
+  return Operand<2, PRECISE, EXACT>(v);
 }
 // B (8 x 8) = Z[k0.., n0..] of a row-major Z.
-template <bool PRECISE>
-__device__ __forceinline__ Operand<2, PRECISE> b_frag(const float* Z, int ld, int k0, int n0,
-                                                      int g, int tig) {
+template <bool PRECISE, bool EXACT = false>
+__device__ __forceinline__ Operand<2, PRECISE, EXACT> b_frag(const float* Z, int ld, int k0,
+                                                             int n0, int g, int tig) {
   const float v[2] = {Z[(k0 + tig) * ld + n0 + g], Z[(k0 + tig + 4) * ld + n0 + g]};
-  return Operand<2, PRECISE>(v);
+  return Operand<2, PRECISE, EXACT>(v);
 }
 
 // A warp's C fragments (16 x 8 NT) to a row-major tile (row stride kPStride).
@@ -1245,12 +1265,20 @@ __device__ __forceinline__ void load_rows(float* S, const T* src, const int64_t 
     S[r * LD + c] = (r0 + r < n && c < hd) ? to_float(base[(r0 + r) * sv[2] + c]) : 0.f;
   }
 }
+// Each row's offset is worked out once (the merge's divisions) into sOff, then every element is
+// that plus c times the channel stride. Contains a __syncthreads: call from the whole block.
 template <typename T, int HDP, int LD>
-__device__ __forceinline__ void load_grad(float* S, const T* src, const Layout& lo, int64_t z,
-                                          int64_t h, int64_t r0, int64_t n, int64_t hd) {
+__device__ __forceinline__ void load_grad(float* S, int64_t* sOff, const T* src, const Layout& lo,
+                                          int64_t z, int64_t h, int64_t r0, int64_t n,
+                                          int64_t hd) {
+  for (int r = threadIdx.x; r < kTile; r += kThreads) {
+    sOff[r] = r0 + r < n ? offset_of(lo, z, h, r0 + r, 0, hd) : 0;
+  }
+  __syncthreads();
+  const int64_t cs = lo.merge ? lo.s[1] : lo.s[3];  // the offset is linear in the channel
   for (int e = threadIdx.x; e < kTile * HDP; e += kThreads) {
     const int r = e / HDP, c = e % HDP;
-    S[r * LD + c] = (r0 + r < n && c < hd) ? to_float(src[offset_of(lo, z, h, r0 + r, c, hd)]) : 0.f;
+    S[r * LD + c] = (r0 + r < n && c < hd) ? to_float(src[sOff[r] + c * cs]) : 0.f;
   }
 }
 
@@ -1286,6 +1314,7 @@ __device__ __forceinline__ int valid_rows(int64_t r0, int64_t n) {
 template <typename T, int HDP, bool STATS>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
   constexpr bool F32 = std::is_same<T, float>::value || STATS;
+  constexpr bool VX = !std::is_same<T, float>::value;  // v exact in TF32 (16-bit inputs)
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
   float* sQ = smem;
@@ -1351,7 +1380,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
       if (kk >= valid) break;
       const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
-      for (int nt = 0; nt < NT; ++nt) mma<F32>(o[nt], a, b_frag<F32>(sV, LV, kk, nt * 8, g, tig));
+      for (int nt = 0; nt < NT; ++nt) mma(o[nt], a, b_frag<F32, VX>(sV, LV, kk, nt * 8, g, tig));
     }
     __syncwarp();  // P is read before the next tile overwrites it
   }
@@ -1393,19 +1422,21 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
 template <typename T, int HDP>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
   constexpr bool F32 = std::is_same<T, float>::value;
+  constexpr bool VX = !F32;  // v and d out exact in TF32 (16-bit inputs)
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
   float* sQ = smem;
   float* sK = sQ + kRows * LQ;
   float* sV = sK + kTile * LQ;
   float* sdO = sV + kTile * LV + 4 * 16 * kPStride;
+  int64_t* sOff = reinterpret_cast<int64_t*>(sdO + kTile * LQ + 2 * kTile);  // as in dkdv
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   float* sP = sV + kTile * LV + warp * 16 * kPStride;
   const int w = warp * 16;
   const int64_t zh = blockIdx.x, z = zh / p.heads, h = zh % p.heads, n = p.n;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * kRows;
   load_hat<HDP>(sQ, p.qh + zh * n * HDP, q0, n);
-  load_grad<T, HDP, LQ>(sdO, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd);
+  load_grad<T, HDP, LQ>(sdO, sOff, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd);
   float lse[2], delta[2];
   FD_UNROLL
   for (int j = 0; j < 2; ++j) {
@@ -1435,10 +1466,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
     }
     FD_UNROLL
     for (int kk = 0; kk < HDP; kk += 8) {  // dP = dO V^T
-      const auto a = a_frag<F32>(sdO, LQ, w, kk, g, tig);
+      const auto a = a_frag<F32, VX>(sdO, LQ, w, kk, g, tig);
       FD_UNROLL
       for (int nt = 0; nt < 8; ++nt) {
-        if (nt * 8 < valid) mma<F32>(dp[nt], a, bt_frag<F32>(sV, LV, kk, nt * 8, g, tig));
+        if (nt * 8 < valid) mma(dp[nt], a, bt_frag<F32, VX>(sV, LV, kk, nt * 8, g, tig));
       }
     }
     FD_UNROLL
@@ -1486,6 +1517,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
 template <typename T, int HDP>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
   constexpr bool F32 = std::is_same<T, float>::value;
+  constexpr bool VX = !F32;  // v and d out exact in TF32 (16-bit inputs)
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
   float* sK = smem;  // this block's keys and values
@@ -1494,6 +1526,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
   float* sdO = sV + kTile * LV + 4 * 16 * kPStride;
   float* sLse = sdO + kTile * LQ;
   float* sDelta = sLse + kTile;
+  int64_t* sOff = reinterpret_cast<int64_t*>(sDelta + kTile);  // 8-byte aligned: even floats
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
   float* sP = sV + kTile * LV + warp * 16 * kPStride;
   const int w = warp * 16;
@@ -1510,7 +1543,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
   for (int64_t q0 = 0; q0 < n; q0 += kTile) {
     __syncthreads();
     load_hat<HDP>(sQ, p.qh + zh * n * HDP, q0, n);
-    load_grad<T, HDP, LQ>(sdO, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd);
+    load_grad<T, HDP, LQ>(sdO, sOff, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd);
     for (int r = threadIdx.x; r < kTile; r += kThreads) {
       const bool ok = q0 + r < n;  // a padding query has P = 0: lse = +inf
       sLse[r] = ok ? p.lse[zh * n + q0 + r] : INFINITY;
@@ -1536,7 +1569,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
       if (kk >= valid) break;
       const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
-      for (int nt = 0; nt < NT; ++nt) mma<F32>(dv[nt], a, b_frag<F32>(sdO, LQ, kk, nt * 8, g, tig));
+      for (int nt = 0; nt < NT; ++nt) mma(dv[nt], a, b_frag<F32, VX>(sdO, LQ, kk, nt * 8, g, tig));
     }
     FD_UNROLL
     for (int nt = 0; nt < 8; ++nt) {
@@ -1545,10 +1578,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
     }
     FD_UNROLL
     for (int kk = 0; kk < HDP; kk += 8) {  // dP^T = v dO^T
-      const auto a = a_frag<F32>(sV, LV, w, kk, g, tig);
+      const auto a = a_frag<F32, VX>(sV, LV, w, kk, g, tig);
       FD_UNROLL
       for (int nt = 0; nt < 8; ++nt) {
-        if (nt * 8 < valid) mma<F32>(s[nt], a, bt_frag<F32>(sdO, LQ, kk, nt * 8, g, tig));
+        if (nt * 8 < valid) mma(s[nt], a, bt_frag<F32, VX>(sdO, LQ, kk, nt * 8, g, tig));
       }
     }
     // dS^T = P^T (dP^T - delta), P^T read back from this lane's own places in sP.
