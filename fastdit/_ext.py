@@ -37,6 +37,15 @@ def load() -> tuple[ModuleType | None, str]:
     return _loaded
 
 
+def require() -> ModuleType:
+    """fastdit._C, or RuntimeError saying why not: the kernels' glue calls it after the backend
+    check has already said the extension is there (a safety net)."""
+    module, reason = load()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
 def _import() -> tuple[ModuleType | None, str]:
     try:
         if importlib.util.find_spec("fastdit._C") is None:

@@ -235,10 +235,10 @@ def glue_on_cpu(emu, monkeypatch):
     """The cuda glue, calling the emulated kernels on CPU tensors."""
     monkeypatch.setattr(_ext, "load", lambda: (emu, ""))
     monkeypatch.setattr(_ext, "stream_of", lambda t: 0)
-    G._cuda_dw_plans.clear()
+    G._cuda_dwconv_split_dw_plan.cache_clear()
     emu.configure(order=2, sms=2, seed=1)
     yield emu
-    G._cuda_dw_plans.clear()
+    G._cuda_dwconv_split_dw_plan.cache_clear()
 
 
 # (B, d, H, W, k, layout): d not a multiple of the 32-channel tile (and, for 16-bit, not of the
@@ -328,7 +328,7 @@ def test_emulated_backward_is_deterministic_in_any_block_order(glue_on_cpu, layo
     runs = []
     for order in (0, 1, 2, 2):
         glue_on_cpu.configure(order=order, sms=3, seed=order + len(runs))
-        G._cuda_dw_plans.clear()
+        G._cuda_dwconv_split_dw_plan.cache_clear()
         t = G._cuda_dwconv_split(x, weight, bias, True)
         runs.append((t, *G._cuda_dwconv_split_backward(x, weight, dt, True)))
     assert G._cuda_dwconv_split_dw_plan(2, 40, 16, 40, 5, 0, None) > 1

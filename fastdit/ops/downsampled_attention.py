@@ -67,6 +67,7 @@ out_bias        to_out.bias                  (d,)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -625,31 +626,21 @@ _layer.register(
 # gradients per (sample, split), added here in a fixed order (deterministic). k odd <= 7.
 
 CUDA_DWCONV_MAX_K = 7  # fastdit._C.DOWNSAMPLED_ATTENTION_DWCONV_MAX_K
-_cuda_dw_plans: dict[tuple, int] = {}
 
 
 def _cuda_lib():
     from .. import _ext
 
-    module, reason = _ext.load()
-    if module is None:  # the backend check says so before any call; this is a safety net
-        raise RuntimeError(reason)
-    return module, _ext
+    return _ext.require(), _ext
 
 
+@functools.lru_cache(maxsize=256)
 def _cuda_dwconv_split_dw_plan(
     B: int, d: int, H: int, W: int, k: int, dtype: int, index: int | None
 ) -> int:
     """The dw kernel's splits of each sample's tiles on this GPU (cached per shape)."""
-    key = (B, d, H, W, k, dtype, index)
-    if key not in _cuda_dw_plans:
-        lib, _ = _cuda_lib()
-        if len(_cuda_dw_plans) >= 256:
-            _cuda_dw_plans.clear()
-        _cuda_dw_plans[key] = int(
-            lib.downsampled_attention_dwconv_split_dw_plan(B, d, H, W, k, dtype, index)
-        )
-    return _cuda_dw_plans[key]
+    lib, _ = _cuda_lib()
+    return int(lib.downsampled_attention_dwconv_split_dw_plan(B, d, H, W, k, dtype, index))
 
 
 def _cuda_dwconv_split(

@@ -473,10 +473,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def _lib():
     from .. import _ext
 
-    module, reason = _ext.load()
-    if module is None:  # the backend check says so before any call; this is a safety net
-        raise RuntimeError(reason)
-    return module, _ext
+    return _ext.require(), _ext
 
 
 def _permute(
