@@ -65,15 +65,6 @@
 
 #include "common.cuh"
 
-#if defined(FASTDIT_EMULATE)
-#define FD_LAUNCH(kernel, grid, block, smem, stream) \
-  ((void)(stream), ::emu::launcher((kernel), (grid), (block), (smem)))
-#define FD_DYNAMIC_SMEM(name) float* name = reinterpret_cast<float*>(::emu::dynamic_smem())
-#else
-#define FD_LAUNCH(kernel, grid, block, smem, stream) (kernel)<<<(grid), (block), (smem), (stream)>>>
-#define FD_DYNAMIC_SMEM(name) extern __shared__ float name[]
-#endif
-
 namespace fastdit {
 
 constexpr int64_t kBwdMaxD = 8192;

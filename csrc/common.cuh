@@ -109,6 +109,23 @@ inline bool is_aligned(const void* p, std::size_t bytes) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Launches and dynamic shared memory, the same code on a GPU and in the CPU emulator
+// (tests/cuda_emu/emulate.h, built with -DFASTDIT_EMULATE): FD_LAUNCH(kernel, grid, block, smem,
+// stream)(args...) and FD_DYNAMIC_SMEM(name), a float* to the block's dynamic shared memory
+// (16-byte aligned).
+
+#if defined(FASTDIT_EMULATE)
+#define FD_LAUNCH(kernel, grid, block, smem, stream) \
+  ((void)(stream), ::emu::launcher((kernel), (grid), (block), (smem)))
+#define FD_DYNAMIC_SMEM(name) float* name = reinterpret_cast<float*>(::emu::dynamic_smem())
+#else
+#define FD_LAUNCH(kernel, grid, block, smem, stream) (kernel)<<<(grid), (block), (smem), (stream)>>>
+#define FD_DYNAMIC_SMEM(name)                  \
+  extern __shared__ float4 fd_dynamic_smem_[]; \
+  float* name = reinterpret_cast<float*>(fd_dynamic_smem_)
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Device helpers.
 
 #if defined(__CUDACC__)

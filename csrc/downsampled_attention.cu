@@ -64,19 +64,6 @@
 
 #include "common.cuh"
 
-#ifndef FD_LAUNCH
-#if defined(FASTDIT_EMULATE)
-#define FD_LAUNCH(kernel, grid, block, smem, stream) \
-  ((void)(stream), ::emu::launcher((kernel), (grid), (block), (smem)))
-#define FD_DYNAMIC_SMEM(name) float* name = reinterpret_cast<float*>(::emu::dynamic_smem())
-#else
-#define FD_LAUNCH(kernel, grid, block, smem, stream) (kernel)<<<(grid), (block), (smem), (stream)>>>
-#define FD_DYNAMIC_SMEM(name)                      \
-  extern __shared__ float4 fd_dynamic_smem_[];     \
-  float* name = reinterpret_cast<float*>(fd_dynamic_smem_)
-#endif
-#endif
-
 #ifndef FD_HD
 #define FD_HD __host__ __device__ __forceinline__
 #endif
@@ -1628,15 +1615,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
 
 template <typename K>
 cudaError_t allow_attn_smem(K kernel, size_t smem) {
-#if defined(FASTDIT_EMULATE)
-  (void)kernel;
-  (void)smem;
-  return cudaSuccess;
-#else
   if (smem <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(smem));
-#endif
 }
 
 // f(std::integral_constant<int, HDP>) for the padded head dim hdp.

@@ -78,17 +78,6 @@
 
 #include "common.cuh"
 
-#if defined(FASTDIT_EMULATE)
-#define FD_LAUNCH(kernel, grid, block, smem, stream) \
-  ((void)(stream), ::emu::launcher((kernel), (grid), (block), (smem)))
-#define FD_DYNAMIC_SMEM(name) float* name = reinterpret_cast<float*>(::emu::dynamic_smem())
-#else
-#define FD_LAUNCH(kernel, grid, block, smem, stream) (kernel)<<<(grid), (block), (smem), (stream)>>>
-#define FD_DYNAMIC_SMEM(name)                      \
-  extern __shared__ float4 fd_dynamic_smem_[];     \
-  float* name = reinterpret_cast<float*>(fd_dynamic_smem_)
-#endif
-
 #define FD_HD __host__ __device__ __forceinline__
 #if defined(__CUDA_ARCH__)
 #define FD_UNROLL _Pragma("unroll")
@@ -1194,23 +1183,6 @@ __global__ void __launch_bounds__(512, 1) fl_rows_kernel(const FlRowsParams<T> P
 // ---------------------------------------------------------------------------------------------
 // Host side: plans and launchers
 
-#if defined(FASTDIT_EMULATE)
-inline cudaError_t last_error() { return cudaSuccess; }
-inline cudaError_t sm_count(int* sms) {
-  *sms = ::emu::em().sms;
-  return cudaSuccess;
-}
-inline cudaError_t sm_count_of(int, int* sms) { return sm_count(sms); }
-template <typename K>
-cudaError_t occupancy(int* blocks, K, int, size_t) {
-  *blocks = 2;
-  return cudaSuccess;
-}
-template <typename K>
-cudaError_t allow_smem(K, size_t) {
-  return cudaSuccess;
-}
-#else
 inline cudaError_t last_error() { return cudaGetLastError(); }
 inline cudaError_t sm_count_of(int device, int* sms) {
   return cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
@@ -1231,7 +1203,6 @@ cudaError_t allow_smem(K kernel, size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(smem));
 }
-#endif
 
 // Shared-memory passes of one warp-wide access: lane l at byte address addr[l] (or -1),
 // `width` bytes each. 16-byte accesses are served 8 lanes per pass, 8-byte ones 16 lanes; within
@@ -1690,17 +1661,11 @@ FlRowsPlan fl_rows_plan(int64_t D, int64_t K, int64_t esize, bool vec4, int64_t 
 }
 
 inline cudaError_t max_smem_of(int device, int64_t* bytes) {
-#if defined(FASTDIT_EMULATE)
-  (void)device;
-  *bytes = ::emu::em().max_smem;
-  return cudaSuccess;
-#else
   int v = 0;
   const cudaError_t err =
       cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   *bytes = v;
   return err;
-#endif
 }
 
 template <typename T>
@@ -1712,12 +1677,8 @@ cudaError_t launch_fl_bwd(const void* x, const void* shift, const void* scale, c
                           cudaStream_t stream) {
   const int64_t N = h * w, K = C * p * p;
   int device = 0;
-#if !defined(FASTDIT_EMULATE)
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-#else
-  cudaError_t err = cudaSuccess;
-#endif
   int64_t max_smem = 0;
   err = max_smem_of(device, &max_smem);
   if (err != cudaSuccess) return err;

@@ -1,6 +1,6 @@
 // A CPU emulation of the CUDA execution model, so that csrc kernels can be run and checked on a
-// machine without a GPU (tests/test_patchify_cuda.py builds csrc/patchify.cu with it,
-// tests/test_adaln_cuda_emu.py csrc/adaln.cu).
+// machine without a GPU (tests/emulated.py builds each csrc/<family>.cu with it, for
+// tests/test_adaln_cuda_emu.py, tests/test_patchify_cuda.py, tests/test_downsampled_attention*).
 //
 // Compile a .cu file as C++ with -DFASTDIT_EMULATE -include emulate.h. Every CUDA thread of a
 // block is a fiber (ucontext) on one OS thread; __syncthreads() and the warp shuffles are
@@ -11,6 +11,13 @@
 // default rand with a fixed seed), so that a missing barrier shows up as a wrong result. Blocks
 // run one after another in the same kinds of order. Dynamic shared memory is filled with 0xFF
 // bytes (NaN floats) before each launch, so reading what no thread wrote shows up too.
+//
+// Launches are checked as the CUDA runtime checks them (grid and block limits, dynamic shared
+// memory over 48 KB only after cudaFuncSetAttribute), and the launchers' runtime queries
+// (cudaGetDevice, cudaDeviceGetAttribute, occupancy) are answered here, so the host code of the
+// .cu files runs unchanged. Built with AddressSanitizer and UBSan's alignment check
+// (tests/test_sanitized.py), an access outside a tensor or the dynamic shared memory, or a
+// misaligned vector access, is reported as compute-sanitizer would on a GPU.
 //
 // Only what the fastdit kernels use is provided: 1-D blocks whose size is a multiple of 32,
 // full-warp shuffles and __syncwarp, static and dynamic shared memory, the float intrinsics
@@ -31,6 +38,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <memory>
+#include <new>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -69,12 +79,17 @@ struct Emulator {
   Thread* current = nullptr;
   dim3 grid, block;
   uint3 block_idx;
-  std::vector<char> dynamic;
+  struct AlignedFree {
+    void operator()(char* p) const { ::operator delete(p, std::align_val_t(16)); }
+  };
+  std::unique_ptr<char, AlignedFree> dynamic;  // the dynamic shared memory of the launch
   std::function<void()> body;
   std::mt19937 rng{12345};
   int order = 2;  // 0 forward, 1 reverse, 2 random
   int sms = 2;    // the multiprocessor count the launchers see (it sizes grids and splits)
   long max_smem = 227 * 1024;  // the opt-in shared memory per block they see
+  std::map<const void*, long> smem_allowed;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+  std::string fault;  // the first fault of the running launch (see emu::fault)
 
   Emulator() {
     const char* env = std::getenv("EMU_ORDER");
@@ -92,8 +107,14 @@ inline Emulator& em() {
   return e;
 }
 
+// An exception thrown in device code stops its thread (unwinding never leaves the fiber's
+// stack), and the launch throws it once the block's other threads have stopped or waited.
 inline void trampoline() {
-  em().body();
+  try {
+    em().body();
+  } catch (const std::exception& error) {
+    if (em().fault.empty()) em().fault = error.what();
+  }
   em().current->state = kDone;
   swapcontext(&em().current->ctx, &em().scheduler);
 }
@@ -144,6 +165,13 @@ inline void run_block(int n) {
       done += e.threads[i].state == kDone;
       at_block += e.threads[i].state == kAtBlockBarrier;
     }
+    if (!e.fault.empty()) {
+      std::string what;
+      std::swap(what, e.fault);
+      throw std::runtime_error("emulation: fault in block (" + std::to_string(e.block_idx.x) +
+                               ", " + std::to_string(e.block_idx.y) + ", " +
+                               std::to_string(e.block_idx.z) + "): " + what);
+    }
     if (done == n) return;
     bool released = false;
     for (int w = 0; w < n / 32; ++w) {
@@ -165,6 +193,31 @@ inline void run_block(int n) {
   }
 }
 
+// The launch configuration checks of the CUDA runtime (cudaErrorInvalidConfiguration and
+// friends, which the emulator throws): grid and block sizes within the limits of every GPU
+// since sm_30, and dynamic shared memory above the default 48 KB only after
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, >= smem).
+inline void check_launch(const void* kernel, dim3 grid, dim3 block, size_t smem) {
+  const auto fail = [&](const std::string& what) {
+    throw std::runtime_error("emulation: invalid launch: " + what + " (grid " +
+                             std::to_string(grid.x) + " x " + std::to_string(grid.y) + " x " +
+                             std::to_string(grid.z) + ", block " + std::to_string(block.x) +
+                             " x " + std::to_string(block.y) + " x " + std::to_string(block.z) +
+                             ", " + std::to_string(smem) + " bytes of dynamic shared memory)");
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("an empty grid");
+  if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) fail("grid too large");
+  const long threads = static_cast<long>(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.z > 64) fail("block size out of range");
+  if (static_cast<long>(smem) > em().max_smem) fail("more shared memory than the device has");
+  if (smem > 48 * 1024) {
+    const auto allowed = em().smem_allowed.find(kernel);
+    if (allowed == em().smem_allowed.end() || allowed->second < static_cast<long>(smem)) {
+      fail("over 48 KB of dynamic shared memory without cudaFuncSetAttribute");
+    }
+  }
+}
+
 template <typename K>
 struct Launch {
   K kernel;
@@ -173,9 +226,13 @@ struct Launch {
   template <typename... A>
   void operator()(A... args) const {
     Emulator& e = em();
+    check_launch(reinterpret_cast<const void*>(kernel), grid, block, smem);
     e.grid = grid;
     e.block = block;
-    e.dynamic.assign(smem + 64, static_cast<char>(0xFF));
+    // Exactly `smem` bytes (16-byte aligned, as the hardware aligns it at least), so that a
+    // sanitizer sees an access past the end; 0xFF bytes read as NaN where nothing was written.
+    e.dynamic.reset(static_cast<char*>(::operator new(smem ? smem : 1, std::align_val_t(16))));
+    std::memset(e.dynamic.get(), 0xFF, smem);
     const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
     std::vector<long> order(blocks);
     for (long i = 0; i < blocks; ++i) order[i] = i;
@@ -196,7 +253,7 @@ Launch<K> launcher(K kernel, dim3 grid, dim3 block, size_t smem) {
   return Launch<K>{kernel, grid, block, smem};
 }
 
-inline void* dynamic_smem() { return em().dynamic.data(); }
+inline void* dynamic_smem() { return em().dynamic.get(); }
 
 // The order of fibers and blocks (0 forward, 1 reverse, 2 random with this seed), the
 // multiprocessor count and the shared memory per block, for the tests.
@@ -233,6 +290,32 @@ inline void warp_barrier() {
   yield();
 }
 
+// The fp32 sum of one output of a tensor-core product: the 8 (exact) products and the
+// accumulator. The hardware does not round like a chain of fp32 adds; the published measurements
+// (Fasi, Higham, Mikaitis and Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ
+// Computer Science, 2021) find the addends aligned to the largest exponent with the bits
+// shifted out dropped, and the sum normalised by truncation, some generations keeping a few
+// extra bits. Modelled here is the least accurate variant, with no extra bits: each addend is
+// truncated to a multiple of 2^(e - 24), where 2^e bounds the largest, the truncated addends are
+// summed exactly, and the sum is rounded toward zero to fp32. Kernels tested against this model
+// are tested with an error no smaller than the hardware's.
+inline float tensor_core_sum(const double (&terms)[9]) {
+  double largest = 0.0, plain = 0.0;
+  for (double t : terms) {
+    largest = std::max(largest, std::fabs(t));
+    plain += t;
+  }
+  if (largest == 0.0 || !std::isfinite(largest)) return static_cast<float>(plain);
+  int e = 0;
+  std::frexp(largest, &e);  // largest < 2^e
+  const double quantum = std::ldexp(1.0, e - 24);
+  double sum = 0.0;  // exact: 9 multiples of quantum below 2^24 quanta each
+  for (double t : terms) sum += std::trunc(t / quantum) * quantum;
+  float f = static_cast<float>(sum);
+  if (std::fabs(static_cast<double>(f)) > std::fabs(sum)) f = std::nextafter(f, 0.0f);
+  return f;
+}
+
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += A (16x8) B (8x8), for the whole warp.
 // Fragments as the PTX ISA lays them out, with groupID = lane / 4 and tig = lane % 4:
 //   A: a0 (groupID, tig), a1 (groupID + 8, tig), a2 (groupID, tig + 4), a3 (groupID + 8, tig + 4)
@@ -240,8 +323,7 @@ inline void warp_barrier() {
 //   C, D: c0 (groupID, 2 tig), c1 (groupID, 2 tig + 1), c2 (groupID + 8, 2 tig),
 //         c3 (groupID + 8, 2 tig + 1).
 // The tensor cores read only the TF32 bits of each operand (sign, exponent, 10 mantissa bits):
-// the low 13 bits are dropped here too. Products are exact; the sum runs in double, rounded once
-// into the fp32 accumulator (the hardware's fp32 adds are at least this close to exact).
+// the low 13 bits are dropped here too. The sum is tensor_core_sum's.
 inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   Emulator& e = em();
   Thread* t = e.current;
@@ -266,9 +348,10 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
   float out[4];
   for (int i = 0; i < 4; ++i) {
     const int row = g + (i >= 2 ? 8 : 0), col = 2 * tig + (i % 2);
-    double sum = 0.0;
-    for (int k = 0; k < 8; ++k) sum += a_at(row, k) * b_at(k, col);
-    out[i] = static_cast<float>(static_cast<double>(d[i]) + sum);
+    double terms[9];
+    for (int k = 0; k < 8; ++k) terms[k] = a_at(row, k) * b_at(k, col);  // exact in double
+    terms[8] = d[i];
+    out[i] = tensor_core_sum(terms);
   }
   warp_barrier();  // nobody overwrites a slot before every lane has read
   for (int i = 0; i < 4; ++i) d[i] = out[i];
@@ -342,9 +425,25 @@ cudaError_t occupancy(int* blocks, K, int, size_t) {
   *blocks = 2;
   return cudaSuccess;
 }
+template <typename K>
+cudaError_t func_set_attribute(K kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    throw std::runtime_error("emulation: function attribute " +
+                             std::to_string(static_cast<int>(attr)) + " is not emulated");
+  }
+  if (value < 0 || value > em().max_smem) return cudaErrorInvalidValue;
+  em().smem_allowed[reinterpret_cast<const void*>(kernel)] = value;
+  return cudaSuccess;
+}
+inline cudaError_t get_device(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
 }  // namespace emu
 
 #define cudaGetLastError ::emu::last_error
 #define cudaPeekAtLastError ::emu::last_error
 #define cudaDeviceGetAttribute ::emu::device_attribute
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor ::emu::occupancy
+#define cudaFuncSetAttribute ::emu::func_set_attribute
+#define cudaGetDevice ::emu::get_device
