@@ -17,6 +17,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EMU = REPO / "tests" / "cuda_emu"
+# FASTDIT_EMU_SANITIZE=1 (tests/test_sanitized.py): AddressSanitizer, for global and shared
+# memory accessed out of bounds (what compute-sanitizer's memcheck finds on a GPU), and UBSan's
+# alignment check, for vector loads and stores at addresses their width does not divide (a
+# "misaligned address" fault on a GPU).
+SANITIZE = ["-g", "-fsanitize=address,alignment", "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer"]  # fmt: skip
 
 
 def _cuda_include() -> Path | None:
@@ -47,7 +53,8 @@ def build(family: str):
     digest = hashlib.sha256()
     for path in (REPO / "csrc" / f"{family}.cu", REPO / "csrc" / "common.cuh", emulate, module):
         digest.update(path.read_bytes())
-    digest.update(f"{cxx} {include} {sys.version}".encode())
+    sanitize = SANITIZE if os.environ.get("FASTDIT_EMU_SANITIZE") == "1" else []
+    digest.update(f"{cxx} {include} {sys.version} {sanitize}".encode())
     out_dir = REPO / "build" / "cuda_emu" / digest.hexdigest()[:16]
     target = out_dir / (name + sysconfig.get_config_var("EXT_SUFFIX"))
     if not target.exists():
@@ -56,7 +63,7 @@ def build(family: str):
         cmd = [
             cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-DFASTDIT_EMULATE",
             "-include", str(emulate), f"-I{include}", f"-I{pybind11.get_include()}",
-            f"-I{sysconfig.get_paths()['include']}", "-w", str(module), "-o", str(tmp),
+            f"-I{sysconfig.get_paths()['include']}", "-w", *sanitize, str(module), "-o", str(tmp),
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-4000:]
