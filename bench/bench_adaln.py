@@ -111,5 +111,5 @@ def run(ctx: common.Context) -> list[common.Row]:
 
 
 if __name__ == "__main__":
-    ctx, out = common.standalone_context(__doc__)
+    ctx, out = common.standalone_context(__doc__, "adaln")
     common.report(run(ctx), ctx, "adaln", out)

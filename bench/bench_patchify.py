@@ -144,5 +144,5 @@ def run(ctx: common.Context) -> list[common.Row]:
 
 
 if __name__ == "__main__":
-    ctx, out = common.standalone_context(__doc__)
+    ctx, out = common.standalone_context(__doc__, "patchify")
     common.report(run(ctx), ctx, "patchify", out)

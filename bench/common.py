@@ -121,9 +121,22 @@ def measure_limits(device: torch.device, dtypes: Sequence[torch.dtype]) -> Limit
     return Limits(device_name(device), copy_gbps, peaks)
 
 
-def compiled(fn: Callable[..., object]) -> Callable[..., object]:
-    """torch.compile of ``fn``, the strongest baseline PyTorch offers without hand kernels."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+def compiled(fn: Callable[..., object], backend: str = "inductor") -> Callable[..., object]:
+    """torch.compile of ``fn``, the strongest baseline PyTorch offers without hand kernels.
+
+    A suite compiles one reference function (one code object) for every shape it measures, and
+    Dynamo allows 8 compilations per code object by default; past that, fullgraph=True fails.
+    The limits are raised so that every shape gets its own compiled graph."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILES_PER_FUNCTION)
+    dynamo.accumulated_recompile_limit = max(
+        dynamo.accumulated_recompile_limit, COMPILES_PER_FUNCTION
+    )
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
+
+COMPILES_PER_FUNCTION = 1024
 
 
 def add_ratios(rows: list[Row]) -> None:
@@ -237,6 +250,21 @@ class Context:
     quick: bool  # the small CPU default
     limits: Limits
     backward: bool = True
+    out: Path | None = None  # the results folder: <suite>.csv / .md rewritten after every case
+    suite: str = ""
+    deadline: float | None = None  # time.monotonic() after which no case starts
+    head: dict[str, str] = field(default_factory=dict)
+
+    def start_suite(self, suite: str, budget_s: float | None = None) -> None:
+        """Name the suite whose rows the next cases write, and give it ``budget_s`` seconds."""
+        self.suite = suite
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def checkpoint(self, rows: list[Row]) -> None:
+        """Write the rows so far, so that a suite stopped from outside keeps what it measured."""
+        if self.out is not None and self.suite and rows:
+            add_ratios(rows)
+            write_results(self.out, self.suite, rows, self.limits, self.head)
 
 
 def kernel_backends(ops: Sequence[object], device: torch.device) -> dict[str, str]:
@@ -272,6 +300,11 @@ def bench_case(
     loss through a fixed random cotangent, with the inputs requiring gradients.
     """
     label = f"{bench} {'fwd+bwd' if backward else 'fwd'}"
+    if ctx.deadline is not None and time.monotonic() > ctx.deadline:
+        rows.append(Row(label, shape, _dt(dtype), ", ".join(variants), float("nan"),
+                        note="not run: the suite's time budget was spent"))  # fmt: skip
+        ctx.checkpoint(rows)
+        return
     for name, fn in variants.items():
         call = fn
         if backward:
@@ -306,6 +339,7 @@ def bench_case(
             shares += [row.tflops / peak] if peak else []
         row.of_limit = max(shares) if shares else None  # the limit this row comes closer to
         rows.append(row)
+    ctx.checkpoint(rows)
 
 
 def check_backward_backend(rows: list[Row], op, variants, make_inputs) -> None:
@@ -339,6 +373,10 @@ def parser(doc: str | None):
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--out", type=Path, help="folder for the CSV and markdown results")
+    p.add_argument(
+        "--budget", type=float, metavar="SECONDS",
+        help="per suite: cases that would start later are listed as not run",
+    )  # fmt: skip
     return p
 
 
@@ -351,16 +389,22 @@ def context_from(args) -> Context:
     limits = measure_limits(device, dtypes)
     peaks = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in limits.matmul_tflops.items())
     print(f"limits: copy {limits.copy_gbps:.0f} GB/s; matmul {peaks}")
-    return Context(device, dtypes, quick, limits, backward=not args.no_backward)
+    return Context(
+        device, dtypes, quick, limits, backward=not args.no_backward, out=args.out,
+        head=header(device),
+    )  # fmt: skip
 
 
-def standalone_context(doc: str | None) -> tuple[Context, Path | None]:
+def standalone_context(doc: str | None, suite: str) -> tuple[Context, Path | None]:
     args = parser(doc).parse_args()
-    return context_from(args), args.out
+    ctx = context_from(args)
+    ctx.start_suite(suite, args.budget)
+    return ctx, args.out
 
 
 def report(rows: Sequence[Row], ctx: Context, name: str, out: Path | None) -> None:
     print_rows(rows)
     if out is not None:
-        write_results(out, name, rows, ctx.limits, header(ctx.device))
+        add_ratios(rows)
+        write_results(out, name, rows, ctx.limits, ctx.head or header(ctx.device))
         print(f"wrote {out / (name + '.csv')} and .md")

@@ -3,11 +3,15 @@
 # ones included, Triton compiled for the GPU), run the benchmark suite, and write everything
 # under the folder given (default bench/results/<gpu>/<date>).
 #
-#   bash bench/gpu_check.sh [OUT_DIR] [all|tests|bench]
+#   bash bench/gpu_check.sh [OUT_DIR] [all|tests|bench] [SUITES]
 #
 # The second argument runs only the tests or only the benchmarks (after the build, which is
 # incremental on a second call), for machines that give one command 10 minutes: run "tests",
-# then "bench", with the same OUT_DIR.
+# then "bench", with the same OUT_DIR. SUITES (comma-separated, default
+# adaln,patchify,downsampled_attention,models) picks benchmark suites; they share BENCH_SECONDS
+# (default 450) by weight, so "bench downsampled_attention,models" gives those two more time.
+# Each suite writes its results after every case and stops starting cases when its share is
+# spent (the rest are listed as not run).
 #
 # Uses the Python on PATH (PY=... to choose) with its own torch; installs nothing from the
 # network (fastdit is built with --no-build-isolation --no-deps). Budget: about 12 minutes on
@@ -18,6 +22,7 @@ PY=${PY:-python}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' | tr -cd '[:alnum:]_-')
 OUT=${1:-bench/results/${gpu:-unknown_gpu}/$(date -u +%Y-%m-%d)}
 PART=${2:-all}
+SUITES=${3:-adaln,patchify,downsampled_attention,models}
 case "$PART" in all|tests|bench) ;; *) echo "second argument: all, tests or bench (got $PART)"; exit 2;; esac
 mkdir -p "$OUT"
 status=0
@@ -38,21 +43,36 @@ if [ "$PART" != bench ]; then
   # The CPU-only checks (CUDA emulator, compile-and-count-spills) ran in CI; here the kernels
   # run for real.
   step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI)"
-  FASTDIT_TEST_TRITON_GPU=1 timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q --no-header \
-    -p no:cacheprovider --ignore=tests/test_adaln_cuda_emu.py -k "not emulated and not spills" \
-    --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.txt" | tail -n 30
+  # tests.txt lists every test as it ends and failures.txt every failure's report as it
+  # happens, so a run stopped by TEST_TIMEOUT still says what ran and what failed (the junit XML
+  # is written only at the end); a test running over 60 s has its stack dumped.
+  rm -f "$OUT/failures.txt"
+  FASTDIT_TEST_TRITON_GPU=1 FASTDIT_TEST_FAILURES="$OUT/failures.txt" timeout ${TEST_TIMEOUT:-300} \
+    $PY -m pytest -v --no-header -p no:cacheprovider -o faulthandler_timeout=60 --durations=20 \
+    --ignore=tests/test_adaln_cuda_emu.py --ignore=tests/test_sanitized.py \
+    -k "not emulated and not spills" --junitxml="$OUT/tests.xml" 2>&1 \
+    | tee "$OUT/tests.txt" | grep -v " PASSED \| SKIPPED " | tail -n 60
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 [ "$PART" = tests ] && { echo; echo "results in $OUT (status $status)"; exit $status; }
 
-# Each suite under its own time limit (seconds), so one slow suite cannot starve the others.
-# bf16 is the default on a GPU; the adaln and patchify families also run in fp32 (their issues'
-# targets cover both). Worst case: about 8 minutes of benchmarks, 3 of tests, 1-2 of build.
-step "benchmarks"
-for spec in "adaln:150:--dtype bf16 --dtype fp32" "patchify:100:--dtype bf16 --dtype fp32" "downsampled_attention:90:" "models:150:"; do
-  IFS=: read -r suite limit args <<< "$spec"
-  timeout "$limit" $PY bench/run.py --only "$suite" $args --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "suite $suite failed or ran past ${limit} s"; status=1; }
+# Each suite under its own share of BENCH_SECONDS (by weight): --budget stops it starting cases
+# once its share is spent, and `timeout` (45 s later) stops a case that hangs. bf16 is the
+# default on a GPU; the adaln and patchify families also run in fp32 (their issues' targets
+# cover both). Worst case: BENCH_SECONDS of benchmarks, 5 minutes of tests, 1-2 of build.
+step "benchmarks ($SUITES)"
+declare -A weight=([adaln]=3 [patchify]=2 [downsampled_attention]=3 [models]=3)
+declare -A extra=([adaln]="--dtype bf16 --dtype fp32" [patchify]="--dtype bf16 --dtype fp32")
+total=0
+for suite in ${SUITES//,/ }; do
+  [ -n "${weight[$suite]:-}" ] || { echo "unknown suite $suite"; exit 2; }
+  total=$(( total + weight[$suite] ))
+done
+for suite in ${SUITES//,/ }; do
+  share=$(( ${BENCH_SECONDS:-450} * weight[$suite] / total ))
+  timeout $(( share + 45 )) $PY bench/run.py --only "$suite" ${extra[$suite]:-} --budget "$share" \
+    --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "suite $suite failed or ran past its time"; status=1; }
 done
 
 echo; echo "results in $OUT (status $status)"

@@ -6,7 +6,11 @@ included); --dtype picks other dtypes. On a CPU it is a small fp32 default that 
 few minutes on 2 cores. Each backend that cannot run here gets one line saying why.
 
     python bench/run.py [--quick | --full] [--dtype bf16 ...] [--no-backward] [--out DIR]
-                        [--only adaln,patchify,downsampled_attention,models]
+                        [--only adaln,patchify,downsampled_attention,models] [--budget S]
+
+--budget gives each suite that many seconds: the cases that would start later are listed as
+not run. Results are rewritten after every case, so a suite stopped from outside keeps what it
+measured.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main() -> None:
     for name in names:
         start = time.perf_counter()
         print(f"\n== {name} ==")
+        ctx.start_suite(name, args.budget)
         rows = SUITES[name].run(ctx)
         common.report(rows, ctx, name, args.out)
         print(f"({name}: {time.perf_counter() - start:.0f} s)")

@@ -18,3 +18,13 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# FASTDIT_TEST_FAILURES=<file> (bench/gpu_check.sh sets it): every failure's report is appended
+# to that file as it happens, so a run stopped by a time limit still tells what failed and why.
+def pytest_runtest_logreport(report):
+    path = os.environ.get("FASTDIT_TEST_FAILURES")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n")
+            f.write(f"{report.longreprtext}\n\n")
