@@ -39,20 +39,38 @@ fi
 echo "built in $(( $(date +%s) - start )) s"
 $PY -m fastdit info 2>&1 | tee "$OUT/info.txt"
 
+# One test file: its own pytest process, so that a kernel fault (a sticky CUDA error) or a hang
+# costs that file only, and TEST_JOBS files compile their Triton kernels at once. tests/<file>.txt
+# lists every test as it ends and tests/<file>.failures.txt every failure's report as it
+# happens, so a file stopped at the deadline still says what ran and what failed (its junit XML
+# is written only at the end); a test running over 60 s has its stack dumped.
+run_test_file() {
+  local file=$1 name left
+  name=$(basename "$file" .py)
+  left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -le 5 ]; then echo "$name: not run (TEST_TIMEOUT spent)"; return 1; fi
+  FASTDIT_TEST_TRITON_GPU=1 FASTDIT_TEST_FAILURES="$OUT/tests/$name.failures.txt" timeout "$left" \
+    $PY -m pytest -v --no-header -p no:cacheprovider -o faulthandler_timeout=60 --durations=10 \
+    -k "not emulated and not spills" --junitxml="$OUT/tests/$name.xml" "$file" \
+    > "$OUT/tests/$name.txt" 2>&1
+  local rc=$?
+  # pytest's exit code 5: every test of the file deselected or skipped, not a failure
+  echo "$name: $(tail -n 1 "$OUT/tests/$name.txt") (exit $rc)"
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ]
+}
+
 if [ "$PART" != bench ]; then
-  # The CPU-only checks (CUDA emulator, compile-and-count-spills) ran in CI; here the kernels
-  # run for real.
+  # The CPU-only checks (the CUDA emulator's tests, compile-and-count-spills, the sanitizers)
+  # ran in CI; here the kernels run for real. Largest files first, TEST_JOBS (4) at a time, all
+  # within TEST_TIMEOUT (300 s).
   step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI)"
-  # tests.txt lists every test as it ends and failures.txt every failure's report as it
-  # happens, so a run stopped by TEST_TIMEOUT still says what ran and what failed (the junit XML
-  # is written only at the end); a test running over 60 s has its stack dumped.
-  rm -f "$OUT/failures.txt"
-  FASTDIT_TEST_TRITON_GPU=1 FASTDIT_TEST_FAILURES="$OUT/failures.txt" timeout ${TEST_TIMEOUT:-300} \
-    $PY -m pytest -v --no-header -p no:cacheprovider -o faulthandler_timeout=60 --durations=20 \
-    --ignore=tests/test_adaln_cuda_emu.py --ignore=tests/test_sanitized.py \
-    -k "not emulated and not spills" --junitxml="$OUT/tests.xml" 2>&1 \
-    | tee "$OUT/tests.txt" | grep -v " PASSED \| SKIPPED " | tail -n 60
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  rm -rf "$OUT/tests"; mkdir -p "$OUT/tests"
+  export -f run_test_file
+  export OUT PY DEADLINE=$(( $(date +%s) + ${TEST_TIMEOUT:-300} ))
+  ls -S tests/test_*.py | grep -v -e test_adaln_cuda_emu -e test_sanitized \
+    | xargs -P "${TEST_JOBS:-4}" -I{} bash -c 'run_test_file {}' | tee "$OUT/tests.txt"
+  [ "${PIPESTATUS[2]}" -eq 0 ] || status=1
+  cat "$OUT"/tests/*.failures.txt 2>/dev/null | head -n 200
 fi
 [ "$PART" = tests ] && { echo; echo "results in $OUT (status $status)"; exit $status; }
 
