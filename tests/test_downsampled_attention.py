@@ -590,6 +590,23 @@ def test_backends():
         da.downsampled_attention(*args, backend="triton")
 
 
+def test_triton_refuses_more_groups_than_a_grid_axis_takes():
+    """The Triton attention grid is (row blocks, heads, groups): groups (batch x 4 in the layer)
+    and heads above 65535 would fail to launch on a GPU, so supports() says no and auto takes
+    the next backend."""
+    tri = pytest.importorskip("fastdit.triton.downsampled_attention")
+    q = torch.randn(1, 1, 1, 16).expand(65536, 1, 1, 16)  # no memory behind the groups
+    ls = torch.ones(1, 1, 1)
+    assert "at most 65535 groups" in tri.supports_attention(q, q, q, ls, True)
+    assert tri.supports_attention(q[:65535], q[:65535], q[:65535], ls, True) == ""
+    x = torch.randn(1, 32, 4, 4).expand(16384, 32, 4, 4)
+    reason = tri.supports_layer(x, None, None, None, None, ls, None, None, 2, True, True, True,
+                                None)  # fmt: skip
+    assert "got 65536 and 2" in reason
+    assert tri.supports_layer(x[:16383], *[None] * 4, ls, None, None, 2, True, True, True,
+                              None) == ""  # fmt: skip
+
+
 def test_layer_takes_a_cached_rope_table():
     ops = importlib.import_module("fastdit.ops.downsampled_attention")
     x = torch.randn(2, 16, 6, 4, dtype=torch.float64)
