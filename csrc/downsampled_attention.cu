@@ -1024,6 +1024,24 @@ __device__ __forceinline__ void mma(float (&d)[4], const Operand<4, PRECISE, A_E
   mma_tf32(d, a.hi, b.hi);
 }
 
+// d += A B as mma does, or with ROUNDED (fp32 inputs) fp32-accurate however long the chain of
+// products into d: the tensor cores truncate each product's sum to fp32 (they do not round it),
+// so a running accumulator fed by hundreds of mma drifts toward zero by up to an ulp of itself
+// per step (at 1024 keys, 8x eager PyTorch's fp32 error under emulate.h's model). ROUNDED sums
+// each k-step's product (its TF32 passes) from zero and adds it to d with one rounded fp32 add.
+template <bool ROUNDED, bool PRECISE, bool A_EXACT, bool B_EXACT>
+__device__ __forceinline__ void mma_into(float (&d)[4], const Operand<4, PRECISE, A_EXACT>& a,
+                                         const Operand<2, PRECISE, B_EXACT>& b) {
+  if constexpr (ROUNDED) {
+    float t[4] = {0.f, 0.f, 0.f, 0.f};
+    mma(t, a, b);
+    FD_UNROLL
+    for (int i = 0; i < 4; ++i) d[i] += t[i];
+  } else {
+    mma(d, a, b);
+  }
+}
+
 // Fragments from shared memory (lane = 4 g + tig; see emulate.h for the layouts).
 // A (16 x 8) at rows r0.., columns c0.. of a row-major tile X with row stride ld.
 template <bool PRECISE, bool EXACT = false>
@@ -1269,8 +1287,9 @@ __device__ __forceinline__ void load_grad(float* S, int64_t* sOff, const T* src,
   }
 }
 
-// S (16 x 64) = q^ k^T for a warp's 16 rows, 3xTF32; the columns from `valid` on stay 0.
-template <int HDP>
+// S (16 x 64) = q^ k^T for a warp's 16 rows, 3xTF32 (ROUNDED: see mma_into); the columns from
+// `valid` on stay 0.
+template <int HDP, bool ROUNDED>
 __device__ __forceinline__ void logits(float (&s)[8][4], const float* sQ, const float* sK, int w,
                                        int g, int tig, int valid) {
   constexpr int ld = row_stride(HDP);
@@ -1284,7 +1303,7 @@ __device__ __forceinline__ void logits(float (&s)[8][4], const float* sQ, const 
     const auto a = a_frag<true>(sQ, ld, w, kk, g, tig);
     FD_UNROLL
     for (int nt = 0; nt < 8; ++nt) {
-      if (nt * 8 < valid) mma<true>(s[nt], a, bt_frag<true>(sK, ld, kk, nt * 8, g, tig));
+      if (nt * 8 < valid) mma_into<ROUNDED>(s[nt], a, bt_frag<true>(sK, ld, kk, nt * 8, g, tig));
     }
   }
 }
@@ -1302,6 +1321,7 @@ template <typename T, int HDP, bool STATS>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
   constexpr bool F32 = std::is_same<T, float>::value || STATS;
   constexpr bool VX = !std::is_same<T, float>::value;  // v exact in TF32 (16-bit inputs)
+  constexpr bool RN = !VX;  // fp32 inputs: rounded accumulation (mma_into)
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
   float* sQ = smem;
@@ -1328,7 +1348,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
     if (q0 + w >= n) continue;  // a warp of padding rows only: nothing to compute or store
     const int valid = valid_rows(k0, n);
     float s[8][4];
-    logits<HDP>(s, sQ, sK, w, g, tig, valid);
+    logits<HDP, RN>(s, sQ, sK, w, g, tig, valid);
     float mx[2] = {-INFINITY, -INFINITY};
     FD_UNROLL
     for (int nt = 0; nt < 8; ++nt) {
@@ -1367,7 +1387,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
       if (kk >= valid) break;
       const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
-      for (int nt = 0; nt < NT; ++nt) mma(o[nt], a, b_frag<F32, VX>(sV, LV, kk, nt * 8, g, tig));
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_into<RN>(o[nt], a, b_frag<F32, VX>(sV, LV, kk, nt * 8, g, tig));
+      }
     }
     __syncwarp();  // P is read before the next tile overwrites it
   }
@@ -1408,7 +1430,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
 
 template <typename T, int HDP>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
-  constexpr bool F32 = std::is_same<T, float>::value;
+  constexpr bool F32 = std::is_same<T, float>::value;  // also: rounded accumulation (mma_into)
   constexpr bool VX = !F32;  // v and d out exact in TF32 (16-bit inputs)
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
@@ -1445,7 +1467,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
     if (q0 + w >= n) continue;  // a warp of padding rows only
     const int valid = valid_rows(k0, n);
     float s[8][4], dp[8][4];
-    logits<HDP>(s, sQ, sK, w, g, tig, valid);
+    logits<HDP, F32>(s, sQ, sK, w, g, tig, valid);
     FD_UNROLL
     for (int nt = 0; nt < 8; ++nt) {
       FD_UNROLL
@@ -1456,7 +1478,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
       const auto a = a_frag<F32, VX>(sdO, LQ, w, kk, g, tig);
       FD_UNROLL
       for (int nt = 0; nt < 8; ++nt) {
-        if (nt * 8 < valid) mma(dp[nt], a, bt_frag<F32, VX>(sV, LV, kk, nt * 8, g, tig));
+        if (nt * 8 < valid) mma_into<F32>(dp[nt], a, bt_frag<F32, VX>(sV, LV, kk, nt * 8, g, tig));
       }
     }
     FD_UNROLL
@@ -1482,7 +1504,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
       if (kk >= valid) break;
       const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
-      for (int nt = 0; nt < NT; ++nt) mma<F32>(dq[nt], a, b_frag<F32>(sK, LQ, kk, nt * 8, g, tig));
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_into<F32>(dq[nt], a, b_frag<F32>(sK, LQ, kk, nt * 8, g, tig));
+      }
     }
     __syncwarp();
   }
@@ -1503,7 +1527,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
 
 template <typename T, int HDP>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
-  constexpr bool F32 = std::is_same<T, float>::value;
+  constexpr bool F32 = std::is_same<T, float>::value;  // also: rounded accumulation (mma_into)
   constexpr bool VX = !F32;  // v and d out exact in TF32 (16-bit inputs)
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
@@ -1540,7 +1564,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
     if (k0 + w >= n) continue;  // a warp of padding keys only
     const int valid = valid_rows(q0, n);  // queries in this tile
     float s[8][4];  // S^T, then P^T, then dP^T, then dS^T: one set of registers
-    logits<HDP>(s, sK, sQ, w, g, tig, valid);  // S^T = k^ q^T
+    logits<HDP, F32>(s, sK, sQ, w, g, tig, valid);  // S^T = k^ q^T
     FD_UNROLL
     for (int nt = 0; nt < 8; ++nt) {
       FD_UNROLL
@@ -1556,7 +1580,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
       if (kk >= valid) break;
       const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
-      for (int nt = 0; nt < NT; ++nt) mma(dv[nt], a, b_frag<F32, VX>(sdO, LQ, kk, nt * 8, g, tig));
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_into<F32>(dv[nt], a, b_frag<F32, VX>(sdO, LQ, kk, nt * 8, g, tig));
+      }
     }
     FD_UNROLL
     for (int nt = 0; nt < 8; ++nt) {
@@ -1568,7 +1594,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
       const auto a = a_frag<F32, VX>(sV, LV, w, kk, g, tig);
       FD_UNROLL
       for (int nt = 0; nt < 8; ++nt) {
-        if (nt * 8 < valid) mma(s[nt], a, bt_frag<F32, VX>(sdO, LQ, kk, nt * 8, g, tig));
+        if (nt * 8 < valid) mma_into<F32>(s[nt], a, bt_frag<F32, VX>(sdO, LQ, kk, nt * 8, g, tig));
       }
     }
     // dS^T = P^T (dP^T - delta), P^T read back from this lane's own places in sP.
@@ -1588,7 +1614,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
       if (kk >= valid) break;
       const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
-      for (int nt = 0; nt < NT; ++nt) mma<F32>(dk[nt], a, b_frag<F32>(sQ, LQ, kk, nt * 8, g, tig));
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_into<F32>(dk[nt], a, b_frag<F32>(sQ, LQ, kk, nt * 8, g, tig));
+      }
     }
     __syncwarp();
   }
