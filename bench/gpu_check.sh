@@ -50,6 +50,7 @@ run_test_file() {
   left=$(( DEADLINE - $(date +%s) ))
   if [ "$left" -le 5 ]; then echo "$name: not run (TEST_TIMEOUT spent)"; return 1; fi
   FASTDIT_TEST_TRITON_GPU=1 FASTDIT_TEST_FAILURES="$OUT/tests/$name.failures.txt" timeout "$left" \
+    ${SANITIZER:+"$SANITIZER_BIN" --tool "$SANITIZER" --error-exitcode 86 --print-limit 20} \
     $PY -m pytest -v --no-header -p no:cacheprovider -o faulthandler_timeout=60 --durations=10 \
     -k "not emulated and not spills" --junitxml="$OUT/tests/$name.xml" "$file" \
     > "$OUT/tests/$name.txt" 2>&1
@@ -62,12 +63,17 @@ run_test_file() {
 if [ "$PART" != bench ]; then
   # The CPU-only checks (the CUDA emulator's tests, compile-and-count-spills, the sanitizers)
   # ran in CI; here the kernels run for real. Largest files first, TEST_JOBS (4) at a time, all
-  # within TEST_TIMEOUT (300 s).
+  # within TEST_TIMEOUT (300 s). TEST_FILES="tests/a.py tests/b.py" runs only those;
+  # SANITIZER=memcheck (or racecheck, initcheck, synccheck) runs them under compute-sanitizer
+  # (many times slower: pick a few files), a report failing the file.
   step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI)"
   rm -rf "$OUT/tests"; mkdir -p "$OUT/tests"
   export -f run_test_file
-  export OUT PY DEADLINE=$(( $(date +%s) + ${TEST_TIMEOUT:-300} ))
-  ls -S tests/test_*.py | grep -v -e test_adaln_cuda_emu -e test_sanitized \
+  SANITIZER_BIN=$(command -v compute-sanitizer \
+    || echo "$(dirname "$(command -v nvcc)")/compute-sanitizer")
+  export OUT PY SANITIZER SANITIZER_BIN DEADLINE=$(( $(date +%s) + ${TEST_TIMEOUT:-300} ))
+  { if [ -n "${TEST_FILES:-}" ]; then printf '%s\n' $TEST_FILES; else ls -S tests/test_*.py; fi; } \
+    | grep -v -e test_adaln_cuda_emu -e test_sanitized \
     | xargs -P "${TEST_JOBS:-4}" -I{} bash -c 'run_test_file {}' | tee "$OUT/tests.txt"
   [ "${PIPESTATUS[2]}" -eq 0 ] || status=1
   cat "$OUT"/tests/*.failures.txt 2>/dev/null | head -n 200
