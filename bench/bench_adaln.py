@@ -106,7 +106,6 @@ def run(ctx: common.Context) -> list[common.Row]:
                         bytes_moved=elements_bwd * elem, backward=True,
                     )  # fmt: skip
                     common.check_backward_backend(rows[before:], op, variants, make(n_x))
-    common.add_ratios(rows)
     return rows
 
 

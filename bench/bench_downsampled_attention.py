@@ -99,7 +99,6 @@ def run(ctx: common.Context) -> list[common.Row]:
                     {"sdpa core": sdpa_core}, flops=2 * batch * tokens * 2 * n * d
                     * (3 if backward else 1), backward=backward,
                 )  # fmt: skip
-    common.add_ratios(rows)
     return rows
 
 

@@ -80,7 +80,6 @@ def run(ctx: common.Context) -> list[common.Row]:
                 rows, ctx, name, label, dtype, inputs, {"eager": eager, "fastdit": model},
                 flops=3 * flops, backward=True,
             )  # fmt: skip
-    common.add_ratios(rows)
     return rows
 
 

@@ -139,7 +139,6 @@ def run(ctx: common.Context) -> list[common.Row]:
                         bytes_moved=(fwd + bwd) * elem, flops=3 * flops, backward=True,
                     )  # fmt: skip
                     common.check_backward_backend(rows[before:], op, variants, make)
-    common.add_ratios(rows)
     return rows
 
 

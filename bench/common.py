@@ -121,6 +121,9 @@ def measure_limits(device: torch.device, dtypes: Sequence[torch.dtype]) -> Limit
     return Limits(device_name(device), copy_gbps, peaks)
 
 
+COMPILES_PER_FUNCTION = 1024
+
+
 def compiled(fn: Callable[..., object], backend: str = "inductor") -> Callable[..., object]:
     """torch.compile of ``fn``, the strongest baseline PyTorch offers without hand kernels.
 
@@ -134,9 +137,6 @@ def compiled(fn: Callable[..., object], backend: str = "inductor") -> Callable[.
         dynamo.accumulated_recompile_limit, COMPILES_PER_FUNCTION
     )
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
-
-
-COMPILES_PER_FUNCTION = 1024
 
 
 def add_ratios(rows: list[Row]) -> None:
