@@ -132,10 +132,10 @@ def compiled(fn: Callable[..., object], backend: str = "inductor") -> Callable[.
     The limits are raised so that every shape gets its own compiled graph."""
     import torch._dynamo.config as dynamo
 
-    dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILES_PER_FUNCTION)
-    dynamo.accumulated_recompile_limit = max(
-        dynamo.accumulated_recompile_limit, COMPILES_PER_FUNCTION
-    )
+    for new, old in (("recompile_limit", "cache_size_limit"),
+                     ("accumulated_recompile_limit", "accumulated_cache_size_limit")):  # fmt: skip
+        name = new if hasattr(dynamo, new) else old  # the old names before torch 2.6
+        setattr(dynamo, name, max(getattr(dynamo, name), COMPILES_PER_FUNCTION))
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
 
