@@ -3,9 +3,10 @@
 On a GPU: DiT-XL/2 at 256 px (latent 32x32), batch 32, in each dtype of the run. On a CPU (the
 quick default): DiT-S/2 on a 16x16 latent, batch 2, fp32. Variants:
 
-- eager: the same model with every fastdit op on its plain PyTorch reference
-  (``set_backend(model, "torch")``), i.e. what the authors' code computes, op for op;
-- compile: torch.compile of that eager model;
+- eager: the same model with every fastdit op's plain PyTorch reference called directly (no
+  custom-op node: ``common.references_only``), i.e. what the authors' code computes, op for op;
+- compile: torch.compile of that eager model, under references_only too, so that Inductor fuses
+  across the ops as it would in the authors' code;
 - fastdit: the model as shipped (``auto`` backends: the fastest kernel that serves each call);
 - fastdit+compile (CPU default only): torch.compile of the shipped model (fastdit ops stay
   single graph nodes).
@@ -67,7 +68,13 @@ def run(ctx: common.Context) -> list[common.Row]:
                 torch.randint(0, 1000, (batch,), device=ctx.device),
             ]
 
-        variants = {"eager": eager, "compile": common.compiled(eager), "fastdit": model}
+        # eager and compile: the reference ops called directly, no custom-op nodes (see
+        # common.references_only), so Inductor fuses across them as it would the authors' code.
+        variants = {
+            "eager": common.on_references(eager),
+            "compile": common.on_references(common.compiled(eager)),
+            "fastdit": model,
+        }
         if ctx.quick:  # on a GPU, compiling DiT-XL/2 twice costs more than the row is worth
             variants["fastdit+compile"] = common.compiled(model)
         label = f"{name} {tuple(inputs()[0].shape)}"
@@ -77,7 +84,8 @@ def run(ctx: common.Context) -> list[common.Row]:
             model.train()
             eager.train()
             common.bench_case(
-                rows, ctx, name, label, dtype, inputs, {"eager": eager, "fastdit": model},
+                rows, ctx, name, label, dtype, inputs,
+                {"eager": common.on_references(eager), "fastdit": model},
                 flops=3 * flops, backward=True,
             )  # fmt: skip
     return rows
@@ -114,7 +122,7 @@ def _udit_tricks(ctx: common.Context, rows: list[common.Row]) -> None:
     before = len(rows)
     common.bench_case(
         rows, ctx, "U-DiT-L train step", f"U-DiT-L {(batch, 4, 32, 32)}", dtype, inputs,
-        {"eager": plain, "fastdit": tricks}, backward=True,
+        {"eager": common.on_references(plain), "fastdit": tricks}, backward=True,
     )  # fmt: skip
     notes = {"eager": "without the tricks, eager PyTorch", "fastdit": "with the tricks"}
     for row in rows[before:]:

@@ -44,27 +44,13 @@ def _missing() -> str:
     return ""
 
 
-@contextlib.contextmanager
-def references_only():
-    """Every fastdit op call runs its plain PyTorch reference directly (no custom-op node), so
-    an export decomposes the ops into ATen instead of translating them."""
-    from fastdit.ops._op import Op
-
-    call = Op.__call__
-    Op.__call__ = lambda self, *inputs, backend=None: self.reference(*inputs)  # type: ignore
-    try:
-        yield
-    finally:
-        Op.__call__ = call  # type: ignore[method-assign]
-
-
 def export_decomposed(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
     """The alternative route: the references traced into ATen, the exporter's stock lowering."""
     import fastdit.onnx as fx
 
     model = copy.deepcopy(model).to(dtype).eval()
     batch = torch.export.Dim("batch", min=1)
-    with references_only(), torch.no_grad(), fx._quiet_exporter():
+    with common.references_only(), torch.no_grad(), fx._quiet_exporter():
         program = torch.onnx.export(
             fx._Forward(model).eval(), fx.model_inputs(model, 2, dtype=dtype), dynamo=True,
             dynamic_shapes=({0: batch},) * 3, input_names=["x", "t", "y"],

@@ -139,6 +139,34 @@ def compiled(fn: Callable[..., object], backend: str = "inductor") -> Callable[.
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
 
+@contextlib.contextmanager
+def references_only():
+    """Every fastdit op call runs its plain PyTorch reference directly (no custom-op node): what
+    the authors' code computes, as they compute it. torch.compile then sees through the ops (an
+    opaque custom op would keep Inductor from fusing across it), and an ONNX export decomposes
+    them into ATen."""
+    from fastdit.ops._op import Op
+
+    call = Op.__call__
+    Op.__call__ = lambda self, *inputs, backend=None: self.reference(*inputs)  # type: ignore
+    try:
+        yield
+    finally:
+        Op.__call__ = call  # type: ignore[method-assign]
+
+
+def on_references(fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` (a model, or its compiled form) called under references_only()."""
+
+    def run(*inputs):
+        with references_only():
+            return fn(*inputs)
+
+    if isinstance(fn, torch.nn.Module):
+        run.parameters = fn.parameters  # for bench_case's fwd+bwd: their gradients are reset
+    return run
+
+
 def add_ratios(rows: list[Row]) -> None:
     """Fill vs_eager / vs_compile from the eager and compile rows of the same bench and shape."""
     base: dict[tuple[str, str, str, str], float] = {}
@@ -310,6 +338,11 @@ def bench_case(
         if backward:
 
             def call(*inputs, fn=fn):
+                # A training step starts with no gradients (zero_grad(set_to_none=True)); else
+                # every call after the first would also time AccumulateGrad's in-place adds.
+                params = fn.parameters() if hasattr(fn, "parameters") else ()
+                for t in (*inputs, *params):
+                    t.grad = None
                 out = fn(*inputs)
                 outs = out if isinstance(out, tuple) else (out,)
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])

@@ -53,3 +53,29 @@ def test_results_written_after_every_case_and_budget_stops_new_cases(tmp_path):
     assert len(written) == 3
     assert written[2]["shape"] == "(128,)" and "not run" in written[2]["note"]
     assert "not run" in (tmp_path / "demo.md").read_text()
+
+
+def test_fwd_bwd_timing_starts_each_call_without_gradients(tmp_path):
+    """Every timed training step starts from no gradients (as after zero_grad(set_to_none=True)):
+    the parameters end with one call's gradient, not the sum over every call timed."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    common.bench_case([], _context(None), "linear", "(4, 8)", torch.float32, lambda: [x],
+                      {"eager": common.on_references(model)}, backward=True)  # fmt: skip
+    timed = model.weight.grad.clone()
+    model.weight.grad = None
+    model(x).backward(torch.ones(4, 8))
+    torch.testing.assert_close(timed, model.weight.grad)
+
+
+def test_references_only_calls_the_reference_directly():
+    from fastdit.ops import adaln
+
+    x, shift, scale = torch.randn(2, 3, 16), torch.randn(2, 16), torch.randn(2, 16)
+    adaln._modulate.last_backend = None
+    out = common.on_references(lambda *a: adaln._modulate(*a, 1e-6))(x, shift, scale)
+    assert adaln._modulate.last_backend is None  # no dispatch: not a custom-op call
+    torch.testing.assert_close(out, adaln.reference_modulate(x, shift, scale, 1e-6))
+    adaln._modulate(x, shift, scale, 1e-6)
+    assert adaln._modulate.last_backend is not None  # restored afterwards
