@@ -590,21 +590,23 @@ def test_backends():
         da.downsampled_attention(*args, backend="triton")
 
 
-def test_triton_refuses_more_groups_than_a_grid_axis_takes():
-    """The Triton attention grid is (row blocks, heads, groups): groups (batch x 4 in the layer)
-    and heads above 65535 would fail to launch on a GPU, so supports() says no and auto takes
-    the next backend."""
+def test_triton_refuses_grids_a_gpu_cannot_launch():
+    """The Triton attention grid is ((group, head) problems, row blocks of 16 or more): past
+    2^31 problems or 65535 blocks (about a million tokens a group) a launch would fail on a GPU,
+    so supports() says no and auto takes the next backend. Expanded tensors: no memory."""
     tri = pytest.importorskip("fastdit.triton.downsampled_attention")
-    q = torch.randn(1, 1, 1, 16).expand(65536, 1, 1, 16)  # no memory behind the groups
     ls = torch.ones(1, 1, 1)
-    assert "at most 65535 groups" in tri.supports_attention(q, q, q, ls, True)
-    assert tri.supports_attention(q[:65535], q[:65535], q[:65535], ls, True) == ""
-    x = torch.randn(1, 32, 4, 4).expand(16384, 32, 4, 4)
-    reason = tri.supports_layer(x, None, None, None, None, ls, None, None, 2, True, True, True,
-                                None)  # fmt: skip
-    assert "got 65536 and 2" in reason
-    assert tri.supports_layer(x[:16383], *[None] * 4, ls, None, None, 2, True, True, True,
-                              None) == ""  # fmt: skip
+    one = torch.randn(1, 1, 1, 16)
+    q = one.expand(65536, 32768, 1, 16)  # 2^31 problems
+    assert "fewer than 2^31" in tri.supports_attention(q, q, q, ls.expand(32768, 1, 1), True)
+    q = one.expand(1, 1, 65535 * 16 + 1, 16)
+    assert "got 1 and 1048561" in tri.supports_attention(q, q, q, ls, True)
+    q = one.expand(1, 1, 65535 * 16, 16)
+    assert tri.supports_attention(q, q, q, ls, True) == ""
+    x = torch.randn(1, 32, 1, 1).expand(1, 32, 2048, 2050)  # 1049600 tokens a group
+    args = (None, None, None, None, ls, None, None, 2, True, True, True, None)
+    assert "got 8 and 1049600" in tri.supports_layer(x, *args)
+    assert tri.supports_layer(x[:, :, :2040], *args) == ""
 
 
 def test_layer_takes_a_cached_rope_table():

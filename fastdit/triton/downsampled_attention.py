@@ -42,9 +42,10 @@ from ._common import INTERPRETED, RTNE_BF16, _round, device_context, dtype_reaso
 
 LOGIT_SCALE_MAX = 4.6052  # the released clamp (fastdit.ops.downsampled_attention)
 MAX_HEAD_DIM = 128
-# The attention kernels run on a (row blocks, heads, groups) grid: heads and groups (batch x 4
-# in the layer) are each at most 65535, the limit of a CUDA grid's second and third axes.
-MAX_GRID_YZ = 65535
+# The attention kernels run on a (groups x heads, row blocks) grid: the (group, head) problems
+# on the first axis (below 2^31), the blocks of 16 to 64 rows on the second (at most 65535, the
+# limit of a CUDA grid's second axis).
+MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535
 # The same constants as the kernels see them (a jit function reads only constexpr globals).
 LOG2E_ = tl.constexpr(1.4426950408889634)
 LOGIT_SCALE_MAX_ = tl.constexpr(LOGIT_SCALE_MAX)
@@ -146,10 +147,10 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr, FAST: tl.constexpr, RTNE_BF16: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    h = tl.program_id(1)
-    z = tl.program_id(2).to(tl.int64)
-    zh = z * heads + h
-    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    zh = tl.program_id(0)
+    z = (zh // heads).to(tl.int64)
+    h = zh % heads
+    i = tl.program_id(1) * BM + tl.arange(0, BM)
     i_ok = i < n
     half = tl.arange(0, HALF)
     half_dim = hd // 2
@@ -197,7 +198,7 @@ def _attn_fwd_kernel(
         # times the logit scale, into every gradient).
         do = tl.load(DO + _out_offsets(z, h, i, cols, hd, gw, so_0, so_1, so_2, so_3, MERGE),
                      mask=rc, other=0.0).to(tl.float32)  # fmt: skip
-        row = STATS + (zh * n + i) * 3
+        row = STATS + (zh.to(tl.int64) * n + i) * 3
         tl.store(row, m_i, mask=i_ok)
         tl.store(row + 1, l_inv, mask=i_ok)
         tl.store(row + 2, tl.sum(out * do, axis=1), mask=i_ok)
@@ -222,10 +223,10 @@ def _attn_bwd_dq_kernel(
 ):  # fmt: skip
     """dq for BM query rows, and DLS[zh, block] = sum over the rows of q^ . d q^ (the partial of
     d logit_scale, before the clamp's mask). STATS: (max, 1 / sum, delta) of every row."""
-    h = tl.program_id(1)
-    z = tl.program_id(2).to(tl.int64)
-    zh = z * heads + h
-    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    zh = tl.program_id(0)
+    z = (zh // heads).to(tl.int64)
+    h = zh % heads
+    i = tl.program_id(1) * BM + tl.arange(0, BM)
     i_ok = i < n
     half = tl.arange(0, HALF)
     half_dim = hd // 2
@@ -237,7 +238,7 @@ def _attn_bwd_dq_kernel(
 
     do = tl.load(DO + _out_offsets(z, h, i, cols, hd, gw, sdo_0, sdo_1, sdo_2, sdo_3, MERGE),
                  mask=rc, other=0.0).to(tl.float32)  # fmt: skip
-    row = STATS + (zh * n + i) * 3
+    row = STATS + (zh.to(tl.int64) * n + i) * 3
     m_i = tl.load(row, mask=i_ok, other=0.0)
     l_inv = tl.load(row + 1, mask=i_ok, other=0.0)
     delta = tl.load(row + 2, mask=i_ok, other=0.0)
@@ -269,7 +270,7 @@ def _attn_bwd_dq_kernel(
         dqo = _mm(ds, ko, dqo, FAST, INTERPRETED)
     if COSINE:
         part = tl.sum(tl.sum(qe * dqe + qo * dqo, axis=1), axis=0)
-        tl.store(DLS + zh * tl.num_programs(0) + tl.program_id(0), part)
+        tl.store(DLS + zh.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), part)
     dqe, dqo = _epilogue(dqe, dqo, qe, qo, q_inv, i, i_ok, half, half_ok, TABLE, n, half_dim,
                          ROPE, COSINE)  # fmt: skip
     base = (
@@ -293,10 +294,10 @@ def _attn_bwd_dkdv_kernel(
     INTERPRETED: tl.constexpr,
 ):  # fmt: skip
     """dk and dv for BN keys, streaming every query block of the group."""
-    h = tl.program_id(1)
-    z = tl.program_id(2).to(tl.int64)
-    zh = z * heads + h
-    j = tl.program_id(0) * BN + tl.arange(0, BN)
+    zh = tl.program_id(0)
+    z = (zh // heads).to(tl.int64)
+    h = zh % heads
+    j = tl.program_id(1) * BN + tl.arange(0, BN)
     j_ok = j < n
     half = tl.arange(0, HALF)
     half_dim = hd // 2
@@ -323,7 +324,7 @@ def _attn_bwd_dkdv_kernel(
         qe, qo = _load_pairs(Q + z * sq_z + h * sq_h, i.to(tl.int64) * sq_n, i_ok, half, half_ok,
                              sq_c)  # fmt: skip
         qe, qo, q_inv = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
-        row = STATS + (zh * n + i) * 3
+        row = STATS + (zh.to(tl.int64) * n + i) * 3
         m_i = tl.load(row, mask=i_ok, other=0.0)
         l_inv = tl.load(row + 1, mask=i_ok, other=0.0)
         delta = tl.load(row + 2, mask=i_ok, other=0.0)
@@ -581,7 +582,7 @@ def _forward(
     if dout is not None:
         dout = pb.out_view(dout)
         stats = torch.empty(pb.Z, pb.n, 3, dtype=torch.float32, device=pb.q.device)
-    grid = (triton.cdiv(pb.n, pb.tiles["BM"]), pb.heads, pb.G)
+    grid = (pb.Z, triton.cdiv(pb.n, pb.tiles["BM"]))
     target = dout if dout is not None else pb.out
     if dout is not None and store_o and pb.out is not None:
         assert pb.out.stride() == dout.stride(), "o and d o share one set of strides"
@@ -606,13 +607,13 @@ def _backward(pb: _Problem, dout: torch.Tensor, dq, dk, dv) -> torch.Tensor:
     dls = torch.zeros(pb.Z, blocks, dtype=torch.float32, device=pb.q.device)
     dq, dk, dv = _as_groups(dq), _as_groups(dk), _as_groups(dv)
     with device_context(pb.q):
-        _attn_bwd_dq_kernel[(blocks, pb.heads, pb.G)](
+        _attn_bwd_dq_kernel[(pb.Z, blocks)](
             pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dq, dls,
             pb.heads, pb.n, pb.hd, pb.gw,
             *pb.qkv_strides(), *dout.stride(), *dq.stride(), pb.ls.stride(0),
             **pb.common, **pb.tiles,
         )  # fmt: skip
-        _attn_bwd_dkdv_kernel[(triton.cdiv(pb.n, pb.tiles["BN"]), pb.heads, pb.G)](
+        _attn_bwd_dkdv_kernel[(pb.Z, triton.cdiv(pb.n, pb.tiles["BN"]))](
             pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dk, dv,
             pb.heads, pb.n, pb.hd, pb.gw,
             *pb.qkv_strides(), *dout.stride(), *dk.stride(), *dv.stride(), pb.ls.stride(0),
@@ -629,7 +630,7 @@ def supports_attention(q, k, v, logit_scale, cosine) -> str:
     hd = q.shape[-1]
     if hd > MAX_HEAD_DIM or hd % 2:
         return f"the triton kernel takes an even head dim <= {MAX_HEAD_DIM}, got {hd}"
-    return _grid_reason(math.prod(q.shape[:-3]), q.shape[-3])
+    return _grid_reason(math.prod(q.shape[:-2]), q.shape[-2])
 
 
 def attention_forward(q, k, v, logit_scale, cosine) -> torch.Tensor:
@@ -740,14 +741,14 @@ def supports_layer(x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out
     hd = x.shape[1] // num_heads
     if hd > MAX_HEAD_DIM or hd % 2:
         return f"the triton kernel takes an even head dim <= {MAX_HEAD_DIM}, got {hd}"
-    return _grid_reason(4 * x.shape[0], num_heads)
+    return _grid_reason(4 * x.shape[0] * num_heads, x.shape[2] * x.shape[3] // 4)
 
 
-def _grid_reason(groups: int, heads: int) -> str:
-    if groups > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+def _grid_reason(problems: int, n: int) -> str:
+    if problems > MAX_GRID_X or triton.cdiv(n, 16) > MAX_GRID_Y:
         return (
-            f"the triton kernel takes at most {MAX_GRID_YZ} groups (batch x 4 in the layer) and "
-            f"{MAX_GRID_YZ} heads, got {groups} and {heads}"
+            f"the triton kernel takes fewer than 2^31 (group, head) problems and at most "
+            f"{MAX_GRID_Y * 16} tokens a group, got {problems} and {n}"
         )
     return ""
 
