@@ -28,13 +28,22 @@ LAYOUT = [(2, 16), (8, 256), (2, 32), (8, 512)]  # (p, K)
 # (head dim, tokens per group): U-DiT-S/B/L head dims (24, 48, 96) at 256 px stage shapes.
 ATTENTION = [(24, 256), (48, 64), (96, 16)]
 DWCONV = [96, 384, 1536]  # channels: U-DiT-S stage 1 to U-DiT-L stage 3
+# (tokens per sample, D) of the adaLN kernels: U-DiT-S stage 1, DiT-XL, U-DiT-L stage 3, and
+# the widest the docs promise without spills; each in the token layout (channel stride 1) and
+# channels-first (U-DiT's NCHW images).
+ADALN = [(1024, 96), (256, 1152), (64, 1536), (256, 4096)]
 DTYPES = ["bf16", "fp32"]
 # Register spills known and accepted for now (each costs speed, not correctness; to tune with
 # a GPU): the attention kernels at head dim 96 (the (BM, hd) tiles of q's even and odd halves,
 # the output and its gradient are live together), and with fp32 inputs from head dim 48 (IEEE
 # products on the CUDA cores). Any other spill fails the test.
+# The adaLN kernels spill in channels-first layout from D = 1152 in the gated backward and at
+# D = 4096 both ways (the slow layout: its tiles are tall so that each channel is a run of
+# tokens), and 7 stores in the gated backward at D = 4096 on tokens.
 KNOWN_SPILLS = re.compile(
     r"^attention \w+ (\w+ hd=96|fp32 hd=48|bf16 hd=48 .*rope=False backward=True)"
+    r"|^adaln (bwd \w+ L=\d+ D=(1152|1536) channels-first gated=True"
+    r"|\w+ \w+ L=\d+ D=4096 channels-first|bwd \w+ L=\d+ D=4096 tokens gated=True)"
 )
 
 
@@ -71,6 +80,34 @@ def _cases():
             yield (f"final wgrad {dtype} K={K} D={D}", T._final_wgrad_kernel, pointers,
                    dict(T.final_wgrad_tiles(K, D), **rtne))  # fmt: skip
         yield from _attention_cases(dtype)
+        yield from _adaln_cases(dtype)
+
+
+def _adaln_cases(dtype):
+    from fastdit.triton import adaln as T
+
+    ptrs = {n: dtype for n in ("X", "Y", "GATE", "SHIFT", "SCALE", "R", "OUT", "DR", "DH", "DX",
+                               "DY", "O0", "O1", "O2")}  # fmt: skip
+    ptrs.update(PART="fp32")
+    for length, dim in ADALN:
+        for layout, channel_stride in (("tokens", 1), ("channels-first", length)):
+            for backward in (False, True):
+                rows, block_d, warps = T._launch_shape(length, dim, channel_stride, backward)
+                kernel = T._bwd_kernel if backward else T._fwd_kernel
+                for gated in (False, True):
+                    tiles = dict(GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=False,
+                                 WIDE=False, num_warps=warps)  # fmt: skip
+                    what = f"{'bwd' if backward else 'fwd'} {dtype} L={length} D={dim} {layout}"
+                    yield f"adaln {what} gated={gated}", kernel, ptrs, tiles
+        block = min(1024, triton_next_pow2(dim))
+        for planes in (2, 3):
+            tiles = dict(PLANES=planes, BLOCK=block, RTNE_BF16=False, num_warps=4)
+            yield (
+                f"adaln sum splits {dtype} D={dim} planes={planes}",
+                T._sum_splits_kernel,
+                ptrs,
+                tiles,
+            )
 
 
 def _attention_cases(dtype):
@@ -177,7 +214,7 @@ def usage() -> dict:
 
 def test_every_kernel_compiles_for_sm90_without_spills(usage):
     per_dtype = len(LAYOUT) * 4 + 3 * len(EMBED) + 3 * len(FINAL)
-    per_dtype += 2 * 4 * len(ATTENTION) + 3 * len(DWCONV)
+    per_dtype += 2 * 4 * len(ATTENTION) + 3 * len(DWCONV) + (2 * 2 * 2 + 2) * len(ADALN)
     assert len(usage) == len(DTYPES) * per_dtype
     failed = {name: u for name, u in usage.items() if "error" in u}
     assert not failed, failed
