@@ -547,8 +547,8 @@ class _Problem:
 
     def __init__(self, q, k, v, logit_scale, cosine, table, out, merge, grid_w):
         self.q, self.k, self.v = _as_groups(q), _as_groups(k), _as_groups(v)
-        self.G, self.heads, self.n, self.hd = self.q.shape
-        self.Z = self.G * self.heads
+        G, self.heads, self.n, self.hd = self.q.shape
+        self.Z = G * self.heads
         self.cosine, self.merge, self.gw = cosine, merge, grid_w
         self.table = table
         self.ls = logit_scale
