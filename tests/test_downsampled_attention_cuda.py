@@ -380,17 +380,3 @@ def test_gpu_entries_write_every_output_element(dtype, layout):
     stream = torch.cuda.current_stream().cuda_stream
     _entries_case(_extension(), "cuda", torch.cuda.current_device(), stream,
                   torch.cuda.synchronize, dtype, layout, True)  # fmt: skip
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_runs_on_the_current_stream():
-    x, weight, bias, _ = _inputs(3, 192, 32, 32, 5, torch.bfloat16, "channels_last", "cuda")
-    ref = G._cuda_dwconv_split(x, weight, bias, True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        got = G._cuda_dwconv_split(x, weight, bias, True)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    assert torch.equal(got, ref)

@@ -607,17 +607,3 @@ def test_gpu_entries_write_every_output_element(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_entries_write_every_output_element(glue_on_cpu, dtype):
     _entries_case(glue_on_cpu, "cpu", 0, 0, lambda: None, dtype)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_runs_on_the_current_stream():
-    x = torch.randn(3, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
-    ref = fastdit.patchify(x, 2, order="pqc", backend="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        got = fastdit.patchify(x, 2, order="pqc", backend="cuda")
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    assert torch.equal(got, ref)
