@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from devices import kernel_device
 
 import fastdit
 from fastdit.backends import BackendError
@@ -70,8 +71,9 @@ def test_auto_never_fails_where_the_reference_serves(monkeypatch):
 
 def test_an_explicit_backend_without_backward_fails_before_running(monkeypatch):
     """A backend named explicitly must serve the backward too when gradients are needed."""
-    x = torch.randn(2, 3, 8, requires_grad=True)
-    shift, scale = torch.randn(2, 2, 8)
+    device = kernel_device()
+    x = torch.randn(2, 3, 8, device=device, requires_grad=True)
+    shift, scale = torch.randn(2, 2, 8, device=device)
     if adaln._modulate.why_not("triton", (x, shift, scale, 1e-6)):
         pytest.skip("the triton kernel cannot run here")
     kernel = adaln._modulate.kernels["triton"]

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import kernel_device
 
 import fastdit
 
@@ -702,12 +703,14 @@ def test_backward_is_deterministic(backend, name):
 def test_auto_takes_a_kernel_and_float64_goes_to_torch():
     from fastdit.backends import unavailable_reason
 
-    x = _randn(1, 4, 4, 4)
+    device = kernel_device()
+    x = _randn(1, 4, 4, 4).to(device)
     fastdit.patchify(x, 2)
     assert P._patchify.last_backend == "torch"  # no kernel takes float64
-    if not unavailable_reason("triton", torch.device("cpu")):
+    kernels = [b for b in ("cuda", "triton") if not unavailable_reason(b, device)]
+    if kernels:
         fastdit.patchify(x.float(), 2)
-        assert P._patchify.last_backend == "triton"
+        assert P._patchify.last_backend == kernels[0]
         with pytest.raises(fastdit.BackendError, match="patchify: backend 'triton' cannot serve"):
             fastdit.patchify(x, 2, backend="triton")
 

@@ -1,0 +1,18 @@
+"""Where this test session's kernel backends run."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kernel_device() -> torch.device:
+    """The host under Triton's interpreter (CI, and any machine without a GPU), else the GPU.
+
+    Tests that check which backend ``auto`` picked put their tensors here, so that the check
+    runs on a GPU machine too instead of finding no kernel for host tensors.
+    """
+    from fastdit.backends import triton_interpreting
+
+    if triton_interpreting() or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
