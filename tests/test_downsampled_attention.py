@@ -604,9 +604,47 @@ def test_triton_refuses_grids_a_gpu_cannot_launch():
     q = one.expand(1, 1, 65535 * 16, 16)
     assert tri.supports_attention(q, q, q, ls, True) == ""
     x = torch.randn(1, 32, 1, 1).expand(1, 32, 2048, 2050)  # 1049600 tokens a group
-    args = (None, None, None, None, ls, None, None, 2, True, True, True, None)
+    dw = torch.randn(32, 1, 5, 5)
+    args = (dw, None, None, None, ls, None, None, 2, True, True, True, None)
     assert "got 8 and 1049600" in tri.supports_layer(x, *args)
     assert tri.supports_layer(x[:, :, :2040], *args) == ""
+    # The depthwise conv: 2048 programs a sample at d = 1024, 64 x 64 (64 tokens x 32 channels
+    # each), so 2^31 at 2^20 samples.
+    x = torch.randn(1, 1024, 1, 1).expand(2**20, 1024, 64, 64)
+    dw = torch.randn(1024, 1, 5, 5)
+    args = (dw, None, None, None, ls.expand(16, 1, 1), None, None, 16, True, True, True, None)
+    assert "fewer than 2^31 programs, got 2147483648" in tri.supports_layer(x, *args)
+    assert tri.supports_layer(x[1:], *args) == ""
+
+
+def test_triton_dwconv_grids_launch_past_65535_samples(monkeypatch):
+    """The depthwise-conv kernels run on one flat grid axis (see _program_3d): a (tokens,
+    channels, samples) grid would not launch past 65535 samples. The launches are recorded, not
+    run (the interpreter would take minutes); the tests above check the flat grid's indexing."""
+    tri = pytest.importorskip("fastdit.triton.downsampled_attention")
+    grids = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.append((self.name, tuple(grid)))
+            return lambda *args, **kwargs: None
+
+    for name in ("_dwconv_split_kernel", "_dwconv_split_dx_kernel", "_dwconv_split_dw_kernel"):
+        monkeypatch.setattr(tri, name, Recorder(name))
+    B, d = 70000, 16
+    x = torch.randn(1, d, 4, 4).expand(B, d, 4, 4)
+    w = torch.randn(d, 1, 5, 5)
+    t = tri._dwconv_split(x, w, torch.zeros(d), True)
+    tri._dwconv_split_backward(x, w, t, True)
+    assert [name for name, _ in grids] == [
+        "_dwconv_split_kernel", "_dwconv_split_dx_kernel", "_dwconv_split_dw_kernel"
+    ]  # fmt: skip
+    for name, grid in grids:
+        limits = (tri.MAX_GRID_X, tri.MAX_GRID_Y, tri.MAX_GRID_Y)
+        assert all(0 < g <= lim for g, lim in zip(grid, limits)), (name, grid)
 
 
 def test_layer_takes_a_cached_rope_table():

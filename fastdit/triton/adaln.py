@@ -211,7 +211,8 @@ def _bwd_kernel(
             mask=mask,
         )
 
-    base = PART + (b * splits + s) * D + cols  # 64-bit: b is
+    base = PART + (b * splits + s) * D + cols  # 64-bit: b is int64
+    plane = plane.to(tl.int64)  # 32-bit while < 2^31, and 2 * plane may not be
     tl.store(base, tl.sum(acc_shift, axis=0), mask=col_ok)
     tl.store(base + plane, tl.sum(acc_scale, axis=0), mask=col_ok)
     if GATED:
@@ -229,6 +230,7 @@ def _sum_splits_kernel(
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     ok = cols < D
+    plane = plane.to(tl.int64)  # 32-bit while < 2^31, and 2 * plane may not be
     acc0 = tl.zeros([BLOCK], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)

@@ -149,7 +149,7 @@ def _attn_fwd_kernel(
 ):  # fmt: skip
     zh = tl.program_id(0)
     z = (zh // heads).to(tl.int64)
-    h = zh % heads
+    h = (zh % heads).to(tl.int64)  # h * (a head stride) may pass 2^31
     i = tl.program_id(1) * BM + tl.arange(0, BM)
     i_ok = i < n
     half = tl.arange(0, HALF)
@@ -225,7 +225,7 @@ def _attn_bwd_dq_kernel(
     d logit_scale, before the clamp's mask). STATS: (max, 1 / sum, delta) of every row."""
     zh = tl.program_id(0)
     z = (zh // heads).to(tl.int64)
-    h = zh % heads
+    h = (zh % heads).to(tl.int64)  # h * (a head stride) may pass 2^31
     i = tl.program_id(1) * BM + tl.arange(0, BM)
     i_ok = i < n
     half = tl.arange(0, HALF)
@@ -296,7 +296,7 @@ def _attn_bwd_dkdv_kernel(
     """dk and dv for BN keys, streaming every query block of the group."""
     zh = tl.program_id(0)
     z = (zh // heads).to(tl.int64)
-    h = zh % heads
+    h = (zh % heads).to(tl.int64)  # h * (a head stride) may pass 2^31
     j = tl.program_id(1) * BN + tl.arange(0, BN)
     j_ok = j < n
     half = tl.arange(0, HALF)
@@ -367,6 +367,14 @@ def _token_pixel(u, n, gw):
 
 
 @triton.jit
+def _program_3d(n0, n1):
+    """(i0, i1, i2) of this program on a flat grid of n0 x n1 x n2 programs, i0 fastest: the
+    order a 3-D grid runs in, without the 65535 cap of a 3-D grid's second and third axes."""
+    pid = tl.program_id(0)
+    return pid % n0, (pid // n0) % n1, pid // (n0 * n1)
+
+
+@triton.jit
 def _dwconv_split_kernel(
     X, W, BIAS, T,
     d, H, Wd, n, gw,
@@ -376,9 +384,10 @@ def _dwconv_split_kernel(
 ):  # fmt: skip
     """t[b, g, i, c] = (dwconv_k(x) + bias (+ x))[b, c, pixel(g, i)]: the depthwise conv and
     its shortcut, written straight into the four groups (B, 4, n, d)."""
-    b = tl.program_id(2).to(tl.int64)
-    u = tl.program_id(0) * BT + tl.arange(0, BT)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    u_block, c_block, b = _program_3d((4 * n + BT - 1) // BT, (d + BC - 1) // BC)
+    b = b.to(tl.int64)
+    u = u_block * BT + tl.arange(0, BT)
+    c = c_block * BC + tl.arange(0, BC)
     u_ok = u < 4 * n
     c_ok = c < d
     y, x = _token_pixel(u, n, gw)
@@ -420,9 +429,10 @@ def _dwconv_split_dx_kernel(
 ):  # fmt: skip
     """d x(p) = sum over taps of d y(p - tap + pad) w[tap] (+ d y(p)) for BP pixels of one
     sample, d y read from d t (B, 4, n, d) where the split put each pixel."""
-    b = tl.program_id(2).to(tl.int64)
-    p = tl.program_id(0) * BP + tl.arange(0, BP)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    p_block, c_block, b = _program_3d((H * Wd + BP - 1) // BP, (d + BC - 1) // BC)
+    b = b.to(tl.int64)
+    p = p_block * BP + tl.arange(0, BP)
+    c = c_block * BC + tl.arange(0, BC)
     p_ok = p < H * Wd
     c_ok = c < d
     PAD: tl.constexpr = KSIZE // 2
@@ -471,9 +481,8 @@ def _dwconv_split_dw_kernel(
     split's pixels of x(p + tap - pad) d y(p), to PART[b, s, tap, c]; the extra tap index
     KSIZE * KSIZE sums d y alone (d bias). Taps vary fastest over the programs, so the
     programs of one pixel range run together and re-read it from L2."""
-    tap = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    bs = tl.program_id(2)
+    tap, c_block, bs = _program_3d(KSIZE * KSIZE + 1, (d + BC - 1) // BC)
+    c = c_block * BC + tl.arange(0, BC)
     b = (bs // splits).to(tl.int64)
     s = bs % splits
     c_ok = c < d
@@ -666,7 +675,7 @@ def _dwconv_split(x: torch.Tensor, dw_weight, dw_bias, shortcut: bool) -> torch.
     n = gh * gw
     t = torch.empty(B, 4, n, d, dtype=x.dtype, device=x.device)
     tiles = dwconv_tiles(d)
-    grid = (triton.cdiv(4 * n, tiles["BT"]), triton.cdiv(d, tiles["BC"]), B)
+    grid = (triton.cdiv(4 * n, tiles["BT"]) * triton.cdiv(d, tiles["BC"]) * B,)  # see _program_3d
     with device_context(x):
         _dwconv_split_kernel[grid](
             x, dw_weight, dw_bias, t,
@@ -696,7 +705,7 @@ def _dwconv_split_backward(x, dw_weight, dt, shortcut: bool):
     dx = torch.empty_like(x)
     tiles = dwconv_dx_tiles(d)
     with device_context(x):
-        grid = (triton.cdiv(H * W, tiles["BP"]), triton.cdiv(d, tiles["BC"]), B)
+        grid = (triton.cdiv(H * W, tiles["BP"]) * triton.cdiv(d, tiles["BC"]) * B,)
         _dwconv_split_dx_kernel[grid](
             dw_weight, dt, dx,
             d, H, W, n, gw,
@@ -711,7 +720,7 @@ def _dwconv_split_backward(x, dw_weight, dt, shortcut: bool):
         per_split = triton.cdiv(blocks, splits) * tiles["BP"]
         splits = triton.cdiv(H * W, per_split)
         part = torch.empty(B, splits, taps, d, dtype=torch.float32, device=x.device)
-        _dwconv_split_dw_kernel[(taps, c_blocks, B * splits)](
+        _dwconv_split_dw_kernel[(taps * c_blocks * B * splits,)](
             x, dt, part,
             d, H, W, n, gw, per_split, splits,
             *x.stride(),
@@ -741,7 +750,10 @@ def supports_layer(x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out
     hd = x.shape[1] // num_heads
     if hd > MAX_HEAD_DIM or hd % 2:
         return f"the triton kernel takes an even head dim <= {MAX_HEAD_DIM}, got {hd}"
-    return _grid_reason(4 * x.shape[0] * num_heads, x.shape[2] * x.shape[3] // 4)
+    B, d, H, W = x.shape
+    return _grid_reason(4 * B * num_heads, H * W // 4) or _dwconv_grid_reason(
+        B, d, H, W, dw_weight.shape[-1]
+    )
 
 
 def _grid_reason(problems: int, n: int) -> str:
@@ -750,6 +762,19 @@ def _grid_reason(problems: int, n: int) -> str:
             f"the triton kernel takes fewer than 2^31 (group, head) problems and at most "
             f"{MAX_GRID_Y * 16} tokens a group, got {problems} and {n}"
         )
+    return ""
+
+
+def _dwconv_grid_reason(B: int, d: int, H: int, W: int, ksize: int) -> str:
+    """The depthwise-conv kernels' flat grids (see _program_3d) take fewer than 2^31 programs."""
+    split, dx, dw = dwconv_tiles(d), dwconv_dx_tiles(d), dwconv_dw_tiles(d)
+    programs = B * max(
+        triton.cdiv(H * W, split["BT"]) * triton.cdiv(d, split["BC"]),
+        triton.cdiv(H * W, dx["BP"]) * triton.cdiv(d, dx["BC"]),
+        (ksize * ksize + 1) * triton.cdiv(d, dw["BC"]),  # times splits, 1 once this is large
+    )
+    if programs > MAX_GRID_X:
+        return f"the triton depthwise-conv kernels take fewer than 2^31 programs, got {programs}"
     return ""
 
 

@@ -127,7 +127,7 @@ def _embed_fwd_kernel(
 ):  # fmt: skip
     """out[t, d] = sum_k patch[t, k] W[d, k] + bias[d] + pos[t % N, d], one (BM, BD) tile."""
     t = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    d = tl.program_id(1) * BD + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
     t_ok = t < T
     d_ok = d < D
     acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -178,7 +178,7 @@ def _embed_dx_kernel(
     acc = tl.zeros([BM, BK], dtype=tl.float32)
     d0 = 0
     while d0 < D:
-        d = d0 + tl.arange(0, BD)
+        d = d0 + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
         d_ok = d < D
         d0 += BD
         g = tl.load(
@@ -210,7 +210,7 @@ def _embed_params_kernel(
     """Program (D-block, split s, K-block): for the grid tokens of split s, over every sample:
     DPOS[n, d] = sum_b d out[b, n, d] (fp32, written by K-block 0) and
     DW[s, k, d] = sum_b sum_n patch[b, n, k] d out[b, n, d] (fp32 partial over the split)."""
-    d = tl.program_id(0) * BD + tl.arange(0, BD)
+    d = tl.program_id(0) * BD + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
     s = tl.program_id(1)
     k = tl.program_id(2) * BK + tl.arange(0, BK)
     d_ok = d < D
@@ -225,7 +225,7 @@ def _embed_params_kernel(
         n0 += BN
         mask = n_ok[:, None] & d_ok[None, :]
         dpos = tl.zeros([BN, BD], dtype=tl.float32)
-        b = 0
+        b = tl.full((), 0, tl.int64)  # b * N may pass 2^31
         while b < B:
             t = b * N + n
             b += 1
@@ -263,7 +263,7 @@ def _row_stats(X, rows, row_ok, D, sx_d, eps, BM: tl.constexpr, BD: tl.constexpr
     m2 = tl.zeros([BM], dtype=tl.float32)
     d0 = 0
     while d0 < D:
-        d = d0 + tl.arange(0, BD)
+        d = d0 + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
         d_ok = d < D
         mask = row_ok[:, None] & d_ok[None, :]
         x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -303,7 +303,7 @@ def _final_fwd_kernel(
     acc = tl.zeros([BM, BK], dtype=tl.float32)
     d0 = 0
     while d0 < D:
-        d = d0 + tl.arange(0, BD)
+        d = d0 + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
         d_ok = d < D
         d0 += BD
         mask = n_ok[:, None] & d_ok[None, :]
@@ -364,7 +364,7 @@ def _final_dx_chunk(
 ):  # fmt: skip
     """Channels [d0, d0 + BD) of _final_dx_kernel's rows: (d, d_ok, mask, xh = LN(x),
     dm = d modulated, g = dm (1 + scale))."""
-    d = d0 + tl.arange(0, BD)
+    d = d0 + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
     d_ok = d < D
     mask = n_ok[:, None] & d_ok[None, :]
     x = tl.load(X + rows[:, None] + (d * sx_d)[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -449,7 +449,7 @@ def _final_wgrad_kernel(
     sample (step = b * blocks_per_sample + token block):
     DW[s, k, d] = sum_t d out[pixel(t, k)] mod[t, d] (mod rounded as the forward rounds it),
     DBIAS[s, k] = sum_t d out[pixel(t, k)] (written by D-block 0); fp32 partials."""
-    d = tl.program_id(0) * BD + tl.arange(0, BD)
+    d = tl.program_id(0) * BD + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
     s = tl.program_id(1)
     k = tl.program_id(2) * BK + tl.arange(0, BK)
     d_ok = d < D
