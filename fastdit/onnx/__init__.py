@@ -192,8 +192,9 @@ class _ForwardWithCFG(nn.Module):
     """``model.forward_with_cfg`` in a form every exporter pass handles.
 
     The same arithmetic as the models' ``forward_with_cfg`` (tested equal), with the halves
-    taken by slicing: their ``torch.split`` by a symbolic size becomes an ONNX SplitToSequence
-    that the exporter's constant folder fails on.
+    taken by ``narrow``: their ``torch.split`` by a symbolic size becomes an ONNX SplitToSequence
+    that the exporter's constant folder fails on, and torch 2.11 gives a slice ``x[:half]`` a
+    data-dependent size (its end clamped to the length), on which the ops' checks fail.
     """
 
     def __init__(self, model: nn.Module, guidance_channels: int):
@@ -205,11 +206,11 @@ class _ForwardWithCFG(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: torch.Tensor
     ) -> torch.Tensor:
         half = x.shape[0] // 2
-        first = x[:half]
+        first = x.narrow(0, 0, half)
         out = self.model(torch.cat([first, first], dim=0), t, y)
         g = self.guidance_channels
         eps, rest = out[:, :g], out[:, g:]
-        cond, uncond = eps[:half], eps[half:]
+        cond, uncond = eps.narrow(0, 0, half), eps.narrow(0, half, half)
         guided = uncond + cfg_scale.to(out.dtype) * (cond - uncond)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
