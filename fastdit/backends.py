@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import NamedTuple
 
 import torch
@@ -60,12 +61,25 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The oldest Triton release the kernels are tested with (interpreted, and compiled for sm_90).
+# Older ones are refused: Triton 3.0 (torch 2.4's) cannot even interpret them.
+MIN_TRITON = (3, 6)
+
+
 @functools.cache
 def triton_import_reason() -> str:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as e:  # ImportError, or a broken install
         return f"Triton is not installed or failed to import ({type(e).__name__}: {e})"
+    version = getattr(triton, "__version__", "0")
+    release = tuple(int(v) for v in re.findall(r"\d+", version)[:2])
+    if release < MIN_TRITON:
+        oldest = ".".join(map(str, MIN_TRITON))
+        return (
+            f"Triton {version} is older than {oldest}, the oldest release fastdit's Triton "
+            f"kernels are tested with (pip install 'triton>={oldest}', or a torch that brings it)"
+        )
     return ""
 
 

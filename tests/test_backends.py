@@ -131,3 +131,21 @@ def test_info_command_lists_every_family_and_backend():
             assert any(line.split()[:2] == [family, backend] for line in out.splitlines()), (
                 f"no line for {family} {backend}:\n{out}"
             )
+
+
+@pytest.mark.parametrize(
+    "version, ok", [("3.0.0", False), ("3.5.1", False), ("3.6.0", True), ("3.10.0+git1a2b", True)]
+)
+def test_triton_older_than_tested_is_refused(monkeypatch, version, ok):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", version)
+    backends.triton_import_reason.cache_clear()
+    try:
+        reason = backends.triton_import_reason()
+    finally:
+        monkeypatch.undo()
+        backends.triton_import_reason.cache_clear()
+    if ok:
+        assert reason == ""
+    else:
+        assert f"Triton {version} is older than 3.6" in reason
