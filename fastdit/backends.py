@@ -191,4 +191,11 @@ def requested(family: str, backend: str | None) -> str:
     if backend is not None:
         _check_name(backend, f"backend={backend!r}")
         return backend
-    return _parse_env(os.environ.get(ENV_VAR, "")).get(family, AUTO)
+    return _parse_env(_environment()).get(family, AUTO)
+
+
+@torch.compiler.assume_constant_result
+def _environment() -> str:
+    """FASTDIT_BACKEND as it is now: read when a compiled graph is traced and fixed in it (the
+    Dynamo of torch 2.4 cannot trace ``os.environ.get`` of an unset variable)."""
+    return os.environ.get(ENV_VAR, "")
