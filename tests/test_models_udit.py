@@ -650,6 +650,12 @@ def test_compile_fullgraph_udit_s(s_pair):
         assert rel_err(compiled(x, t, y), model(x, t, y)) < 1e-6
 
 
+@pytest.mark.xfail(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5),
+    reason="torch 2.4's inductor fails on the block (sympy: 'Invalid NaN comparison'); "
+    "2.11 and 2.13 compile it",
+    strict=False,
+)
 def test_compile_inductor_block():
     # inductor on CPU compiles C++ for every kernel: one block (a tiny config) keeps it short
     block = UDiTBlock(None, 16, 2, mlp_ratio=2, backend="torch", fused_attention=False)

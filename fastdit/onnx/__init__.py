@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import os
 import warnings
@@ -94,6 +95,19 @@ def _need_onnx() -> None:
             f"fastdit.export_onnx needs {' and '.join(missing)}: pip install 'fastdit[onnx]' "
             "(onnx, onnxscript and onnxruntime)"
         )
+    reason = exporter_unavailable_reason()
+    if reason:
+        raise RuntimeError(f"fastdit.export_onnx: {reason}")
+
+
+def exporter_unavailable_reason() -> str:
+    """'' when this torch's ONNX exporter takes fastdit's translations, else why not."""
+    if "custom_translation_table" not in inspect.signature(torch.onnx.export).parameters:
+        return (
+            f"torch {torch.__version__}'s torch.onnx.export has no custom_translation_table, "
+            "which the export needs (torch 2.11 and 2.13 are tested): upgrade torch"
+        )
+    return ""
 
 
 def translation_table() -> dict[Callable, Callable]:
