@@ -102,7 +102,9 @@ def _need_onnx() -> None:
 
 def exporter_unavailable_reason() -> str:
     """'' when this torch's ONNX exporter takes fastdit's translations, else why not."""
-    if "custom_translation_table" not in inspect.signature(torch.onnx.export).parameters:
+    params = inspect.signature(torch.onnx.export).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "custom_translation_table" not in params and not takes_any:
         return (
             f"torch {torch.__version__}'s torch.onnx.export has no custom_translation_table, "
             "which the export needs (torch 2.11 and 2.13 are tested): upgrade torch"
