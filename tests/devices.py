@@ -16,3 +16,10 @@ def kernel_device() -> torch.device:
     if triton_interpreting() or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def kernel_backends(device: torch.device) -> list[str]:
+    """The kernel backends that can run on ``device``, in ``auto``'s order of preference."""
+    from fastdit.backends import unavailable_reason
+
+    return [b for b in ("cuda", "triton") if not unavailable_reason(b, device)]

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from devices import kernel_device
+from devices import kernel_backends, kernel_device
 from tolerance import assert_close_to_reference
 
 import fastdit
@@ -246,7 +246,7 @@ def test_auto_prefers_a_kernel_and_falls_back():
     x, shift, scale = _inputs((2, 3, 64), torch.float64, device)
     fastdit.adaln_modulate(x, shift, scale)
     assert adaln._modulate.last_backend == "torch"  # no kernel takes float64
-    kernels = [b for b in ("cuda", "triton") if not unavailable_reason(b, device)]
+    kernels = kernel_backends(device)
     if kernels:
         fastdit.adaln_modulate(x.float(), shift.float(), scale.float())
         assert adaln._modulate.last_backend == kernels[0]

@@ -13,7 +13,7 @@ import math
 import dit_reference as ref
 import pytest
 import torch
-from devices import kernel_device
+from devices import kernel_backends, kernel_device
 
 import fastdit
 from fastdit import models
@@ -206,10 +206,9 @@ def test_backward_matches_reference():
         want = ref_params[name].grad
         assert rel_err(p.grad, want) < 1e-4, name
     # auto: the patchify family's kernels ran both ways wherever a kernel backend is available
-    from fastdit.backends import unavailable_reason
     from fastdit.ops import patchify as P
 
-    if any(not unavailable_reason(b, device) for b in ("cuda", "triton")):
+    if kernel_backends(device):
         for op in (P._patch_embed, P._final_layer):
             assert op.last_backend in ("cuda", "triton"), op.name
             assert op.last_backward_backend in ("cuda", "triton"), op.name

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 import udit_reference as ref
-from devices import kernel_device
+from devices import kernel_backends, kernel_device
 from udit_attention_reference import released_attention_forward, released_freqs_cis
 
 import fastdit
@@ -217,7 +217,6 @@ def test_auto_backend_tiny():
 def test_auto_backend_tiny_training_step():
     """Forward and backward in train form on auto (the attention layer and adaLN on their
     kernels wherever a kernel backend is available) against the torch backend."""
-    from fastdit.backends import unavailable_reason
     from fastdit.ops import downsampled_attention as da
 
     device = kernel_device()  # where auto finds kernels: the check below needs them
@@ -231,7 +230,7 @@ def test_auto_backend_tiny_training_step():
             p.grad = None
         torch.manual_seed(1)  # the same label-dropout draw in both
         (m(x, t, y) * weight).sum().backward()
-    if any(not unavailable_reason(b, device) for b in ("cuda", "triton")):
+    if kernel_backends(device):
         assert da._layer.last_backend in ("cuda", "triton")
         assert da._layer.last_backward_backend in ("cuda", "triton")
     grads = dict(plain.named_parameters())

@@ -34,8 +34,9 @@ import fastdit  # noqa: E402
 import fastdit.onnx as fx  # noqa: E402
 from fastdit.models import DiT  # noqa: E402
 
-if fx.exporter_unavailable_reason():
-    pytest.skip(fx.exporter_unavailable_reason(), allow_module_level=True)
+_EXPORTER_REASON = fx.exporter_unavailable_reason()
+if _EXPORTER_REASON:
+    pytest.skip(_EXPORTER_REASON, allow_module_level=True)
 
 FP32_TOL = 1e-4
 FP16_TOL = 5e-3

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from devices import kernel_device
+from devices import kernel_backends, kernel_device
 
 import fastdit
 
@@ -701,13 +701,12 @@ def test_backward_is_deterministic(backend, name):
 
 
 def test_auto_takes_a_kernel_and_float64_goes_to_torch():
-    from fastdit.backends import unavailable_reason
 
     device = kernel_device()
     x = _randn(1, 4, 4, 4).to(device)
     fastdit.patchify(x, 2)
     assert P._patchify.last_backend == "torch"  # no kernel takes float64
-    kernels = [b for b in ("cuda", "triton") if not unavailable_reason(b, device)]
+    kernels = kernel_backends(device)
     if kernels:
         fastdit.patchify(x.float(), 2)
         assert P._patchify.last_backend == kernels[0]
