@@ -16,8 +16,11 @@ def tensor(
     *,
     ndim: int | Sequence[int] | None = None,
     like: torch.Tensor | None = None,
+    like_name: str = "x",
+    same_dtype: bool = True,
 ) -> torch.Tensor:
-    """``t`` is a floating tensor of the given rank, with ``like``'s dtype and device."""
+    """``t`` is a floating tensor of the given rank, on the device of ``like`` (the argument
+    named ``like_name``) and, with ``same_dtype``, of its dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastdit.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -30,13 +33,15 @@ def tensor(
             want = " or ".join(f"{r}-D" for r in ranks)
             raise ValueError(f"fastdit.{op}: {name} must be {want}, got shape {tuple(t.shape)}")
     if like is not None:
-        if t.dtype != like.dtype:
+        if same_dtype and t.dtype != like.dtype:
             raise TypeError(
-                f"fastdit.{op}: {name} has dtype {t.dtype} but x has {like.dtype}; "
+                f"fastdit.{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}; "
                 "cast them to one dtype"
             )
         if t.device != like.device:
-            raise ValueError(f"fastdit.{op}: {name} is on {t.device} but x is on {like.device}")
+            raise ValueError(
+                f"fastdit.{op}: {name} is on {t.device} but {like_name} is on {like.device}"
+            )
     return t
 
 

@@ -26,6 +26,7 @@ import torch
 
 from .. import backends as _backends
 from ..backends import AUTO, BACKENDS, BackendError
+from . import _autocast
 
 
 class Kernel(NamedTuple):
@@ -170,12 +171,14 @@ class Op:
         *inputs, backend = args
         chosen = self._select(backend, inputs, backward=False)
         self.last_backend = chosen
-        out = self.kernels[chosen].forward(*inputs)
+        with _autocast.off(inputs):
+            out = self.kernels[chosen].forward(*inputs)
         return _no_alias(out, inputs)
 
     def _forward_fake(self, *args: Any) -> Any:
         *inputs, _backend = args
-        out = self.reference(*inputs)
+        with _autocast.off(inputs):
+            out = self.reference(*inputs)
         return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
 
     def _backward_impl(self, *args: Any) -> list[torch.Tensor]:
@@ -183,11 +186,11 @@ class Op:
         chosen = self._select(backend, inputs, backward=True)
         self.last_backward_backend = chosen
         kernel = self.kernels[chosen]
-        if kernel.backward is None:
-            return self._reference_backward(grads, inputs)
-        return [
-            _like(g, inputs[i]) for i, g in zip(self.diff_index, kernel.backward(grads, inputs))
-        ]
+        with _autocast.off(inputs):
+            if kernel.backward is None:
+                return self._reference_backward(grads, inputs)
+            result = kernel.backward(grads, inputs)
+        return [_like(g, inputs[i]) for i, g in zip(self.diff_index, result)]
 
     def _backward_fake(self, *args: Any) -> list[torch.Tensor]:
         inputs = args[self.outputs : -1]

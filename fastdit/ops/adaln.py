@@ -33,7 +33,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _autocast, _checks
 from ._op import Op, lazy
 
 FAMILY = "adaln"
@@ -119,7 +119,9 @@ def adaln_modulate(
 
     x: (B, L, D) tokens, or (B, D, H, W) normalised over D (channels-first or channels-last
     memory); shift, scale: (B, D). Returns x's shape, dtype and memory format.
+    Under ``torch.autocast`` the inputs are first cast to the widest dtype among them.
     """
+    x, shift, scale = _autocast.promote(x, shift, scale)
     _check("adaln_modulate", x, {"shift": shift, "scale": scale})
     eps = _checks.positive("adaln_modulate", "eps", eps)
     return _modulate(x, shift, scale, eps, backend=backend)
@@ -138,8 +140,11 @@ def gated_adaln(
     """The gated residual add fused with the next norm and modulation.
 
     Returns ``(r, LayerNorm(r) * (1 + scale) + shift)`` with ``r = x + gate * y``.
-    x, y: (B, L, D) or (B, D, H, W), the same shape; gate, shift, scale: (B, D).
+    x, y: (B, L, D) or (B, D, H, W), the same shape; gate, shift, scale: (B, D). Under
+    ``torch.autocast`` the inputs are first cast to the widest dtype among them (a float32
+    residual stream stays float32).
     """
+    x, y, gate, shift, scale = _autocast.promote(x, y, gate, shift, scale)
     _check("gated_adaln", x, {"gate": gate, "shift": shift, "scale": scale})
     _checks.tensor("gated_adaln", "y", y, like=x)
     _checks.shape("gated_adaln", "y", y, x.shape, "the shape of x")

@@ -74,7 +74,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _autocast, _checks
 from ._op import Op, lazy
 
 FAMILY = "downsampled_attention"
@@ -309,9 +309,15 @@ def _rope_head_dim(op: str, head_dim: int, what: str) -> None:
 
 
 def _logit_scale(
-    op: str, logit_scale: torch.Tensor | None, cosine: bool, heads: int, like: torch.Tensor
+    op: str,
+    logit_scale: torch.Tensor | None,
+    cosine: bool,
+    heads: int,
+    like: torch.Tensor,
+    like_name: str,
 ) -> torch.Tensor:
-    """The (heads, 1, 1) parameter; with cosine=False it is unused and may be None."""
+    """The (heads, 1, 1) parameter, of any floating dtype (the kernels read it in float32); with
+    cosine=False it is unused and may be None."""
     if logit_scale is None:
         if cosine:
             raise ValueError(
@@ -319,7 +325,9 @@ def _logit_scale(
                 "(it may be None only with cosine=False)"
             )
         return like.new_zeros(heads, 1, 1)  # a placeholder the reference ignores
-    _checks.tensor(op, "logit_scale", logit_scale, ndim=3, like=like)
+    _checks.tensor(
+        op, "logit_scale", logit_scale, ndim=3, like=like, like_name=like_name, same_dtype=False
+    )
     _checks.shape(op, "logit_scale", logit_scale, (heads, 1, 1), "one value per head")
     return logit_scale
 
@@ -416,15 +424,18 @@ def attention_in_groups(
     with ``normalize(u) = u / max(||u||_2, 1e-12)`` over hd. cosine=False (the ablation):
     ``softmax(q @ k^T * hd^-0.5) @ v``; logit_scale is then ignored and may be None.
     Runs in float32 (float64 for float64 inputs); returns q's shape and dtype, contiguous.
+    logit_scale may have another floating dtype than q (float32 with bfloat16 q, say). Under
+    ``torch.autocast``, q, k and v are first cast to the autocast dtype (not float64 ones).
     """
+    q, k, v = _autocast.lower(q, k, v)
     op = "attention_in_groups"
     cosine = _checks.flag(op, "cosine", cosine)
     _checks.tensor(op, "q", q, ndim=(4, 5))
     _checks.nonempty(op, "q", q)
     for name, t in (("k", k), ("v", v)):
-        _checks.tensor(op, name, t, like=q)
+        _checks.tensor(op, name, t, like=q, like_name="q")
         _checks.shape(op, name, t, q.shape, "the shape of q")
-    scale = _logit_scale(op, logit_scale, cosine, q.shape[-3], q)
+    scale = _logit_scale(op, logit_scale, cosine, q.shape[-3], q, "q")
     return _attention(q, k, v, scale, cosine, backend=backend)
 
 
@@ -459,7 +470,13 @@ def downsampled_attention(
     released ablation switches (all True in the released models). Returns (B, d, H, W) in x's
     dtype and memory format; differentiable in x and every weight. ``rope_table``: the cached
     :func:`rope_table` of the group grid (H/2, W/2) for this head dim; None builds it here.
+    logit_scale may have another floating dtype than x (float32 with bfloat16 x, say). Under
+    ``torch.autocast``, x and the other weights are first cast to the autocast dtype (not
+    float64 ones), as autocast casts the inputs of the convolutions and matrix products.
     """
+    x, dw_weight, dw_bias, qkv_weight, qkv_bias, out_weight, out_bias = _autocast.lower(
+        x, dw_weight, dw_bias, qkv_weight, qkv_bias, out_weight, out_bias
+    )
     op = "downsampled_attention"
     rope = _checks.flag(op, "rope", rope)
     cosine = _checks.flag(op, "cosine", cosine)
@@ -497,7 +514,7 @@ def downsampled_attention(
     for name, (expected, meaning) in shapes.items():
         _checks.tensor(op, name, given[name], like=x)
         _checks.shape(op, name, given[name], expected, meaning)
-    scale = _logit_scale(op, logit_scale, cosine, heads, x)
+    scale = _logit_scale(op, logit_scale, cosine, heads, x, "x")
     if rope_table is not None:
         n, hd = (x.shape[2] // 2) * (x.shape[3] // 2), d // heads
         if not isinstance(rope_table, torch.Tensor) or rope_table.dtype != _compute_dtype(x.dtype):

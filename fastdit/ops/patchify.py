@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _autocast, _checks
 from ._op import Op, lazy
 from .adaln import reference_modulate
 
@@ -250,8 +250,10 @@ def patch_embed(
     x: (B, C, H, W), any memory layout; weight: (D, C, p, p), the Conv2d weight (square
     kernel, stride p = its size, H and W multiples of p); bias: (D,); pos_embed: (1, N, D) or
     (N, D), N = (H/p) * (W/p). Returns (B, N, D) =
-    ``conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed``.
+    ``conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed``. Under
+    ``torch.autocast`` the inputs are first cast to the widest dtype among them.
     """
+    x, weight, bias, pos_embed = _autocast.promote(x, weight, bias, pos_embed)
     op = "patch_embed"
     _checks.tensor(op, "x", x, ndim=4)
     _checks.tensor(op, "weight", weight, ndim=4, like=x)
@@ -291,7 +293,9 @@ def final_layer(
     ``final_layer.linear`` Linear; grid: (h, w) with h * w == N, default square.
     Returns ``unpatchify(Linear(LayerNorm(x) * (1 + scale) + shift), p, grid, order="pqc")``,
     shape (B, C, h*p, w*p); LayerNorm without affine weights, biased variance, eps as given.
+    Under ``torch.autocast`` the inputs are first cast to the widest dtype among them.
     """
+    x, shift, scale, weight, bias = _autocast.promote(x, shift, scale, weight, bias)
     op = "final_layer"
     p = _checks.count(op, "patch_size", patch_size)
     eps = _checks.positive(op, "eps", eps)
