@@ -11,6 +11,10 @@ quick default): DiT-S/2 on a 16x16 latent, batch 2, fp32. Variants:
 - fastdit+compile (CPU default only): torch.compile of the shipped model (fastdit ops stay
   single graph nodes).
 
+On a GPU with backward, first: U-DiT-L's training step with its tricks on fastdit against the
+model without them in eager PyTorch (issue 6's end-to-end target), with bf16 weights and with
+float32 weights under bf16 autocast (``_udit_tricks``).
+
 Matmul-bound: the row's TFLOP/s counts the model's multiply-adds (DiT-XL/2: 118.6 G per image
 at 256 px, SPEC.md) against the matmul peak measured in the same run.
 
@@ -91,43 +95,52 @@ def run(ctx: common.Context) -> list[common.Row]:
     return rows
 
 
-def _udit_tricks(ctx: common.Context, rows: list[common.Row]) -> None:
-    """U-DiT-L's training step (forward+backward, bf16, 256 px, batch 8) with all of its tricks
+def _udit_tricks(
+    ctx: common.Context,
+    rows: list[common.Row],
+    name: str = "U-DiT-L",
+    batch: int = 8,
+    latent: int = 32,
+) -> None:
+    """U-DiT-L's training step (forward+backward, 256 px, batch 8) with all of its tricks
     (cosine attention, RoPE2D, the shortcut, the re-parameterised FFN) on fastdit's kernels,
     against the same model without them (the released ablation switches off) in eager
     PyTorch: the tricks should cost nothing (the authors measured 0.84 against 1.55 steps/s).
     The "eager" row is the model without tricks; vs_eager >= 1 on the fastdit row is the
-    target."""
+    target. Twice: with bf16 weights, and with float32 weights under bf16 autocast (mixed
+    precision training, as most runs train). ``name``, ``batch``, ``latent``: smaller runs
+    (the CPU test of this function)."""
     from fastdit.models import create as create_model
 
-    batch, dtype = 8, torch.bfloat16
-    torch.manual_seed(0)
-    tricks = create_model("U-DiT-L").to(ctx.device, dtype).train()
-    plain = (
-        create_model(
-            "U-DiT-L", ffn_type="basic", attn_type=None, posemb_type=None, down_shortcut=False
-        )
-        .to(ctx.device, dtype)
-        .train()
-    )
-    set_backend(plain, "torch")
+    dtype = torch.bfloat16
+    off = dict(ffn_type="basic", attn_type=None, posemb_type=None, down_shortcut=False)
+    for autocast in (False, True):
+        weights = torch.float32 if autocast else dtype
+        torch.manual_seed(0)
+        tricks = create_model(name).to(ctx.device, weights).train()
+        plain = create_model(name, **off).to(ctx.device, weights).train()
+        set_backend(plain, "torch")
 
-    def inputs():
-        return [
-            torch.randn(batch, 4, 32, 32, device=ctx.device, dtype=dtype),
-            torch.randint(0, 1000, (batch,), device=ctx.device),
-            torch.randint(0, 1000, (batch,), device=ctx.device),
-        ]
+        def inputs(weights=weights):
+            return [
+                torch.randn(batch, 4, latent, latent, device=ctx.device, dtype=weights),
+                torch.randint(0, 1000, (batch,), device=ctx.device),
+                torch.randint(0, 1000, (batch,), device=ctx.device),
+            ]
 
-    before = len(rows)
-    common.bench_case(
-        rows, ctx, "U-DiT-L train step", f"U-DiT-L {(batch, 4, 32, 32)}", dtype, inputs,
-        {"eager": common.on_references(plain), "fastdit": tricks}, backward=True,
-    )  # fmt: skip
-    notes = {"eager": "without the tricks, eager PyTorch", "fastdit": "with the tricks"}
-    for row in rows[before:]:
-        row.note = row.note or notes.get(row.backend, "")
-    ctx.checkpoint(rows)
+        variants = {"eager": common.on_references(plain), "fastdit": tricks}
+        label, mode = f"{name} train step", "bf16 weights"
+        if autocast:
+            variants = {k: common.under_autocast(v, ctx.device, dtype) for k, v in variants.items()}
+            label, mode = f"{name} train step, autocast", "fp32 weights, bf16 autocast"
+        before = len(rows)
+        shape = f"{name} {(batch, 4, latent, latent)}"
+        common.bench_case(rows, ctx, label, shape, dtype, inputs, variants, backward=True)
+        notes = {"eager": f"without the tricks, eager PyTorch; {mode}",
+                 "fastdit": f"with the tricks; {mode}"}  # fmt: skip
+        for row in rows[before:]:
+            row.note = row.note or notes.get(row.backend, "")
+        ctx.checkpoint(rows)
 
 
 if __name__ == "__main__":

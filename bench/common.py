@@ -167,6 +167,21 @@ def on_references(fn: Callable[..., object]) -> Callable[..., object]:
     return run
 
 
+def under_autocast(
+    fn: Callable[..., object], device: torch.device, dtype: torch.dtype
+) -> Callable[..., object]:
+    """``fn`` (a model, or a wrapped one) called inside ``torch.autocast(device, dtype)``: mixed
+    precision training, float32 weights."""
+
+    def run(*inputs):
+        with torch.autocast(device.type, dtype=dtype):
+            return fn(*inputs)
+
+    if hasattr(fn, "parameters"):
+        run.parameters = fn.parameters  # for bench_case's fwd+bwd: their gradients are reset
+    return run
+
+
 def add_ratios(rows: list[Row]) -> None:
     """Fill vs_eager / vs_compile from the eager and compile rows of the same bench and shape."""
     base: dict[tuple[str, str, str, str], float] = {}
