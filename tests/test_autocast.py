@@ -18,6 +18,7 @@ conditioning vectors. Checked here:
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 import dit_reference as dref
@@ -189,6 +190,18 @@ def _step(model, x, t, y, weight, low):
     return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@contextlib.contextmanager
+def _residual_dtype(model: torch.nn.Module):
+    """The dtype of the residual stream as it reaches ``model.final_layer``, for the forward
+    run inside the context (a list holding it)."""
+    seen: list[torch.dtype] = []
+    hook = model.final_layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -231,17 +244,24 @@ def test_training_step_under_autocast(kind, backend):
     reference, model, x, t, y, weight = _pair(kind, seed=0)
     set_backend(model, backend)
     truth, truth_grads = _step(reference, x, t, y, weight, None)
-    eager, eager_grads = _step(reference, x, t, y, weight, torch.bfloat16)
-    got, got_grads = _step(model, x, t, y, weight, torch.bfloat16)
+    with _residual_dtype(reference) as eager_dtype:
+        eager, eager_grads = _step(reference, x, t, y, weight, torch.bfloat16)
+    with _residual_dtype(model) as got_dtype:
+        got, got_grads = _step(model, x, t, y, weight, torch.bfloat16)
+    # The residual stream keeps eager's dtype: float32 in DiT (pos_embed is), bfloat16 in U-DiT
+    # (its input convolution's output).
+    assert got_dtype == eager_dtype == [torch.float32 if kind == "DiT" else torch.bfloat16]
     # The output: within twice eager's error, plus the floor of bfloat16 (tests/tolerance.py).
     assert _rel(got, truth) <= 2 * _rel(eager, truth) + 1e-3, (_rel(got, truth), _rel(eager, truth))
     # Gradients: each parameter's is one draw of where bfloat16's roundings fell (over six seeds
-    # on U-DiT, fastdit's error ran from 0.5x to ~3x eager's, parameter by parameter, with a
-    # median of 0.7x to 1.03x), so the median ratio is held to eager's and no error may be far
-    # from eager's worst.
+    # on U-DiT on the CPU, fastdit's error ran from 0.5x to ~3x eager's, parameter by
+    # parameter, with a median of 0.7x to 1.03x), so the median ratio is held near eager's
+    # (1.5: margin for CUDA autocast, which keeps LayerNorm in float32) and no error may be far
+    # from eager's worst. (The rules themselves are pinned by the per-op test above: in a model
+    # this small, a bfloat16 residual stream stays within these bounds.)
     assert set(got_grads) == set(truth_grads)
     ratios = [_rel(got_grads[n], g) / _rel(eager_grads[n], g) for n, g in truth_grads.items()]
-    assert statistics.median(ratios) <= 1.25, statistics.median(ratios)
+    assert statistics.median(ratios) <= 1.5, statistics.median(ratios)
     worst_eager = max(_rel(eager_grads[n], g) for n, g in truth_grads.items())
     for name, g in truth_grads.items():
         assert _rel(got_grads[name], g) <= 2 * worst_eager, name
