@@ -140,11 +140,11 @@ def _cases(low: torch.dtype):
     )  # fmt: skip
 
 
-def _grads(outs, leaves, seed=0):
+def _grads(outs, leaves, seed=0, retain=False):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     outs = outs if isinstance(outs, tuple) else (outs,)
     cotangents = [torch.randn(o.shape, generator=g, device=DEVICE).to(o.dtype) for o in outs]
-    return torch.autograd.grad(outs, leaves, cotangents)
+    return torch.autograd.grad(outs, leaves, cotangents, retain_graph=retain)
 
 
 @pytest.mark.parametrize("low", AUTOCAST, ids=LOW.get)
@@ -153,6 +153,9 @@ def test_op_under_autocast_is_the_op_on_cast_inputs(backend, low):
     for name, op, leaves, cast_to in _cases(low):
         with torch.autocast(DEVICE.type, dtype=low):
             got = op(*leaves, backend=backend)
+            # backward inside the autocast region too (loss.backward() written in the with
+            # block): the backward ops run with autocast off as well
+            grads_inside = _grads(got, leaves, retain=True)
         got_grads = _grads(got, leaves)
         cast = [t.to(dtype) for t, dtype in zip(leaves, cast_to)]
         want = op(*cast, backend=backend)
@@ -160,9 +163,9 @@ def test_op_under_autocast_is_the_op_on_cast_inputs(backend, low):
         for o, w in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
             assert o.dtype == w.dtype == cast_to[0], name
             assert torch.equal(o, w), name
-        for leaf, g, w in zip(leaves, got_grads, want_grads):
+        for leaf, g, inside, w in zip(leaves, got_grads, grads_inside, want_grads):
             assert g.dtype == leaf.dtype, name
-            assert torch.equal(g, w), name
+            assert torch.equal(g, w) and torch.equal(inside, w), name
 
 
 def test_mixed_dtypes_outside_autocast_are_refused():
@@ -175,6 +178,23 @@ def test_mixed_dtypes_outside_autocast_are_refused():
     # logit_scale may keep its own dtype (float32 with bfloat16 q, as in eager autocast)
     low = q.bfloat16()
     assert fastdit.attention_in_groups(low, low, low, torch.zeros(2, 1, 1)).dtype == low.dtype
+    # under autocast the message says the dtypes are the cast ones (float64 is not cast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="k has dtype torch.bfloat16 but q has torch.float64 "
+                           r"\(the dtypes after the cast"):  # fmt: skip
+            fastdit.attention_in_groups(q.double(), q, q, torch.zeros(2, 1, 1))
+
+
+def test_models_cast_latents_to_their_dtype():
+    """float32 latents into a bf16 DiT, under autocast or not: a bf16 residual stream and a
+    bf16 result (patch_embed would otherwise promote the whole stream to float32)."""
+    _, model, x, t, y, _ = _pair("DiT", seed=3)
+    model = model.to(torch.bfloat16).eval()
+    for enabled in (False, True):
+        with _residual_dtype(model) as residual, torch.no_grad():
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=enabled):
+                out = model(x.float(), t, y)
+        assert residual == [torch.bfloat16] and out.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------

@@ -97,7 +97,23 @@ def test_udit_tricks_training_step_runs(tmp_path, monkeypatch):
     ctx = _context(tmp_path)
     ctx.start_suite("models", budget_s=600.0)
     rows: list[common.Row] = []
-    bench_models._udit_tricks(ctx, rows, "U-DiT-S", batch=1, latent=16)
+    from fastdit.models import UDiT
+
+    autocast_on = []  # per model call: was autocast on, and what dtype were the weights
+
+    def seen(module, args, out):
+        if isinstance(module, UDiT):
+            autocast_on.append(
+                (torch.is_autocast_enabled("cpu"), module.t_embedder_1.mlp[0].weight.dtype)
+            )
+
+    hook = torch.nn.modules.module.register_module_forward_hook(seen)
+    try:
+        bench_models._udit_tricks(ctx, rows, "U-DiT-S", batch=1, latent=16)
+    finally:
+        hook.remove()
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert autocast_on == [(False, bf16)] * 2 + [(True, f32)] * 2
     assert [(r.bench, r.backend) for r in rows] == [
         ("U-DiT-S train step fwd+bwd", "eager"),
         ("U-DiT-S train step fwd+bwd", "fastdit"),

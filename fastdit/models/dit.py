@@ -167,15 +167,18 @@ class DiT(nn.Module):
         return unpatchify(x, self.patch_size, self.x_embedder.grid_size, order="pqc")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, H, W) latents in the model's dtype; t: (B,) timesteps (integer
-        or floating); y: (B,) class labels (``num_classes`` = null). Returns (B, out_channels,
-        H, W). In training mode labels are dropped with probability ``class_dropout_prob``."""
+        """x: (B, in_channels, H, W) latents (cast to the model's dtype); t: (B,) timesteps
+        (integer or floating); y: (B,) class labels (``num_classes`` = null). Returns
+        (B, out_channels, H, W) in the model's dtype (float32 for a float32 model under
+        ``torch.autocast``: README, Mixed precision). In training mode labels are dropped with
+        probability ``class_dropout_prob``."""
         if tuple(x.shape[-2:]) != self.x_embedder.img_size:
             raise ValueError(
                 f"DiT: this model was built for {self.x_embedder.img_size[0]}x"
                 f"{self.x_embedder.img_size[1]} latents (input_size), got x of shape "
                 f"{tuple(x.shape)}"
             )
+        x = x.to(self.x_embedder.proj.weight.dtype)  # as U-DiT: f32 latents into a bf16 model
         x = self.x_embedder(x, self.pos_embed)  # (B, N, D), positions added
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (B, D)
         if self.fuse_blocks:

@@ -249,7 +249,8 @@ class UDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents (cast to the model's dtype), H and W multiples of
         8; t: (B,) timesteps (integer or floating); y: (B,) labels (``num_classes`` = null).
-        Returns (B, out_channels, H, W) in the model's dtype."""
+        Returns (B, out_channels, H, W) in the model's dtype (the autocast dtype under
+        ``torch.autocast``: its last layer is a convolution)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"U-DiT: x must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}"

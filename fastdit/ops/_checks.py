@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _autocast
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -34,9 +36,12 @@ def tensor(
             raise ValueError(f"fastdit.{op}: {name} must be {want}, got shape {tuple(t.shape)}")
     if like is not None:
         if same_dtype and t.dtype != like.dtype:
+            cast = ""
+            if _autocast.autocast_dtype(t) is not None:
+                cast = " (the dtypes after the cast this op makes under torch.autocast)"
             raise TypeError(
-                f"fastdit.{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}; "
-                "cast them to one dtype"
+                f"fastdit.{op}: {name} has dtype {t.dtype} but {like_name} has {like.dtype}"
+                f"{cast}; cast them to one dtype"
             )
         if t.device != like.device:
             raise ValueError(

@@ -425,7 +425,8 @@ def attention_in_groups(
     ``softmax(q @ k^T * hd^-0.5) @ v``; logit_scale is then ignored and may be None.
     Runs in float32 (float64 for float64 inputs); returns q's shape and dtype, contiguous.
     logit_scale may have another floating dtype than q (float32 with bfloat16 q, say). Under
-    ``torch.autocast``, q, k and v are first cast to the autocast dtype (not float64 ones).
+    ``torch.autocast``, q, k and v are first cast to the autocast dtype (not float64 ones),
+    which is then the dtype returned.
     """
     q, k, v = _autocast.lower(q, k, v)
     op = "attention_in_groups"
@@ -472,7 +473,8 @@ def downsampled_attention(
     :func:`rope_table` of the group grid (H/2, W/2) for this head dim; None builds it here.
     logit_scale may have another floating dtype than x (float32 with bfloat16 x, say). Under
     ``torch.autocast``, x and the other weights are first cast to the autocast dtype (not
-    float64 ones), as autocast casts the inputs of the convolutions and matrix products.
+    float64 ones), as autocast casts the inputs of the convolutions and matrix products, and
+    the result has that dtype.
     """
     x, dw_weight, dw_bias, qkv_weight, qkv_bias, out_weight, out_bias = _autocast.lower(
         x, dw_weight, dw_bias, qkv_weight, qkv_bias, out_weight, out_bias
