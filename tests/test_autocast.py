@@ -12,8 +12,10 @@ conditioning vectors. Checked here:
   in tests/) under the same autocast: output within the tolerance rule's bound (twice the
   transcription's error, plus a floor), against the float32 result standing in for the exact
   one (its own error, ~1e-6, is far below bfloat16's); gradients as accurate as eager's
-  (median over the parameters of the error ratio), none far off;
-- torch.compile(fullgraph=True) through a DiT under autocast.
+  (median over the parameters of the error ratio), none far off; the residual stream in
+  eager's dtype (float32 in DiT, bf16 in U-DiT); inference too;
+- the backward run inside the autocast region (loss.backward() in the with block), activation
+  checkpointing, torch.compile(fullgraph=True), and the models' cast of their latents.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from fastdit.ops import _autocast
 
 DEVICE = kernel_device()
 BACKENDS = ["torch", *kernel_backends(DEVICE)]
+# The models: the torch backend, and auto where kernels exist (each call on the first backend
+# that serves it: a named backend refuses what it does not take, e.g. cuda channels-first adaLN)
+MODEL_BACKENDS = ["torch", "auto"] if kernel_backends(DEVICE) else ["torch"]
 AUTOCAST = [torch.bfloat16, torch.float16]
 LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -44,9 +49,9 @@ def _interpreting() -> bool:
     return triton_interpreting()
 
 
-def rand(*shape, dtype=torch.float32, scale=1.0):
+def rand(*shape, dtype=torch.float32, scale=1.0, memory_format=torch.contiguous_format):
     t = torch.randn(*shape, dtype=torch.float64, device=DEVICE) * scale
-    return t.to(dtype).requires_grad_()
+    return t.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,9 +102,10 @@ def _cases(low: torch.dtype):
         [f32, f32, f32],
     )
     yield (
-        "gated_adaln (B, D, H, W)",
+        "gated_adaln (B, D, H, W) channels-last",  # U-DiT's layout, which every backend takes
         lambda x, y, g, s, c, backend: fastdit.gated_adaln(x, y, g, s, c, backend=backend),
-        [rand(B, D, 3, 4), rand(B, D, 3, 4, dtype=low)]
+        [rand(B, D, 3, 4, memory_format=torch.channels_last),
+         rand(B, D, 3, 4, dtype=low, memory_format=torch.channels_last)]
         + [rand(B, D, dtype=low) for _ in range(3)],
         [f32] * 5,
     )  # fmt: skip
@@ -253,7 +259,7 @@ def _pair(kind: str, seed: int):
     return reference.to(DEVICE), model.to(DEVICE), *to(x, t, y, weight)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
 @pytest.mark.parametrize("kind", ["DiT", "U-DiT"])
 def test_training_step_under_autocast(kind, backend):
     if kind == "U-DiT" and backend != "torch" and _interpreting():
@@ -262,7 +268,7 @@ def test_training_step_under_autocast(kind, backend):
             "path on this backend is checked above, the model's on the torch backend"
         )
     reference, model, x, t, y, weight = _pair(kind, seed=0)
-    set_backend(model, backend)
+    set_backend(model, None if backend == "auto" else backend)
     truth, truth_grads = _step(reference, x, t, y, weight, None)
     with _residual_dtype(reference) as eager_dtype:
         eager, eager_grads = _step(reference, x, t, y, weight, torch.bfloat16)
