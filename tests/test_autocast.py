@@ -26,11 +26,15 @@ import statistics
 import dit_reference as dref
 import pytest
 import torch
-import udit_reference as uref
 from devices import kernel_backends, kernel_device
+from test_models_dit import TINY as DIT_TINY
+from test_models_udit import TINY as UDIT_TINY
+from test_models_udit import no_label_dropout
+from test_models_udit import tiny_pair as udit_tiny_pair
 
 import fastdit
-from fastdit.models import DiT, UDiT, load_checkpoint
+from fastdit.backends import triton_interpreting
+from fastdit.models import DiT, load_checkpoint
 from fastdit.nn import set_backend
 from fastdit.ops import _autocast
 
@@ -41,12 +45,6 @@ BACKENDS = ["torch", *kernel_backends(DEVICE)]
 MODEL_BACKENDS = ["torch", "auto"] if kernel_backends(DEVICE) else ["torch"]
 AUTOCAST = [torch.bfloat16, torch.float16]
 LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _interpreting() -> bool:
-    from fastdit.backends import triton_interpreting
-
-    return triton_interpreting()
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0, memory_format=torch.contiguous_format):
@@ -233,23 +231,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _pair(kind: str, seed: int):
+    """The released-code transcription and fastdit's model with its weights (the tiny configs
+    of tests/test_models_*.py), label dropout off, and inputs and a loss weight, on DEVICE."""
     if kind == "DiT":
-        config = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, input_size=8,
-                      num_classes=10)  # fmt: skip
         torch.manual_seed(seed)
-        reference = dref.DiT(**config)
-        model = load_checkpoint(DiT(**config), reference.state_dict())
+        reference = dref.DiT(**DIT_TINY)
+        model = load_checkpoint(DiT(**DIT_TINY), reference.state_dict())
         reference.y_embedder.dropout_prob = model.y_embedder.dropout_prob = 0.0
-        size = 8
     else:
-        config = {**uref.RELEASED_SETTINGS, "hidden_size": 16, "num_heads": 2,
-                  "depth": [1, 2, 1, 1, 1], "num_classes": 10, "input_size": 16}  # fmt: skip
-        reference = uref.randomize_(uref.U_DiT(**config), torch.Generator().manual_seed(seed))
-        model = load_checkpoint(UDiT(**config), reference.state_dict())
-        for m in (reference, model):
-            for k in (1, 2, 3):
-                getattr(m, f"y_embedder_{k}").dropout_prob = 0.0
-        size = 16
+        reference, model = udit_tiny_pair(seed)
+        no_label_dropout(reference, model)
+    size = (DIT_TINY if kind == "DiT" else UDIT_TINY)["input_size"]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, size, size, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
@@ -262,7 +254,7 @@ def _pair(kind: str, seed: int):
 @pytest.mark.parametrize("backend", MODEL_BACKENDS)
 @pytest.mark.parametrize("kind", ["DiT", "U-DiT"])
 def test_training_step_under_autocast(kind, backend):
-    if kind == "U-DiT" and backend != "torch" and _interpreting():
+    if kind == "U-DiT" and backend != "torch" and triton_interpreting():
         pytest.skip(
             "U-DiT's attention kernels take minutes in Triton's interpreter; each op's autocast "
             "path on this backend is checked above, the model's on the torch backend"
@@ -298,7 +290,7 @@ def test_inference_under_autocast(kind):
     """eval(): U-DiT's folded FFN (the released code folds too) and DiT, sampling under
     autocast on the default backend (U-DiT on the torch backend in Triton's interpreter)."""
     reference, model, x, t, y, _ = _pair(kind, seed=2)
-    set_backend(model, "torch" if kind == "U-DiT" and _interpreting() else None)
+    set_backend(model, "torch" if kind == "U-DiT" and triton_interpreting() else None)
     reference.eval(), model.eval()
     with torch.no_grad():
         truth = reference(x, t, y)
