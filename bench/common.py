@@ -155,31 +155,30 @@ def references_only():
         Op.__call__ = call  # type: ignore[method-assign]
 
 
-def on_references(fn: Callable[..., object]) -> Callable[..., object]:
-    """``fn`` (a model, or its compiled form) called under references_only()."""
+def _within(fn: Callable[..., object], context: Callable[[], object]) -> Callable[..., object]:
+    """``fn`` (a model, or a wrapped one) called inside ``context()``; a model's parameters
+    stay reachable (bench_case's fwd+bwd resets their gradients)."""
 
     def run(*inputs):
-        with references_only():
+        with context():
             return fn(*inputs)
 
-    if isinstance(fn, torch.nn.Module):
-        run.parameters = fn.parameters  # for bench_case's fwd+bwd: their gradients are reset
+    if hasattr(fn, "parameters"):
+        run.parameters = fn.parameters
     return run
+
+
+def on_references(fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` (a model, or its compiled form) called under references_only()."""
+    return _within(fn, references_only)
 
 
 def under_autocast(
     fn: Callable[..., object], device: torch.device, dtype: torch.dtype
 ) -> Callable[..., object]:
-    """``fn`` (a model, or a wrapped one) called inside ``torch.autocast(device, dtype)``: mixed
-    precision training, float32 weights."""
-
-    def run(*inputs):
-        with torch.autocast(device.type, dtype=dtype):
-            return fn(*inputs)
-
-    if hasattr(fn, "parameters"):
-        run.parameters = fn.parameters  # for bench_case's fwd+bwd: their gradients are reset
-    return run
+    """``fn`` called inside ``torch.autocast(device, dtype)``: mixed precision training,
+    float32 weights."""
+    return _within(fn, lambda: torch.autocast(device.type, dtype=dtype))
 
 
 def add_ratios(rows: list[Row]) -> None:
