@@ -17,6 +17,15 @@ Floor (bytes that must move; N = B*L*D elements, elem = bytes per element):
   and the harness's torch.ones_like cotangents are not in the floor, so they count against the
   kernels' GB/s.
 
+Mixed precision (the "gated_adaln autocast" rows, DiT shapes): a float32 residual x with a
+bf16 branch y and bf16 gate, shift, scale, as under torch.autocast; r and out are float32, d y
+and the vectors' gradients bf16. Floor: fwd read x (4), y (2), write r, out (8): 14 N bytes;
+fwd+bwd adds read x, y, dr, dout, write dx, dy: 20 N more, 34 N. Variants: eager and
+torch.compile of the released code's formula under autocast (x + gate * y, the product in bf16,
+then LayerNorm and modulation in float32), each kernel reading the bf16 tensors as they are,
+and each kernel on the branch first cast to float32 (what fastdit did before: 22 N and 52 N
+bytes with the casts).
+
 Targets (H100, the issue): fwd >= 85 % and bwd >= 70 % of the copy bandwidth measured in the same
 run; the fused step (gated_adaln) >= 3x eager and >= 1.2x torch.compile of the reference. A
 kernel row whose backward did not run on that kernel says so in its note.
@@ -30,6 +39,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
@@ -106,7 +116,56 @@ def run(ctx: common.Context) -> list[common.Row]:
                         bytes_moved=elements_bwd * elem, backward=True,
                     )  # fmt: skip
                     common.check_backward_backend(rows[before:], op, variants, make(n_x))
+        if torch.bfloat16 in ctx.dtypes:
+            for label, shape in _shapes(ctx.quick):
+                if len(shape) == 3:
+                    _autocast_case(rows, ctx, label, shape)
     return rows
+
+
+def _released_gated(x, y, gate, shift, scale):
+    """The released DiT block's gated residual and the next modulated norm, as eager PyTorch
+    runs it under autocast (gate * y in bf16, added to the float32 x)."""
+    r = x + gate[:, None] * y
+    out = F.layer_norm(r, (r.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return r, out
+
+
+def _autocast_case(rows: list[common.Row], ctx: common.Context, label: str, shape) -> None:
+    batch, _, dim = shape
+    low = torch.bfloat16
+
+    def inputs():
+        x = torch.randn(shape, device=ctx.device)
+        y = torch.randn(shape, device=ctx.device, dtype=low)
+        return [x, y] + [torch.randn(batch, dim, device=ctx.device, dtype=low) * 0.1
+                         for _ in range(3)]  # fmt: skip
+
+    def autocast(fn):
+        return common.under_autocast(fn, ctx.device, low)
+
+    variants = {
+        "eager": autocast(_released_gated),
+        "compile": autocast(common.compiled(_released_gated)),
+    }
+    for backend, reason in common.kernel_backends([adaln._gated], ctx.device).items():
+        if reason:
+            continue
+        variants[backend] = autocast(lambda *a, b=backend: adaln.gated_adaln(*a, backend=b))
+        variants[f"{backend} cast-first"] = autocast(
+            lambda x, *a, b=backend: adaln.gated_adaln(x, *(t.float() for t in a), backend=b)
+        )
+    n, bd = batch * shape[1] * dim, batch * dim
+    for backward, nbytes in ((False, 14 * n + 6 * bd), (True, 34 * n + 16 * bd)):
+        before = len(rows)
+        common.bench_case(
+            rows, ctx, "gated_adaln autocast", f"{label} {tuple(shape)}", low, inputs, variants,
+            bytes_moved=nbytes, backward=backward,
+        )  # fmt: skip
+        for row in rows[before:]:
+            row.dtype = "fp32+bf16"
+        if backward:
+            common.check_backward_backend(rows[before:], adaln._gated, variants, inputs)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@
 //
 // Rows: x, y, r, out and the gradients are B * L rows of D contiguous elements: (B, L, D)
 // tokens, or channels-last (B, D, H, W) images (L = H * W), which are the same in memory.
-// shift, scale, gate and their gradients: (B, D) contiguous. One dtype for all (float, __half,
-// __nv_bfloat16); every value is computed in fp32 and rounded once to the dtype.
+// shift, scale, gate and their gradients: (B, D) contiguous. Dtypes: the rows x, r, out and
+// their gradients in T (float, __half or __nv_bfloat16); y, gate, shift, scale and their
+// gradients (dy included) in C, which is T or, with float rows, __half or __nv_bfloat16: what
+// autocast gives a float32 residual stream, whose low-precision branch is then read as it is,
+// not first copied to float32 (the results are those of the copy, bit for bit: widening is
+// exact). Every value is computed in fp32 and rounded once to its tensor's dtype.
 // LayerNorm has no affine weights, uses the biased variance and eps inside the square root, as
 // torch.nn.functional.layer_norm. Statistics are taken in fp32 in two passes over the row held in
 // registers (mean first, then the sum of squared deviations). For gated, r is rounded to the
@@ -26,11 +30,15 @@
 // adds each sample's partials in split order and rounds once. Same inputs and same `splits`:
 // bitwise-identical gradients.
 //
-// The ops are memory-bound. The floor is the bytes that must move (N = B * L * D, e = sizeof(T)):
-//   modulate forward   2 N e   (read x, write out)
-//   gated forward      4 N e   (read x, y; write r, out)
-//   modulate backward  3 N e   (read x, dout; write dx)
-//   gated backward     6 N e   (read x, y, dr, dout; write dx, dy)
+// The ops are memory-bound. The floor is the bytes that must move (N = B * L * D, e = sizeof(T),
+// c = sizeof(C)):
+//   modulate forward   2 N e         (read x, write out)
+//   gated forward      N (3 e + c)   (read x, y; write r, out)
+//   modulate backward  3 N e         (read x, dout; write dx)
+//   gated backward     N (4 e + 2 c) (read x, y, dr, dout; write dx, dy)
+// Under autocast (float rows, bf16 branch) the gated ops move 14 N and 20 N bytes; casting the
+// branch to float32 first would move 22 N and 30 N, counting the casts (read 2, write 4; and in
+// the backward the fp32 dy written, read and cast back).
 // plus a few B * D for the conditioning vectors (re-read per row, from L1/L2) and, for the
 // backward, 2 or 3 partial planes of B * splits * D fp32 written once and read once.
 // adaln_bwd_splits picks splits from the backward kernel's occupancy: one wave of resident
@@ -41,8 +49,9 @@
 // backward ~70-80 %. At DiT-XL/2 B 256 bf16 (N e = 151 MB) and ~2.8 TB/s copy: modulate forward
 // ~125 us, gated forward ~245 us, gated backward ~430 us.
 // Register use (ptxas -v, sm_90): forward 25-96 registers, no spills; backward 40-128, no spills
-// on the 16-byte path except fp32 D > 4096 gated (68 bytes); the scalar path (misaligned
-// pointers, or D * sizeof(T) not a multiple of 16) spills at D > 4096: correct, not fast.
+// on the vector path except fp32 D > 4096 gated (56-68 bytes; float rows with a 16-bit branch:
+// none); the scalar path (misaligned pointers, or D * sizeof(T) not a multiple of 16) spills
+// at D > 4096: correct, not fast.
 //
 // Forward kernel shapes, by the number of vectors per row (nvec = D / V, V elements per access):
 //   nvec <= 256          one warp per row, 4 rows per 128-thread block, ITERS = ceil(nvec / 32)
@@ -111,13 +120,13 @@ __device__ __forceinline__ float row_sum(float v, float* smem) {
   return v;
 }
 
-template <typename T>
+template <typename T, typename C>
 struct FwdParams {
   const T* x;
-  const T* y;     // gated only
-  const T* gate;  // gated only
-  const T* shift;
-  const T* scale;
+  const C* y;     // gated only
+  const C* gate;  // gated only
+  const C* shift;
+  const C* scale;
   T* r;  // gated only
   T* out;
   uint32_t rows;  // rows of this launch (a chunk of B * L, see launch_chunks)
@@ -129,9 +138,9 @@ struct FwdParams {
 // The row in registers: thread t of a row holds vectors t, t + TPR, t + 2 * TPR, ... (ITERS of
 // them, V elements each), so each access instruction of a warp covers 32 * V consecutive
 // elements.
-template <typename T, int V, int TPR, int ITERS, bool GATED>
+template <typename T, typename C, int V, int TPR, int ITERS, bool GATED>
 __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
-    adaln_fwd_regs_kernel(const FwdParams<T> p) {
+    adaln_fwd_regs_kernel(const FwdParams<T, C> p) {
   constexpr int kRowsPerBlock = TPR > kWarp ? 1 : kWarpModeBlock / TPR;
   __shared__ float smem_mean[TPR > kWarp ? kWarp : 1];
   __shared__ float smem_var[TPR > kWarp ? kWarp : 1];
@@ -160,8 +169,8 @@ __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
         load_float<T, V>(xr + e, v[i]);
         if constexpr (GATED) {
           float yv[V], gv[V];
-          load_float<T, V>(p.y + row * D + e, yv);
-          load_float<T, V>(p.gate + b * D + e, gv);
+          load_float<C, V>(p.y + row * D + e, yv);
+          load_float<C, V>(p.gate + b * D + e, gv);
 #pragma unroll
           for (int j = 0; j < V; ++j) v[i][j] = round_to<T>(fmaf(gv[j], yv[j], v[i][j]));
           store_float<T, V>(p.r + row * D + e, v[i]);
@@ -188,8 +197,8 @@ __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
     const float rstd = __frsqrt_rn(var + p.eps);  // 1 / sqrt, correctly rounded
 
     // Normalize, modulate, round once, store.
-    const T* __restrict__ sh = p.shift + b * D;
-    const T* __restrict__ sc = p.scale + b * D;
+    const C* __restrict__ sh = p.shift + b * D;
+    const C* __restrict__ sc = p.scale + b * D;
     T* __restrict__ o = p.out + row * D;
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
@@ -197,8 +206,8 @@ __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
       if (c < nvec) {
         const int64_t e = static_cast<int64_t>(c) * V;
         float shv[V], scv[V], y[V];
-        load_float<T, V>(sh + e, shv);
-        load_float<T, V>(sc + e, scv);
+        load_float<C, V>(sh + e, shv);
+        load_float<C, V>(sc + e, scv);
 #pragma unroll
         for (int j = 0; j < V; ++j) y[j] = ((v[i][j] - mean) * rstd) * (1.f + scv[j]) + shv[j];
         store_float<T, V>(o + e, y);
@@ -209,8 +218,8 @@ __global__ void __launch_bounds__(TPR > kWarp ? TPR : kWarpModeBlock)
 
 // Rows too long for registers: the same three steps, each re-reading the row from memory (for
 // gated, pass 1 writes r and the later passes read it back: the same thread, the same elements).
-template <typename T, int V, bool GATED>
-__global__ void __launch_bounds__(kBigThreads) adaln_fwd_big_kernel(const FwdParams<T> p) {
+template <typename T, typename C, int V, bool GATED>
+__global__ void __launch_bounds__(kBigThreads) adaln_fwd_big_kernel(const FwdParams<T, C> p) {
   __shared__ float smem_mean[kWarp];
   __shared__ float smem_var[kWarp];
   const int D = p.D;
@@ -228,8 +237,8 @@ __global__ void __launch_bounds__(kBigThreads) adaln_fwd_big_kernel(const FwdPar
       load_float<T, V>(p.x + row * D + e, v);
       if constexpr (GATED) {
         float yv[V], gv[V];
-        load_float<T, V>(p.y + row * D + e, yv);
-        load_float<T, V>(p.gate + b * D + e, gv);
+        load_float<C, V>(p.y + row * D + e, yv);
+        load_float<C, V>(p.gate + b * D + e, gv);
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = round_to<T>(fmaf(gv[j], yv[j], v[j]));
         store_float<T, V>(p.r + row * D + e, v);
@@ -252,15 +261,15 @@ __global__ void __launch_bounds__(kBigThreads) adaln_fwd_big_kernel(const FwdPar
     const float var = divide(row_sum<kBigThreads>(m2, smem_var), d_f, inv_d);
     const float rstd = __frsqrt_rn(var + p.eps);
 
-    const T* sh = p.shift + b * D;
-    const T* sc = p.scale + b * D;
+    const C* sh = p.shift + b * D;
+    const C* sc = p.scale + b * D;
     T* o = p.out + row * D;
     for (int c = threadIdx.x; c < nvec; c += kBigThreads) {
       const int64_t e = static_cast<int64_t>(c) * V;
       float v[V], shv[V], scv[V], y[V];
       load_float<T, V>(src + e, v);
-      load_float<T, V>(sh + e, shv);
-      load_float<T, V>(sc + e, scv);
+      load_float<C, V>(sh + e, shv);
+      load_float<C, V>(sc + e, scv);
 #pragma unroll
       for (int j = 0; j < V; ++j) y[j] = ((v[j] - mean) * rstd) * (1.f + scv[j]) + shv[j];
       store_float<T, V>(o + e, y);
@@ -271,16 +280,16 @@ __global__ void __launch_bounds__(kBigThreads) adaln_fwd_big_kernel(const FwdPar
 // ---------------------------------------------------------------------------------------------
 // Backward
 
-template <typename T>
+template <typename T, typename C>
 struct BwdParams {
   const T* x;
-  const T* y;     // gated only
-  const T* gate;  // gated only
-  const T* scale;
+  const C* y;     // gated only
+  const C* gate;  // gated only
+  const C* scale;
   const T* dr;  // gated only: the cotangent of r
   const T* dh;  // the cotangent of out
   T* dx;
-  T* dy;           // gated only
+  C* dy;           // gated only
   float* partial;  // planes x [B][splits][D]: d shift, d scale (, d gate) partial sums
   int64_t plane;   // B * splits * D
   uint32_t L;
@@ -350,8 +359,8 @@ __device__ __forceinline__ void group_sum2(float& a, float& b, float* smem_a, fl
 // Block (b, split): R row groups of G threads; group g takes rows begin + g, begin + g + R, ...
 // Thread t of a group owns vectors t, t + G, ... (ITERS of them) of every row, and adds its
 // columns' contributions to d shift, d scale (and d gate) in registers as the rows go by.
-template <typename T, int V, int ITERS, int SUB, bool GATED>
-__global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdParams<T> p) {
+template <typename T, typename C, int V, int ITERS, int SUB, bool GATED>
+__global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdParams<T, C> p) {
   FD_DYNAMIC_SMEM(combine);  // R * D floats, when R > 1
   __shared__ float sm_mean[kBwdMaxWarps];
   __shared__ float sm_var[kBwdMaxWarps];
@@ -378,8 +387,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
   const uint32_t end = min(p.L, begin + p.rows_per_split);
   const uint32_t steps = (end - begin + R - 1) / R;  // the same for every thread of the block
 
-  const T* __restrict__ scale = p.scale + static_cast<int64_t>(b) * D;
-  const T* __restrict__ gate = GATED ? p.gate + static_cast<int64_t>(b) * D : nullptr;
+  const C* __restrict__ scale = p.scale + static_cast<int64_t>(b) * D;
+  const C* __restrict__ gate = GATED ? p.gate + static_cast<int64_t>(b) * D : nullptr;
 
   float acc_shift[ITERS][V], acc_scale[ITERS][V], acc_gate[GATED ? ITERS : 1][V];
 #pragma unroll
@@ -414,8 +423,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
         load_float<T, V>(p.dh + base + e, gv[i]);
         if constexpr (GATED) {
           float yl[V], gl[V];
-          load_float<T, V>(p.y + base + e, yl);
-          load_float<T, V>(gate + e, gl);
+          load_float<C, V>(p.y + base + e, yl);
+          load_float<C, V>(gate + e, gl);
           if constexpr (kHold) {
             load_float<T, V>(p.dr + base + e, drv[i]);
 #pragma unroll
@@ -451,7 +460,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
       const int c = i * G + t;
       if (active && c < nvec) {
         float scv[V];
-        load_float<T, V>(scale + static_cast<int64_t>(c) * V, scv);
+        load_float<C, V>(scale + static_cast<int64_t>(c) * V, scv);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const float n = (v[i][j] - mean) * rstd;
@@ -489,16 +498,16 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
             }
           } else {
             load_float<T, V>(p.dr + base + e, dr);
-            load_float<T, V>(p.y + base + e, yl);
+            load_float<C, V>(p.y + base + e, yl);
           }
-          load_float<T, V>(gate + e, gl);
+          load_float<C, V>(gate + e, gl);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             dx[j] += dr[j];
             dy[j] = gl[j] * dx[j];
             acc_gate[i][j] += dx[j] * yl[j];
           }
-          store_float<T, V>(p.dy + base + e, dy);
+          store_float<C, V>(p.dy + base + e, dy);
         }
         store_float<T, V>(p.dx + base + e, dx);
       }
@@ -582,64 +591,67 @@ inline unsigned grid_for(int64_t groups) {
   return static_cast<unsigned>(std::min<int64_t>(groups, INT_MAX));
 }
 
-template <typename T>
-FwdParams<T> fwd_params(const FwdArgs& a) {
-  return FwdParams<T>{static_cast<const T*>(a.x),     static_cast<const T*>(a.y),
-                      static_cast<const T*>(a.gate),  static_cast<const T*>(a.shift),
-                      static_cast<const T*>(a.scale), static_cast<T*>(a.r),
-                      static_cast<T*>(a.out),         a.rows,
-                      a.L,                            a.D,
-                      a.eps};
+template <typename T, typename C>
+FwdParams<T, C> fwd_params(const FwdArgs& a) {
+  return FwdParams<T, C>{static_cast<const T*>(a.x),     static_cast<const C*>(a.y),
+                         static_cast<const C*>(a.gate),  static_cast<const C*>(a.shift),
+                         static_cast<const C*>(a.scale), static_cast<T*>(a.r),
+                         static_cast<T*>(a.out),         a.rows,
+                         a.L,                            a.D,
+                         a.eps};
 }
 
-template <typename T, int V, int TPR, int ITERS, bool GATED>
+template <typename T, typename C, int V, int TPR, int ITERS, bool GATED>
 void launch_regs(const FwdArgs& a) {
   constexpr int kThreads = TPR > kWarp ? TPR : kWarpModeBlock;
   constexpr int kRowsPerBlock = kThreads / TPR;
   const int64_t groups = (a.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  const auto kernel = adaln_fwd_regs_kernel<T, V, TPR, ITERS, GATED>;
-  FD_LAUNCH(kernel, grid_for(groups), kThreads, 0, a.stream)(fwd_params<T>(a));
+  const auto kernel = adaln_fwd_regs_kernel<T, C, V, TPR, ITERS, GATED>;
+  FD_LAUNCH(kernel, grid_for(groups), kThreads, 0, a.stream)(fwd_params<T, C>(a));
 }
 
-template <typename T, int V, bool GATED>
+template <typename T, typename C, int V, bool GATED>
 void launch_big(const FwdArgs& a) {
-  const auto kernel = adaln_fwd_big_kernel<T, V, GATED>;
-  FD_LAUNCH(kernel, grid_for(a.rows), kBigThreads, 0, a.stream)(fwd_params<T>(a));
+  const auto kernel = adaln_fwd_big_kernel<T, C, V, GATED>;
+  FD_LAUNCH(kernel, grid_for(a.rows), kBigThreads, 0, a.stream)(fwd_params<T, C>(a));
 }
 
-template <typename T, int V, bool GATED>
+template <typename T, typename C, int V, bool GATED>
 void launch_with_vec(const FwdArgs& a) {
   const int nvec = a.D / V;
   if (nvec <= kWarp * kWarpModeMaxIters) {
     switch ((nvec + kWarp - 1) / kWarp) {
-      case 1: return launch_regs<T, V, kWarp, 1, GATED>(a);
-      case 2: return launch_regs<T, V, kWarp, 2, GATED>(a);
-      case 3: return launch_regs<T, V, kWarp, 3, GATED>(a);
-      case 4: return launch_regs<T, V, kWarp, 4, GATED>(a);
-      case 5: return launch_regs<T, V, kWarp, 5, GATED>(a);
-      case 6: return launch_regs<T, V, kWarp, 6, GATED>(a);
-      case 7: return launch_regs<T, V, kWarp, 7, GATED>(a);
-      default: return launch_regs<T, V, kWarp, 8, GATED>(a);
+      case 1: return launch_regs<T, C, V, kWarp, 1, GATED>(a);
+      case 2: return launch_regs<T, C, V, kWarp, 2, GATED>(a);
+      case 3: return launch_regs<T, C, V, kWarp, 3, GATED>(a);
+      case 4: return launch_regs<T, C, V, kWarp, 4, GATED>(a);
+      case 5: return launch_regs<T, C, V, kWarp, 5, GATED>(a);
+      case 6: return launch_regs<T, C, V, kWarp, 6, GATED>(a);
+      case 7: return launch_regs<T, C, V, kWarp, 7, GATED>(a);
+      default: return launch_regs<T, C, V, kWarp, 8, GATED>(a);
     }
   }
   // At most 32 floats of row per thread (<= 64 registers at 1024 threads per block).
   constexpr int K = V == 1 ? 8 : 4;
-  if (nvec <= 128 * K) return launch_regs<T, V, 128, K, GATED>(a);
-  if (nvec <= 256 * K) return launch_regs<T, V, 256, K, GATED>(a);
-  if (nvec <= 512 * K) return launch_regs<T, V, 512, K, GATED>(a);
-  if (nvec <= 1024 * K) return launch_regs<T, V, 1024, K, GATED>(a);
-  return launch_big<T, V, GATED>(a);
+  if (nvec <= 128 * K) return launch_regs<T, C, V, 128, K, GATED>(a);
+  if (nvec <= 256 * K) return launch_regs<T, C, V, 256, K, GATED>(a);
+  if (nvec <= 512 * K) return launch_regs<T, C, V, 512, K, GATED>(a);
+  if (nvec <= 1024 * K) return launch_regs<T, C, V, 1024, K, GATED>(a);
+  return launch_big<T, C, V, GATED>(a);
 }
 
 // The forward kernels index rows with 32 bits (a 64-bit division per row is a long subroutine
 // on the GPU); element offsets are 64-bit. More than 2^31 rows go in several launches, each
 // starting at a batch boundary, or inside one batch when L alone is that large.
-template <typename T, int V, bool GATED>
+template <typename T, typename C, int V, bool GATED>
 void launch_chunks(const FwdArgs& base, int64_t B, int64_t L) {
   constexpr int64_t kMaxRows = int64_t{1} << 31;
   const int64_t D = base.D;
-  const auto at = [](const void* p, int64_t elems) {
+  const auto at = [](const void* p, int64_t elems) {  // rows (T)
     return p == nullptr ? p : static_cast<const void*>(static_cast<const T*>(p) + elems);
+  };
+  const auto at_cond = [](const void* p, int64_t elems) {  // y and the vectors (C)
+    return p == nullptr ? p : static_cast<const void*>(static_cast<const C*>(p) + elems);
   };
   const auto at_mut = [](void* p, int64_t elems) {
     return p == nullptr ? p : static_cast<void*>(static_cast<T*>(p) + elems);
@@ -648,16 +660,16 @@ void launch_chunks(const FwdArgs& base, int64_t B, int64_t L) {
   if (B * L <= kMaxRows) {
     a.rows = static_cast<uint32_t>(B * L);
     a.L = static_cast<uint32_t>(L);
-    return launch_with_vec<T, V, GATED>(a);
+    return launch_with_vec<T, C, V, GATED>(a);
   }
   const auto point = [&](int64_t b, int64_t row0) {  // row0: first row (of B * L) of the launch
     a.x = at(base.x, row0 * D);
-    a.y = at(base.y, row0 * D);
+    a.y = at_cond(base.y, row0 * D);
     a.r = at_mut(base.r, row0 * D);
     a.out = at_mut(base.out, row0 * D);
-    a.gate = at(base.gate, b * D);
-    a.shift = at(base.shift, b * D);
-    a.scale = at(base.scale, b * D);
+    a.gate = at_cond(base.gate, b * D);
+    a.shift = at_cond(base.shift, b * D);
+    a.scale = at_cond(base.scale, b * D);
   };
   if (L <= kMaxRows) {
     const int64_t per_launch = kMaxRows / L;  // whole batches per launch
@@ -666,7 +678,7 @@ void launch_chunks(const FwdArgs& base, int64_t B, int64_t L) {
       point(b0, b0 * L);
       a.rows = static_cast<uint32_t>(nb * L);
       a.L = static_cast<uint32_t>(L);
-      launch_with_vec<T, V, GATED>(a);
+      launch_with_vec<T, C, V, GATED>(a);
     }
     return;
   }
@@ -676,23 +688,29 @@ void launch_chunks(const FwdArgs& base, int64_t B, int64_t L) {
       point(b, b * L + l0);
       a.rows = static_cast<uint32_t>(n);
       a.L = static_cast<uint32_t>(n);  // every row of this launch is in batch b
-      launch_with_vec<T, V, GATED>(a);
+      launch_with_vec<T, C, V, GATED>(a);
     }
   }
 }
 
-template <typename T, bool GATED>
+// The vector path moves kVec16<T> elements per access: 16 bytes of a row of T, 16 or 8 bytes
+// (float rows) of C.
+template <typename T, typename C>
+constexpr std::size_t kCondVecBytes = kVec16<T> * sizeof(C);
+
+template <typename T, typename C, bool GATED>
 void launch_fwd_typed(const FwdArgs& a, int64_t B, int64_t L) {
+  constexpr std::size_t kC = kCondVecBytes<T, C>;
   bool vec = (static_cast<int64_t>(a.D) * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
-             is_aligned(a.x, 16) && is_aligned(a.shift, 16) && is_aligned(a.scale, 16) &&
+             is_aligned(a.x, 16) && is_aligned(a.shift, kC) && is_aligned(a.scale, kC) &&
              is_aligned(a.out, 16);
   if (GATED) {
-    vec = vec && is_aligned(a.y, 16) && is_aligned(a.gate, 16) && is_aligned(a.r, 16);
+    vec = vec && is_aligned(a.y, kC) && is_aligned(a.gate, kC) && is_aligned(a.r, 16);
   }
   if (vec) {
-    launch_chunks<T, kVec16<T>, GATED>(a, B, L);
+    launch_chunks<T, C, kVec16<T>, GATED>(a, B, L);
   } else {
-    launch_chunks<T, 1, GATED>(a, B, L);
+    launch_chunks<T, C, 1, GATED>(a, B, L);
   }
 }
 
@@ -718,7 +736,7 @@ struct BwdArgs {
 };
 
 // The backward kernel chosen for a row length: its address, block shape and dynamic smem.
-// `launch` enqueues that kernel with a BwdParams<T> of the plan's T.
+// `launch` enqueues that kernel with a BwdParams<T, C> of the plan's T and C.
 struct BwdPlan {
   const void* func;
   void (*launch)(const void* params, dim3 grid, dim3 block, size_t smem, cudaStream_t stream);
@@ -727,70 +745,71 @@ struct BwdPlan {
   size_t smem;  // R * D floats when R > 1
 };
 
-template <typename T, int V, int ITERS, int SUB, bool GATED>
+template <typename T, typename C, int V, int ITERS, int SUB, bool GATED>
 void launch_bwd_kernel(const void* params, dim3 grid, dim3 block, size_t smem,
                        cudaStream_t stream) {
-  const auto kernel = adaln_bwd_kernel<T, V, ITERS, SUB, GATED>;
-  FD_LAUNCH(kernel, grid, block, smem, stream)(*static_cast<const BwdParams<T>*>(params));
+  const auto kernel = adaln_bwd_kernel<T, C, V, ITERS, SUB, GATED>;
+  FD_LAUNCH(kernel, grid, block, smem, stream)(*static_cast<const BwdParams<T, C>*>(params));
 }
 
-template <typename T, int V, int ITERS, int SUB, bool GATED>
+template <typename T, typename C, int V, int ITERS, int SUB, bool GATED>
 BwdPlan bwd_plan(int group, int D) {
   const int rows_per_block = std::max(1, kBwdBlockTarget / group);
   const size_t smem =
       rows_per_block > 1 ? static_cast<size_t>(rows_per_block) * D * sizeof(float) : 0;
-  return BwdPlan{reinterpret_cast<const void*>(&adaln_bwd_kernel<T, V, ITERS, SUB, GATED>),
-                 &launch_bwd_kernel<T, V, ITERS, SUB, GATED>, group, rows_per_block * group,
+  return BwdPlan{reinterpret_cast<const void*>(&adaln_bwd_kernel<T, C, V, ITERS, SUB, GATED>),
+                 &launch_bwd_kernel<T, C, V, ITERS, SUB, GATED>, group, rows_per_block * group,
                  smem};
 }
 
 // Picks the row group: ITERS, the smallest of 1, 2, 4, ... (up to 16 elements per thread) for
 // which a row needs at most kBwdBlockTarget threads (kBwdMaxThreads with the largest ITERS);
 // G = 8 or 16 lanes for short rows, else that many threads rounded up to whole warps.
-template <typename T, int V, bool GATED>
+template <typename T, typename C, int V, bool GATED>
 BwdPlan bwd_plan_vec(int D) {
   constexpr int kMaxIters = kBwdMaxElems / V;
   const int nvec = D / V;
-  if (nvec <= 8) return bwd_plan<T, V, 1, 8, GATED>(8, D);
-  if (nvec <= 16) return bwd_plan<T, V, 1, 16, GATED>(16, D);
+  if (nvec <= 8) return bwd_plan<T, C, V, 1, 8, GATED>(8, D);
+  if (nvec <= 16) return bwd_plan<T, C, V, 1, 16, GATED>(16, D);
   int iters = 1;
   while (iters < kMaxIters && (nvec + iters - 1) / iters > kBwdBlockTarget) iters *= 2;
   const int need = (nvec + iters - 1) / iters;
   const int group = (need + kWarp - 1) / kWarp * kWarp;  // <= kBwdMaxThreads (D <= kBwdMaxD)
   if constexpr (kMaxIters >= 16) {
-    if (iters == 16) return bwd_plan<T, V, 16, kWarp, GATED>(group, D);
-    if (iters == 8) return bwd_plan<T, V, 8, kWarp, GATED>(group, D);
+    if (iters == 16) return bwd_plan<T, C, V, 16, kWarp, GATED>(group, D);
+    if (iters == 8) return bwd_plan<T, C, V, 8, kWarp, GATED>(group, D);
   }
   if constexpr (kMaxIters >= 4) {
-    if (iters == 4) return bwd_plan<T, V, 4, kWarp, GATED>(group, D);
+    if (iters == 4) return bwd_plan<T, C, V, 4, kWarp, GATED>(group, D);
   }
-  if (iters == 2) return bwd_plan<T, V, 2, kWarp, GATED>(group, D);
-  return bwd_plan<T, V, 1, kWarp, GATED>(group, D);
+  if (iters == 2) return bwd_plan<T, C, V, 2, kWarp, GATED>(group, D);
+  return bwd_plan<T, C, V, 1, kWarp, GATED>(group, D);
 }
 
-template <typename T, bool GATED>
+template <typename T, typename C, bool GATED>
 BwdPlan bwd_plan_typed(int D, bool vec) {
-  return vec ? bwd_plan_vec<T, kVec16<T>, GATED>(D) : bwd_plan_vec<T, 1, GATED>(D);
+  return vec ? bwd_plan_vec<T, C, kVec16<T>, GATED>(D) : bwd_plan_vec<T, C, 1, GATED>(D);
 }
 
-template <typename T, bool GATED>
+template <typename T, typename C, bool GATED>
 void launch_bwd_typed(const BwdArgs& a) {
+  constexpr std::size_t kC = kCondVecBytes<T, C>;
   bool vec = (static_cast<int64_t>(a.D) * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
-             is_aligned(a.x, 16) && is_aligned(a.scale, 16) && is_aligned(a.dh, 16) &&
+             is_aligned(a.x, 16) && is_aligned(a.scale, kC) && is_aligned(a.dh, 16) &&
              is_aligned(a.dx, 16);
   if (GATED) {
-    vec = vec && is_aligned(a.y, 16) && is_aligned(a.gate, 16) && is_aligned(a.dr, 16) &&
-          is_aligned(a.dy, 16);
+    vec = vec && is_aligned(a.y, kC) && is_aligned(a.gate, kC) && is_aligned(a.dr, 16) &&
+          is_aligned(a.dy, kC);
   }
-  const BwdPlan plan = bwd_plan_typed<T, GATED>(a.D, vec);
-  BwdParams<T> p{static_cast<const T*>(a.x),
-                 static_cast<const T*>(a.y),
-                 static_cast<const T*>(a.gate),
-                 static_cast<const T*>(a.scale),
+  const BwdPlan plan = bwd_plan_typed<T, C, GATED>(a.D, vec);
+  BwdParams<T, C> p{static_cast<const T*>(a.x),
+                 static_cast<const C*>(a.y),
+                 static_cast<const C*>(a.gate),
+                 static_cast<const C*>(a.scale),
                  static_cast<const T*>(a.dr),
                  static_cast<const T*>(a.dh),
                  static_cast<T*>(a.dx),
-                 static_cast<T*>(a.dy),
+                 static_cast<C*>(a.dy),
                  a.partial,
                  a.B * a.splits * a.D,
                  static_cast<uint32_t>(a.L),
@@ -805,10 +824,30 @@ void launch_bwd_typed(const BwdArgs& a) {
   const int64_t count = a.B * a.D;
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65536);
-  const auto sum_splits = adaln_sum_splits_kernel<T>;
+  const auto sum_splits = adaln_sum_splits_kernel<C>;
   FD_LAUNCH(sum_splits, static_cast<unsigned>(blocks), kThreads, 0, a.stream)(
-      a.partial, static_cast<T*>(a.dshift), static_cast<T*>(a.dscale), static_cast<T*>(a.dgate),
+      a.partial, static_cast<C*>(a.dshift), static_cast<C*>(a.dscale), static_cast<C*>(a.dgate),
       GATED ? 3 : 2, a.B * a.splits * a.D, static_cast<uint32_t>(a.splits), a.D, count);
+}
+
+// Calls f(TypeTag<T>{}, TypeTag<C>{}) for the pairs of dtype codes (rows T; y, the conditioning
+// vectors and their gradients C) the kernels are built for: C = T, or float rows with __half or
+// __nv_bfloat16 conditioning (what autocast gives a float32 residual stream). Throws
+// std::invalid_argument for any other pair.
+template <typename F>
+void dispatch_pair(int dtype, int cond_dtype, const char* op, F&& f) {
+  if (cond_dtype == dtype) {
+    dispatch_dtype(dtype, op, [&](auto tag) { f(tag, tag); });
+  } else if (dtype == kFloat32 && cond_dtype == kFloat16) {
+    f(TypeTag<float>{}, TypeTag<__half>{});
+  } else if (dtype == kFloat32 && cond_dtype == kBFloat16) {
+    f(TypeTag<float>{}, TypeTag<__nv_bfloat16>{});
+  } else {
+    throw invalid_argument(op, "unsupported dtype codes " + std::to_string(dtype) + " (rows), " +
+                                   std::to_string(cond_dtype) +
+                                   " (y and the (B, D) vectors): expected equal codes, or 0 "
+                                   "(float32) rows with 1 or 2 (float16, bfloat16)");
+  }
 }
 
 }  // namespace
@@ -820,13 +859,12 @@ void launch_bwd_typed(const BwdArgs& a) {
 
 cudaError_t adaln_modulate_fwd_launch(const void* x, const void* shift, const void* scale,
                                       void* out, int64_t B, int64_t L, int64_t D, float eps,
-                                      int dtype, cudaStream_t stream) {
+                                      int dtype, int cond_dtype, cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const FwdArgs a{x,       nullptr, nullptr, shift, scale, nullptr, out, 0, 0,
                   static_cast<int>(D), eps, stream};
-  dispatch_dtype(dtype, "adaln_modulate_fwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    launch_fwd_typed<T, false>(a, B, L);
+  dispatch_pair(dtype, cond_dtype, "adaln_modulate_fwd", [&](auto t, auto c) {
+    launch_fwd_typed<typename decltype(t)::type, typename decltype(c)::type, false>(a, B, L);
   });
   return cudaGetLastError();
 }
@@ -834,12 +872,11 @@ cudaError_t adaln_modulate_fwd_launch(const void* x, const void* shift, const vo
 cudaError_t adaln_gated_fwd_launch(const void* x, const void* y, const void* gate,
                                    const void* shift, const void* scale, void* r, void* out,
                                    int64_t B, int64_t L, int64_t D, float eps, int dtype,
-                                   cudaStream_t stream) {
+                                   int cond_dtype, cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const FwdArgs a{x, y, gate, shift, scale, r, out, 0, 0, static_cast<int>(D), eps, stream};
-  dispatch_dtype(dtype, "adaln_gated_fwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    launch_fwd_typed<T, true>(a, B, L);
+  dispatch_pair(dtype, cond_dtype, "adaln_gated_fwd", [&](auto t, auto c) {
+    launch_fwd_typed<typename decltype(t)::type, typename decltype(c)::type, true>(a, B, L);
   });
   return cudaGetLastError();
 }
@@ -847,15 +884,14 @@ cudaError_t adaln_gated_fwd_launch(const void* x, const void* y, const void* gat
 cudaError_t adaln_modulate_bwd_launch(const void* x, const void* scale, const void* dout,
                                       void* dx, void* dshift, void* dscale, void* partial,
                                       int64_t B, int64_t L, int64_t D, int64_t splits, float eps,
-                                      int dtype, cudaStream_t stream) {
+                                      int dtype, int cond_dtype, cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const BwdArgs a{x,       nullptr, nullptr, scale,  nullptr,
                   dout,    dx,      nullptr, nullptr, dshift,
                   dscale,  static_cast<float*>(partial),
                   B,       L,       static_cast<int>(D), splits, eps, stream};
-  dispatch_dtype(dtype, "adaln_modulate_bwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    launch_bwd_typed<T, false>(a);
+  dispatch_pair(dtype, cond_dtype, "adaln_modulate_bwd", [&](auto t, auto c) {
+    launch_bwd_typed<typename decltype(t)::type, typename decltype(c)::type, false>(a);
   });
   return cudaGetLastError();
 }
@@ -864,14 +900,14 @@ cudaError_t adaln_gated_bwd_launch(const void* x, const void* y, const void* gat
                                    const void* scale, const void* dr, const void* dout, void* dx,
                                    void* dy, void* dgate, void* dshift, void* dscale,
                                    void* partial, int64_t B, int64_t L, int64_t D,
-                                   int64_t splits, float eps, int dtype, cudaStream_t stream) {
+                                   int64_t splits, float eps, int dtype, int cond_dtype,
+                                   cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const BwdArgs a{x,  y,     gate,   scale,  dr,     dout,
                   dx, dy,    dgate,  dshift, dscale, static_cast<float*>(partial),
                   B,  L,     static_cast<int>(D),    splits, eps, stream};
-  dispatch_dtype(dtype, "adaln_gated_bwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    launch_bwd_typed<T, true>(a);
+  dispatch_pair(dtype, cond_dtype, "adaln_gated_bwd", [&](auto t, auto c) {
+    launch_bwd_typed<typename decltype(t)::type, typename decltype(c)::type, true>(a);
   });
   return cudaGetLastError();
 }
@@ -882,18 +918,19 @@ int64_t adaln_bwd_max_d() { return kBwdMaxD; }
 // as the backward kernel (16-byte path) can keep resident in one wave, at least
 // kBwdMinSplitRows rows per split, one split per sample when B alone fills the GPU. Sizes are
 // validated by the caller (D <= kBwdMaxD, B, L >= 1).
-cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated,
-                             int device, int64_t* splits) {
+cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype,
+                             bool gated, int device, int64_t* splits) {
   constexpr int64_t kBwdMinSplitRows = 16;
   int sms = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   BwdPlan plan{};
-  dispatch_dtype(dtype, "adaln_bwd_splits", [&](auto tag) {
-    using T = typename decltype(tag)::type;
+  dispatch_pair(dtype, cond_dtype, "adaln_bwd_splits", [&](auto t, auto c) {
+    using T = typename decltype(t)::type;
+    using C = typename decltype(c)::type;
     const int d = static_cast<int>(D);
     const bool vec = (D * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-    plan = gated ? bwd_plan_typed<T, true>(d, vec) : bwd_plan_typed<T, false>(d, vec);
+    plan = gated ? bwd_plan_typed<T, C, true>(d, vec) : bwd_plan_typed<T, C, false>(d, vec);
   });
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan.func, plan.threads,
@@ -906,7 +943,7 @@ cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool ga
 
 // A kernel of this family, for runtime_check's "is there an image for this GPU" probe.
 const void* adaln_probe_kernel() {
-  return reinterpret_cast<const void*>(&adaln_fwd_regs_kernel<float, 1, kWarp, 1, false>);
+  return reinterpret_cast<const void*>(&adaln_fwd_regs_kernel<float, float, 1, kWarp, 1, false>);
 }
 
 }  // namespace fastdit

@@ -32,23 +32,24 @@ namespace fastdit {
 // adaln.cu
 cudaError_t adaln_modulate_fwd_launch(const void* x, const void* shift, const void* scale,
                                       void* out, int64_t B, int64_t L, int64_t D, float eps,
-                                      int dtype, cudaStream_t stream);
+                                      int dtype, int cond_dtype, cudaStream_t stream);
 cudaError_t adaln_gated_fwd_launch(const void* x, const void* y, const void* gate,
                                    const void* shift, const void* scale, void* r, void* out,
                                    int64_t B, int64_t L, int64_t D, float eps, int dtype,
-                                   cudaStream_t stream);
+                                   int cond_dtype, cudaStream_t stream);
 cudaError_t adaln_modulate_bwd_launch(const void* x, const void* scale, const void* dout,
                                       void* dx, void* dshift, void* dscale, void* partial,
                                       int64_t B, int64_t L, int64_t D, int64_t splits, float eps,
-                                      int dtype, cudaStream_t stream);
+                                      int dtype, int cond_dtype, cudaStream_t stream);
 cudaError_t adaln_gated_bwd_launch(const void* x, const void* y, const void* gate,
                                    const void* scale, const void* dr, const void* dout, void* dx,
                                    void* dy, void* dgate, void* dshift, void* dscale,
                                    void* partial, int64_t B, int64_t L, int64_t D,
-                                   int64_t splits, float eps, int dtype, cudaStream_t stream);
+                                   int64_t splits, float eps, int dtype, int cond_dtype,
+                                   cudaStream_t stream);
 int64_t adaln_bwd_max_d();
-cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated, int device,
-                             int64_t* splits);
+cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype,
+                             bool gated, int device, int64_t* splits);
 const void* adaln_probe_kernel();
 
 // patchify.cu
@@ -157,11 +158,21 @@ void check_sizes(const char* op, int64_t B, int64_t L, int64_t D) {
 }
 
 // The checks every adaln entry makes; false when there is no work (B == 0 or L == 0).
+// dtype: the rows' (x and the other (B, L, D) tensors but y and dy); cond_dtype: y's, the (B, D)
+// vectors' and their gradients', equal to dtype or, with float32 rows, float16 or bfloat16.
 bool check_adaln(const char* op, int64_t B, int64_t L, int64_t D, double eps, int dtype,
-                 int device) {
-  if (!valid_dtype(dtype)) {
-    throw invalid_argument(op, "unknown dtype code " + std::to_string(dtype) +
-                                   " (expected 0=float32, 1=float16, 2=bfloat16)");
+                 int cond_dtype, int device) {
+  for (const int code : {dtype, cond_dtype}) {
+    if (!valid_dtype(code)) {
+      throw invalid_argument(op, "unknown dtype code " + std::to_string(code) +
+                                     " (expected 0=float32, 1=float16, 2=bfloat16)");
+    }
+  }
+  if (cond_dtype != dtype && dtype != kFloat32) {
+    throw invalid_argument(op, "cond_dtype " + std::to_string(cond_dtype) + " differs from dtype " +
+                                   std::to_string(dtype) +
+                                   ": only float32 rows (dtype 0) take float16 or bfloat16 "
+                                   "y and (B, D) vectors");
   }
   check_sizes(op, B, L, D);
   if (!(eps >= 0.0)) throw invalid_argument(op, "eps must be >= 0, got " + std::to_string(eps));
@@ -207,37 +218,37 @@ void* mptr(P p) {
 
 void adaln_modulate_fwd(std::uintptr_t x, std::uintptr_t shift, std::uintptr_t scale,
                         std::uintptr_t out, int64_t B, int64_t L, int64_t D, double eps, int dtype,
-                        int device, std::uintptr_t stream) {
+                        int cond_dtype, int device, std::uintptr_t stream) {
   constexpr const char* op = "adaln_modulate_fwd";
-  if (!check_adaln(op, B, L, D, eps, dtype, device)) return;
+  if (!check_adaln(op, B, L, D, eps, dtype, cond_dtype, device)) return;
   check_pointers(op, {x, shift, scale, out}, "x, shift, scale and out");
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_modulate_fwd_launch(
       cptr(x), cptr(shift), cptr(scale), mptr(out), B, L, D, static_cast<float>(eps), dtype,
-      reinterpret_cast<cudaStream_t>(stream));
+      cond_dtype, reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
 
 void adaln_gated_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
                      std::uintptr_t shift, std::uintptr_t scale, std::uintptr_t r,
                      std::uintptr_t out, int64_t B, int64_t L, int64_t D, double eps, int dtype,
-                     int device, std::uintptr_t stream) {
+                     int cond_dtype, int device, std::uintptr_t stream) {
   constexpr const char* op = "adaln_gated_fwd";
-  if (!check_adaln(op, B, L, D, eps, dtype, device)) return;
+  if (!check_adaln(op, B, L, D, eps, dtype, cond_dtype, device)) return;
   check_pointers(op, {x, y, gate, shift, scale, r, out}, "x, y, gate, shift, scale, r and out");
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_gated_fwd_launch(
       cptr(x), cptr(y), cptr(gate), cptr(shift), cptr(scale), mptr(r), mptr(out), B, L, D,
-      static_cast<float>(eps), dtype, reinterpret_cast<cudaStream_t>(stream));
+      static_cast<float>(eps), dtype, cond_dtype, reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
 
 void adaln_modulate_bwd(std::uintptr_t x, std::uintptr_t scale, std::uintptr_t dout,
                         std::uintptr_t dx, std::uintptr_t dshift, std::uintptr_t dscale,
                         std::uintptr_t partial, int64_t B, int64_t L, int64_t D, int64_t splits,
-                        double eps, int dtype, int device, std::uintptr_t stream) {
+                        double eps, int dtype, int cond_dtype, int device, std::uintptr_t stream) {
   constexpr const char* op = "adaln_modulate_bwd";
-  const bool work = check_adaln(op, B, L, D, eps, dtype, device);
+  const bool work = check_adaln(op, B, L, D, eps, dtype, cond_dtype, device);
   check_backward(op, B, L, D, splits);
   if (!work) return;
   check_pointers(op, {x, scale, dout, dx, dshift, dscale, partial},
@@ -245,7 +256,8 @@ void adaln_modulate_bwd(std::uintptr_t x, std::uintptr_t scale, std::uintptr_t d
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_modulate_bwd_launch(
       cptr(x), cptr(scale), cptr(dout), mptr(dx), mptr(dshift), mptr(dscale), mptr(partial), B,
-      L, D, splits, static_cast<float>(eps), dtype, reinterpret_cast<cudaStream_t>(stream));
+      L, D, splits, static_cast<float>(eps), dtype, cond_dtype,
+      reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
 
@@ -254,9 +266,9 @@ void adaln_gated_bwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
                      std::uintptr_t dx, std::uintptr_t dy, std::uintptr_t dgate,
                      std::uintptr_t dshift, std::uintptr_t dscale, std::uintptr_t partial,
                      int64_t B, int64_t L, int64_t D, int64_t splits, double eps, int dtype,
-                     int device, std::uintptr_t stream) {
+                     int cond_dtype, int device, std::uintptr_t stream) {
   constexpr const char* op = "adaln_gated_bwd";
-  const bool work = check_adaln(op, B, L, D, eps, dtype, device);
+  const bool work = check_adaln(op, B, L, D, eps, dtype, cond_dtype, device);
   check_backward(op, B, L, D, splits);
   if (!work) return;
   check_pointers(op, {x, y, gate, scale, dr, dout, dx, dy, dgate, dshift, dscale, partial},
@@ -265,21 +277,21 @@ void adaln_gated_bwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
   const cudaError_t err = adaln_gated_bwd_launch(
       cptr(x), cptr(y), cptr(gate), cptr(scale), cptr(dr), cptr(dout), mptr(dx), mptr(dy),
       mptr(dgate), mptr(dshift), mptr(dscale), mptr(partial), B, L, D, splits,
-      static_cast<float>(eps), dtype, reinterpret_cast<cudaStream_t>(stream));
+      static_cast<float>(eps), dtype, cond_dtype, reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
 
-int64_t adaln_bwd_splits_py(int64_t B, int64_t L, int64_t D, int dtype, bool gated,
-                            int device) {
+int64_t adaln_bwd_splits_py(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype,
+                            bool gated, int device) {
   constexpr const char* op = "adaln_bwd_splits";
-  if (!check_adaln(op, B, L, D, 0.0, dtype, device)) {
+  if (!check_adaln(op, B, L, D, 0.0, dtype, cond_dtype, device)) {
     throw invalid_argument(op, "B and L must be >= 1, got B=" + std::to_string(B) +
                                    ", L=" + std::to_string(L));
   }
   check_backward(op, B, L, D, 1);
   DeviceGuard guard(device, op);
   int64_t splits = 1;
-  FASTDIT_CUDA_CHECK(op, adaln_bwd_splits(B, L, D, dtype, gated, device, &splits));
+  FASTDIT_CUDA_CHECK(op, adaln_bwd_splits(B, L, D, dtype, cond_dtype, gated, device, &splits));
   return splits;
 }
 
@@ -935,39 +947,41 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("adaln_modulate_fwd", &fastdit::adaln_modulate_fwd, py::arg("x_ptr"),
         py::arg("shift_ptr"), py::arg("scale_ptr"), py::arg("out_ptr"), py::arg("B"),
-        py::arg("L"), py::arg("D"), py::arg("eps"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"),
+        py::arg("L"), py::arg("D"), py::arg("eps"), py::arg("dtype"), py::arg("cond_dtype"),
+        py::arg("device"), py::arg("stream"),
         "out = LayerNorm(x) * (1 + scale[:, None]) + shift[:, None] for contiguous x, out of "
-        "shape (B, L, D) and shift, scale of shape (B, D), all of one dtype (0=float32, "
-        "1=float16, 2=bfloat16), enqueued on `stream` of `device`. Raises ValueError for bad "
-        "arguments and RuntimeError for a CUDA error.");
+        "shape (B, L, D) in `dtype` (0=float32, 1=float16, 2=bfloat16) and shift, scale of "
+        "shape (B, D) in `cond_dtype` (= dtype, or 1 or 2 with dtype 0), enqueued on `stream` "
+        "of `device`. Raises ValueError for bad arguments and RuntimeError for a CUDA error.");
   m.def("adaln_gated_fwd", &fastdit::adaln_gated_fwd, py::arg("x_ptr"), py::arg("y_ptr"),
         py::arg("gate_ptr"), py::arg("shift_ptr"), py::arg("scale_ptr"), py::arg("r_ptr"),
         py::arg("out_ptr"), py::arg("B"), py::arg("L"), py::arg("D"), py::arg("eps"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("dtype"), py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
         "r = x + gate[:, None] * y (rounded to the dtype) and out = LayerNorm(r) * "
         "(1 + scale[:, None]) + shift[:, None]; x, y, r, out: (B, L, D) contiguous, gate, "
-        "shift, scale: (B, D) contiguous, one dtype.");
+        "shift, scale: (B, D) contiguous; x, r, out in `dtype`, y, gate, shift, scale in "
+        "`cond_dtype`, as for adaln_modulate_fwd.");
   m.def("adaln_modulate_bwd", &fastdit::adaln_modulate_bwd, py::arg("x_ptr"),
         py::arg("scale_ptr"), py::arg("dout_ptr"), py::arg("dx_ptr"), py::arg("dshift_ptr"),
         py::arg("dscale_ptr"), py::arg("partial_ptr"), py::arg("B"), py::arg("L"),
-        py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"),
+        py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"),
+        py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
         "Gradients of adaln_modulate_fwd for the cotangent dout: dx (B, L, D), dshift and "
-        "dscale (B, D). partial: caller-allocated float32 scratch of 2 * B * splits * D "
+        "dscale (B, D), each in its input's dtype. partial: caller-allocated float32 scratch of 2 * B * splits * D "
         "elements; each sample's L rows are cut into `splits` (1 <= splits <= L) blocks whose "
         "partial sums are added in a fixed order (deterministic). D <= ADALN_BWD_MAX_D.");
   m.def("adaln_gated_bwd", &fastdit::adaln_gated_bwd, py::arg("x_ptr"), py::arg("y_ptr"),
         py::arg("gate_ptr"), py::arg("scale_ptr"), py::arg("dr_ptr"), py::arg("dout_ptr"),
         py::arg("dx_ptr"), py::arg("dy_ptr"), py::arg("dgate_ptr"), py::arg("dshift_ptr"),
         py::arg("dscale_ptr"), py::arg("partial_ptr"), py::arg("B"), py::arg("L"),
-        py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"),
+        py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"),
+        py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
         "Gradients of adaln_gated_fwd for the cotangents dr (of r) and dout (of out): dx, dy "
-        "(B, L, D), dgate, dshift, dscale (B, D). partial: float32 scratch of 3 * B * splits * "
+        "(B, L, D), dgate, dshift, dscale (B, D), each in its input's dtype. partial: float32 scratch of 3 * B * splits * "
         "D elements, as for adaln_modulate_bwd.");
   m.def("adaln_bwd_splits", &fastdit::adaln_bwd_splits_py, py::arg("B"), py::arg("L"),
-        py::arg("D"), py::arg("dtype"), py::arg("gated"), py::arg("device"),
+        py::arg("D"), py::arg("dtype"), py::arg("cond_dtype"), py::arg("gated"),
+        py::arg("device"),
         "The `splits` to pass to adaln_modulate_bwd / adaln_gated_bwd (gated=True) for this "
         "shape on `device`: one wave of resident (sample, split) blocks, >= 16 rows each.");
   m.attr("ADALN_BWD_MAX_D") = fastdit::adaln_bwd_max_d();

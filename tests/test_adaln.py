@@ -425,6 +425,19 @@ def test_opcheck_triton(layout):
     torch.library.opcheck(torch.ops.fastdit.gated_adaln, (x, y, gate, shift, scale, 1e-6, "triton"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_mixed_dtypes(backend):
+    """The ops as autocast calls them (float32 x, bfloat16 y and vectors): the fake
+    implementations and the backward op give each output and gradient its dtype."""
+    device = _skip_unless(backend) if backend != "torch" else torch.device("cpu")
+    x, y, gate, shift, scale = _gated_inputs((2, 3, 8), torch.float32, device)
+    y, gate, shift, scale = (t.bfloat16() for t in (y, gate, shift, scale))
+    for t in (x, y, gate, shift, scale):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fastdit.adaln_modulate, (x, shift, scale, 1e-6, backend))
+    torch.library.opcheck(torch.ops.fastdit.gated_adaln, (x, y, gate, shift, scale, 1e-6, backend))
+
+
 def test_compile_fullgraph_through_a_dit_block():
     """torch.compile(fullgraph=True) of a DiT block on the triton kernels, forward and backward,
     against the same block run eagerly on the reference."""
@@ -490,19 +503,20 @@ def test_extension_validates_the_adaln_entries():
     p = 256
     gated_fwd = dict(
         x_ptr=p, y_ptr=p, gate_ptr=p, shift_ptr=p, scale_ptr=p, r_ptr=p, out_ptr=p,
-        B=2, L=3, D=8, eps=1e-6, dtype=0, device=0, stream=0,
+        B=2, L=3, D=8, eps=1e-6, dtype=0, cond_dtype=0, device=0, stream=0,
     )  # fmt: skip
     mod_bwd = dict(
         x_ptr=p, scale_ptr=p, dout_ptr=p, dx_ptr=p, dshift_ptr=p, dscale_ptr=p, partial_ptr=p,
-        B=2, L=3, D=8, splits=2, eps=1e-6, dtype=0, device=0, stream=0,
+        B=2, L=3, D=8, splits=2, eps=1e-6, dtype=0, cond_dtype=0, device=0, stream=0,
     )  # fmt: skip
     gated_bwd = dict(
         x_ptr=p, y_ptr=p, gate_ptr=p, scale_ptr=p, dr_ptr=p, dout_ptr=p, dx_ptr=p, dy_ptr=p,
         dgate_ptr=p, dshift_ptr=p, dscale_ptr=p, partial_ptr=p,
-        B=2, L=3, D=8, splits=3, eps=1e-6, dtype=0, device=0, stream=0,
+        B=2, L=3, D=8, splits=3, eps=1e-6, dtype=0, cond_dtype=0, device=0, stream=0,
     )  # fmt: skip
     common_bad = [
-        dict(dtype=3), dict(B=-1), dict(L=-2), dict(D=0), dict(eps=-1.0), dict(device=-1),
+        dict(dtype=3), dict(cond_dtype=3), dict(dtype=2, cond_dtype=1), dict(dtype=1, cond_dtype=0),
+        dict(B=-1), dict(L=-2), dict(D=0), dict(eps=-1.0), dict(device=-1),
         dict(x_ptr=0), dict(B=2**40, L=2**20, D=2**10),
     ]  # fmt: skip
     backward_bad = [
@@ -522,8 +536,11 @@ def test_extension_validates_the_adaln_entries():
         if C.device_count() == 0:
             with pytest.raises(RuntimeError, match=rf"^fastdit\._C\.{name}: "):
                 fn(**good)
-    good = dict(B=2, L=3, D=8, dtype=0, gated=True, device=0)
-    for change in [dict(B=0), dict(L=0), dict(D=8193), dict(dtype=5), dict(device=-1)]:
+    good = dict(B=2, L=3, D=8, dtype=0, cond_dtype=2, gated=True, device=0)
+    for change in [
+        dict(B=0), dict(L=0), dict(D=8193), dict(dtype=5), dict(dtype=2, cond_dtype=0),
+        dict(device=-1),
+    ]:  # fmt: skip
         with pytest.raises(ValueError, match=r"fastdit\._C\.adaln_bwd_splits"):
             C.adaln_bwd_splits(**{**good, **change})
     if C.device_count() == 0:

@@ -20,6 +20,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
+def _codes(x):
+    """(dtype, cond_dtype): every tensor here has x's dtype."""
+    return _ext.dtype_code(x), _ext.dtype_code(x)
+
+
 def _launch(x, shift, scale, out, eps):
     """Calls the kernel on tensors that the caller made contiguous and of one dtype."""
     C, reason = _ext.load()
@@ -27,7 +32,7 @@ def _launch(x, shift, scale, out, eps):
     B, L, D = x.shape
     C.adaln_modulate_fwd(
         _ext.ptr(x), _ext.ptr(shift), _ext.ptr(scale), _ext.ptr(out), B, L, D, eps,
-        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+        *_codes(x), x.device.index, _ext.stream_of(x),
     )  # fmt: skip
     return out
 
@@ -131,7 +136,7 @@ def _launch_gated(x, y, gate, shift, scale, r, out, eps):
     B, L, D = x.shape
     C.adaln_gated_fwd(
         _ext.ptr(x), _ext.ptr(y), _ext.ptr(gate), _ext.ptr(shift), _ext.ptr(scale), _ext.ptr(r),
-        _ext.ptr(out), B, L, D, eps, _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+        _ext.ptr(out), B, L, D, eps, *_codes(x), x.device.index, _ext.stream_of(x),
     )  # fmt: skip
 
 
@@ -186,7 +191,7 @@ def _backward_case(gated, B, L, D, dtype, splits, generator, out=None):
     grads = [torch.full_like(t, float("nan")) for t in inputs]
     planes = 3 if gated else 2
     partial = torch.full((planes * B * splits * D,), float("nan"), device="cuda")
-    common = (B, L, D, splits, eps, _ext.dtype_code(x), x.device.index, _ext.stream_of(x))
+    common = (B, L, D, splits, eps, *_codes(x), x.device.index, _ext.stream_of(x))
     if gated:
         dx, dy, dgate, dshift, dscale = grads
         C.adaln_gated_bwd(
@@ -260,7 +265,7 @@ def test_backward_misaligned_pointers_take_the_scalar_path(gated, D, dtype):
     dr = shifted(torch.randn(B, L, D, generator=g, device="cuda").to(dtype))
     dh = shifted(torch.randn(B, L, D, generator=g, device="cuda").to(dtype))
     assert x.data_ptr() % 16 != 0
-    common = (B, L, D, splits, eps, _ext.dtype_code(x), x.device.index, _ext.stream_of(x))
+    common = (B, L, D, splits, eps, *_codes(x), x.device.index, _ext.stream_of(x))
     if gated:
         inputs, cots = [x, y, gate, shift, scale], [dr, dh]
         grads = [torch.full_like(t, float("nan")) for t in inputs]
@@ -278,3 +283,35 @@ def test_backward_misaligned_pointers_take_the_scalar_path(gated, D, dtype):
     eager = _vjp(gated, inputs, cots)
     for got, e, t in zip(grads, eager, truth):
         _assert_rule(got, e, t, "misaligned")
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed dtypes (autocast): float32 rows with float16 or bfloat16 y and (B, D) vectors
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["modulate", "gated"])
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, L, D", [(3, 7, 96), (2, 256, 1152), (2, 5, 2304), (2, 5, 97),
+                                     (1, 3, 8192)])  # fmt: skip
+def test_mixed_dtypes_give_the_cast_inputs_bits(gated, low, B, L, D):
+    """The kernels reading y and the vectors in their dtype give what they give on those
+    tensors widened to float32 (exact), bit for bit: forward, and the backward, whose
+    low-precision gradients are the float32 kernel's rounded once."""
+    from fastdit.ops import adaln as A
+
+    g = torch.Generator(device="cuda").manual_seed(D + L)
+    x = torch.randn(B, L, D, generator=g, device="cuda") * 2 + 0.5
+    conds = [(torch.randn(B, D, generator=g, device="cuda") * 0.5).to(low) for _ in range(3)]
+    y = (torch.randn(B, L, D, generator=g, device="cuda") * 1.5).to(low)
+    mixed = [x, y, *conds, 1e-6] if gated else [x, conds[1], conds[2], 1e-6]
+    cast = [t.float() if isinstance(t, torch.Tensor) else t for t in mixed]
+    forward = A._cuda_gated if gated else A._cuda_modulate
+    backward = A._cuda_gated_backward if gated else A._cuda_modulate_backward
+    got, want = forward(*mixed), forward(*cast)
+    for a, b in zip(*((o if gated else (o,)) for o in (got, want))):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    cots = [torch.randn(B, L, D, generator=g, device="cuda") for _ in range(2 if gated else 1)]
+    grads, want_grads = backward(cots, mixed), backward(cots, cast)
+    diff = [t for t in mixed if isinstance(t, torch.Tensor)]
+    for t, a, b in zip(diff, grads, want_grads):
+        assert a.dtype == t.dtype and torch.equal(a, b.to(t.dtype))

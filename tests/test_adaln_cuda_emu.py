@@ -103,7 +103,7 @@ def _p(t: torch.Tensor) -> int:
 def _forward(C, gated, inputs):
     """The forward entry on NaN-filled outputs: out, or (r, out)."""
     x, eps = inputs[0], inputs[-1]
-    sizes = (*A._rows_of(x), eps, CODES[x.dtype], None, 0)
+    sizes = (*A._rows_of(x), eps, CODES[x.dtype], CODES[inputs[1].dtype], None, 0)
     if gated:
         x, y, gate, shift, scale, _ = inputs
         r, out = torch.full_like(x, NAN), torch.full_like(x, NAN)
@@ -119,7 +119,7 @@ def _backward(C, gated, inputs, cots, splits):
     """The backward entry on NaN-filled gradients and scratch: (gradients, partial)."""
     x, eps = inputs[0], inputs[-1]
     B, L, D = A._rows_of(x)
-    sizes = (B, L, D, splits, eps, CODES[x.dtype], None, 0)
+    sizes = (B, L, D, splits, eps, CODES[x.dtype], CODES[inputs[1].dtype], None, 0)
     diff = [inputs[i] for i in OPS[gated].diff_index]
     grads = [torch.full_like(t, NAN) for t in diff]
     partial = torch.full(((3 if gated else 2) * B * splits * D,), NAN, dtype=torch.float32)
@@ -312,11 +312,12 @@ def test_emulated_constant_rows(kernels, dtype):
 def test_emulated_splits_helper(kernels):
     """adaln_bwd_splits (host code) on the emulated device: 2 blocks per SM resident, >= 16
     rows per split, at most L splits."""
-    assert kernels.adaln_bwd_splits(1, 37, 96, 0, False, None) == 2  # 4 resident, 37 // 16
-    assert kernels.adaln_bwd_splits(3, 37, 96, 0, True, None) == 1  # 4 // 3
-    assert kernels.adaln_bwd_splits(1, 7, 96, 1, False, None) == 1
+    assert kernels.adaln_bwd_splits(1, 37, 96, 0, 0, False, None) == 2  # 4 resident, 37 // 16
+    assert kernels.adaln_bwd_splits(3, 37, 96, 0, 0, True, None) == 1  # 4 // 3
+    assert kernels.adaln_bwd_splits(1, 7, 96, 1, 1, False, None) == 1
     kernels.configure(order=2, sms=64, seed=1)
-    assert kernels.adaln_bwd_splits(2, 4096, 1152, 2, True, None) == 64  # 128 resident // 2
+    assert kernels.adaln_bwd_splits(2, 4096, 1152, 2, 2, True, None) == 64  # 128 resident // 2
+    assert kernels.adaln_bwd_splits(2, 4096, 1152, 0, 2, True, None) == 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,3 +368,76 @@ def test_emulated_ops(cuda_on_cpu, gated, dtype, B, L, D, layout):
     again = torch.autograd.grad(fn(*leaves, backend="cuda"), diff, cots)
     for a, b in zip(grads, again):
         assert torch.equal(a, b), f"{what}: the backward is not deterministic"
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed dtypes (autocast): float32 rows, float16 or bfloat16 y and (B, D) vectors
+
+
+def _offset(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """t copied into a view that starts ``elements`` elements into its storage."""
+    buf = torch.full((t.numel() + elements,), NAN, dtype=t.dtype)
+    view = buf[elements:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@GATED
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "B, L, D, layout, offset",
+    [
+        (3, 7, 96, "tokens", 0),  # 16-lane row groups; the branch in 8-byte vectors
+        (1, 37, 1152, "channels_last", 0),  # a 128-thread row
+        (2, 5, 2304, "tokens", 0),  # the backward re-reads y and dr (16 elements a thread)
+        (2, 5, 97, "tokens", 0),  # D * 4 bytes not a multiple of 16: scalar accesses
+        (2, 5, 96, "tokens", 1),  # the branch 2-byte aligned: scalar accesses
+        (2, 5, 96, "tokens", 4),  # the branch 8-byte aligned: the vector path still
+    ],
+)
+def test_emulated_mixed_dtypes_give_the_cast_inputs_bits(
+    kernels, gated, low, B, L, D, layout, offset
+):
+    """Read as they are, the low-precision tensors give what the float32 kernel gives on them
+    widened (exact), bit for bit: the same r, out and d x; d y, d gate, d shift, d scale are
+    the float32 kernel's rounded once to their dtype."""
+    inputs, cots = _inputs(gated, B, L, D, layout, torch.float32, D + L)
+    mixed = [t.to(low) if 0 < i < len(inputs) - 1 else t for i, t in enumerate(inputs)]
+    cast = [t.float() if isinstance(t, torch.Tensor) else t for t in mixed]
+    if offset:  # both at the same element offset, so both take the same path
+        mixed[1], cast[1] = _offset(mixed[1], offset), _offset(cast[1], offset)
+    got, want = _forward(kernels, gated, mixed), _forward(kernels, gated, cast)
+    for g, w in zip(*((o if gated else (o,)) for o in (got, want))):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+    grads, partial = _backward(kernels, gated, mixed, cots, 2)
+    want_grads, want_partial = _backward(kernels, gated, cast, cots, 2)
+    assert torch.equal(partial, want_partial)
+    for i, g, w in zip(OPS[gated].diff_index, grads, want_grads):
+        assert g.dtype == mixed[i].dtype and torch.equal(g, w.to(g.dtype)), OPS[gated].arg_names[i]
+
+
+def test_emulated_mixed_dtypes_through_autocast(cuda_on_cpu):
+    """Under autocast the glue sends float32 x with a bfloat16 branch to the kernels as they
+    are: the op's results and gradients are those on the widened inputs; pairs the kernels are
+    not built for are declined with the reason."""
+    inputs, cots = _inputs(True, 2, 6, 96, "channels_last", torch.float32, 3)
+    x = inputs[0].detach().requires_grad_()
+    low = [t.to(torch.bfloat16).requires_grad_() for t in inputs[1:5]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastdit.gated_adaln(x, *low, backend="cuda")
+    assert A._gated.last_backend == "cuda"
+    got_grads = torch.autograd.grad(got, [x, *low], [c.contiguous() for c in cots])
+    assert A._gated.last_backward_backend == "cuda"
+    widened = [t.detach().float().requires_grad_() for t in low]
+    want = fastdit.gated_adaln(x, *widened, backend="cuda")
+    want_grads = torch.autograd.grad(want, [x, *widened], [c.contiguous() for c in cots])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+    for g, w, leaf in zip(got_grads, want_grads, [x, *low]):
+        assert g.dtype == leaf.dtype and torch.equal(g, w.to(g.dtype))
+    y, gate, shift, scale = low
+    reason = A._cuda_supports_gated(x.detach(), y, gate.half(), shift, scale, EPS)
+    assert "in one dtype" in reason and "gate torch.float16" in reason
+    reason = A._cuda_supports_modulate(x.detach().half(), shift.detach(), scale.detach(), EPS)
+    assert "with float32 x, float16 or bfloat16" in reason
+    assert A._cuda_supports_modulate(x.detach(), shift.detach(), scale.detach(), EPS) == ""

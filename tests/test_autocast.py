@@ -8,6 +8,8 @@ conditioning vectors. Checked here:
   ops, logit_scale kept), forward and backward, on every backend present: the same dtype and
   the same bits, so no backend's internals are autocast (the torch backend's matrix products
   were, before: its results differed from the kernels' in dtype and value);
+- the adaLN ops take a bfloat16 branch and conditioning vectors next to a float32 x as they
+  are (nothing cast or saved in float32: the kernels read each tensor in its own dtype);
 - DiT and U-DiT trained one step under autocast against the released code (the transcriptions
   in tests/) under the same autocast: output within the tolerance rule's bound (twice the
   transcription's error, plus a floor), against the float32 result standing in for the exact
@@ -58,7 +60,7 @@ def rand(*shape, dtype=torch.float32, scale=1.0, memory_format=torch.contiguous_
 
 def test_rules_cast_nothing_outside_autocast():
     a, b = torch.ones(2), torch.ones(2, dtype=torch.bfloat16)
-    for rule in (_autocast.promote, _autocast.lower):
+    for rule in (_autocast.promote, _autocast.promote_first, _autocast.lower):
         out = rule(a, b, 3)
         assert out[0] is a and out[1] is b and out[2] == 3
     assert _autocast.autocast_dtype(a) is None and _autocast.autocast_dtype(None) is None
@@ -73,6 +75,9 @@ def test_rules_under_autocast():
             torch.float32, torch.float32, torch.int64
         ]  # fmt: skip
         assert [t.dtype for t in _autocast.promote(bf16, f16)] == [torch.float32] * 2
+        first = _autocast.promote_first(bf16, f16, ints)  # only the first is cast
+        assert first[0].dtype == torch.float32 and first[1] is f16 and first[2] is ints
+        assert _autocast.promote_first(f32, bf16)[0] is f32
         assert [t.dtype for t in _autocast.lower(f32, f16, f64, ints, None)[:4]] == [
             torch.bfloat16, torch.bfloat16, torch.float64, torch.int64
         ]  # fmt: skip
@@ -170,6 +175,28 @@ def test_op_under_autocast_is_the_op_on_cast_inputs(backend, low):
         for leaf, g, inside, w in zip(leaves, got_grads, grads_inside, want_grads):
             assert g.dtype == leaf.dtype, name
             assert torch.equal(g, w) and torch.equal(inside, w), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adaln_ops_read_a_low_precision_branch_as_it_is(backend):
+    """A float32 residual next to a bfloat16 branch: the branch and the vectors reach the op
+    uncast (no copy in the graph; saved for the backward in bfloat16), and x is what is cast
+    when it is the narrower one."""
+    B, L, D, low = 2, 12, 40, torch.bfloat16
+    x, y = rand(B, L, D), rand(B, L, D, dtype=low)
+    gate, shift, scale = (rand(B, D, dtype=low) for _ in range(3))
+    with torch.autocast(DEVICE.type, dtype=low):
+        r, _ = fastdit.gated_adaln(x, y, gate, shift, scale, backend=backend)
+        m = fastdit.adaln_modulate(x, shift, scale, backend=backend)
+    for result, leaves in ((r, (x, y, gate, shift, scale)), (m, (x, shift, scale))):
+        nodes = [fn for fn, _ in result.grad_fn.next_functions]
+        assert all(type(n).__name__ == "AccumulateGrad" for n in nodes), nodes
+        assert all(n.variable is leaf for n, leaf in zip(nodes, leaves, strict=True))
+        assert [t.dtype for t in result.grad_fn.saved_tensors] == [t.dtype for t in leaves]
+    with torch.autocast(DEVICE.type, dtype=low):  # x narrower than the branch: x is cast
+        r, _ = fastdit.gated_adaln(x.to(low), y.float(), gate, shift, scale, backend=backend)
+    assert r.dtype == torch.float32
+    assert type(r.grad_fn.next_functions[0][0]).__name__ == "ToCopyBackward0"
 
 
 def test_mixed_dtypes_outside_autocast_are_refused():

@@ -116,10 +116,11 @@ def test_extension_validates_arguments():
 
     good = dict(
         x_ptr=256, shift_ptr=256, scale_ptr=256, out_ptr=256, B=2, L=3, D=8, eps=1e-6,
-        dtype=0, device=0, stream=0,
+        dtype=0, cond_dtype=0, device=0, stream=0,
     )  # fmt: skip
     bad_cases = [
-        dict(dtype=3), dict(dtype=-1), dict(B=-1), dict(L=-2), dict(D=0), dict(D=2**31),
+        dict(dtype=3), dict(dtype=-1), dict(cond_dtype=3), dict(dtype=1, cond_dtype=2),
+        dict(B=-1), dict(L=-2), dict(D=0), dict(D=2**31),
         dict(eps=-1.0), dict(device=-1), dict(x_ptr=0), dict(out_ptr=0),
         dict(B=2**40, L=2**20, D=2**10),
     ]  # fmt: skip

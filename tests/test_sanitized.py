@@ -79,7 +79,7 @@ def test_sanitizers_catch_an_out_of_bounds_read(tmp_path):
         x = torch.randn(B * L * D - 1)  # one element short
         shift, scale, out = torch.randn(B, D), torch.randn(B, D), torch.empty(B, L, D)
         emu.adaln_modulate_fwd(x.data_ptr(), shift.data_ptr(), scale.data_ptr(),
-                               out.data_ptr(), B, L, D, 1e-6, 0, None, None)
+                               out.data_ptr(), B, L, D, 1e-6, 0, 0, None, None)
         print("not caught")
         """
     )

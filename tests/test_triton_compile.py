@@ -43,7 +43,7 @@ DTYPES = ["bf16", "fp32"]
 KNOWN_SPILLS = re.compile(
     r"^attention \w+ (\w+ hd=96|fp32 hd=48|bf16 hd=48 .*rope=False backward=True)"
     r"|^adaln (bwd \w+ L=\d+ D=(1152|1536) channels-first gated=True"
-    r"|\w+ \w+ L=\d+ D=4096 channels-first|bwd \w+ L=\d+ D=4096 tokens gated=True)"
+    r"|\w+ \w+ L=\d+ D=4096 channels-first|bwd [\w+]+ L=\d+ D=4096 tokens gated=True)"
 )
 
 
@@ -81,16 +81,20 @@ def _cases():
                    dict(T.final_wgrad_tiles(K, D), **rtne))  # fmt: skip
         yield from _attention_cases(dtype)
         yield from _adaln_cases(dtype)
+    # autocast's float32 residual with a bfloat16 branch and vectors, on DiT's tokens
+    yield from _adaln_cases("fp32", branch="bf16", layouts=(("tokens", 1),))
 
 
-def _adaln_cases(dtype):
+def _adaln_cases(dtype, branch=None, layouts=None):
     from fastdit.triton import adaln as T
 
-    ptrs = {n: dtype for n in ("X", "Y", "GATE", "SHIFT", "SCALE", "R", "OUT", "DR", "DH", "DX",
-                               "DY", "O0", "O1", "O2")}  # fmt: skip
+    ptrs = {n: dtype for n in ("X", "R", "OUT", "DR", "DH", "DX")}
+    ptrs.update({n: branch or dtype for n in ("Y", "GATE", "SHIFT", "SCALE", "DY", "O0", "O1",
+                                               "O2")})  # fmt: skip
     ptrs.update(PART="fp32")
+    dtype = f"{dtype}+{branch}" if branch else dtype
     for length, dim in ADALN:
-        for layout, channel_stride in (("tokens", 1), ("channels-first", length)):
+        for layout, channel_stride in layouts or (("tokens", 1), ("channels-first", length)):
             for backward in (False, True):
                 rows, block_d, warps = T._launch_shape(length, dim, channel_stride, backward)
                 kernel = T._bwd_kernel if backward else T._fwd_kernel
@@ -218,7 +222,8 @@ def usage() -> dict:
 def test_every_kernel_compiles_for_sm90_without_spills(usage):
     per_dtype = len(LAYOUT) * 4 + 3 * len(EMBED) + 3 * len(FINAL)
     per_dtype += 2 * 4 * len(ATTENTION) + 3 * len(DWCONV) + (2 * 2 * 2 + 2) * len(ADALN)
-    assert len(usage) == len(DTYPES) * per_dtype
+    mixed = (2 * 2 + 2) * len(ADALN)  # the fp32+bf16 adaLN cases, tokens only
+    assert len(usage) == len(DTYPES) * per_dtype + mixed
     failed = {name: u for name, u in usage.items() if "error" in u}
     assert not failed, failed
     spilled = {

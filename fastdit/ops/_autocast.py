@@ -6,10 +6,16 @@ DiT block sees a float32 residual stream next to bfloat16 activations and condit
 A fastdit op takes one dtype per call; under autocast each casts its inputs the way eager
 PyTorch treats the ops it fuses, before its argument checks:
 
-- :func:`promote`, for the ops that are elementwise work and normalisations around at most a
-  thin matrix product (the adaLN family, ``patch_embed``, ``final_layer``): every floating
-  input goes to the widest floating dtype among them, the dtype type promotion gives
-  ``x + gate * y`` in eager PyTorch; the result has that dtype.
+- :func:`promote_first`, for the adaLN family: ``x`` (the residual stream) goes to the widest
+  floating dtype among the inputs, the dtype type promotion gives ``x + gate * y`` in eager
+  PyTorch, and the results have it; ``y`` and the conditioning vectors keep their dtypes, and
+  every backend reads them as they are, with the results of casting them to ``x``'s dtype first
+  (bit for bit: a widening cast is exact). So a bfloat16 branch next to a float32 residual is
+  neither copied to float32 nor saved for the backward in float32, and its gradient is written
+  in bfloat16 directly.
+- :func:`promote`, for ``patch_embed`` and ``final_layer`` (elementwise work and normalisations
+  around a thin matrix product): every floating input goes to the widest floating dtype among
+  them; the result has that dtype.
 - :func:`lower`, for the ops whose cost is matrix products (``attention_in_groups`` and the
   whole ``downsampled_attention`` layer): the inputs autocast would cast for those products go
   to the autocast dtype (float64 stays, as autocast leaves it); ``logit_scale`` keeps its
@@ -61,6 +67,18 @@ def promote(*tensors: Any) -> tuple[Any, ...]:
     for dtype in dtypes[1:]:
         widest = torch.promote_types(widest, dtype)
     return tuple(t.to(widest) if _floating(t) else t for t in tensors)
+
+
+def promote_first(first: Any, *rest: Any) -> tuple[Any, ...]:
+    """Under autocast (for ``first``'s device), ``first`` cast to the widest floating dtype among
+    all the tensors; the rest, and everything outside autocast, as given."""
+    if autocast_dtype(first) is None:
+        return (first, *rest)
+    widest = first.dtype
+    for t in rest:
+        if _floating(t):
+            widest = torch.promote_types(widest, t.dtype)
+    return (first.to(widest), *rest)
 
 
 def lower(*tensors: Any) -> tuple[Any, ...]:

@@ -10,6 +10,11 @@ Two layouts, one per model family:
 The conditioning tensors ``shift``, ``scale`` and ``gate`` are ``(B, D)``: one vector per sample,
 broadcast over its tokens or pixels.
 
+Dtypes: one for all inputs; under ``torch.autocast``, x takes the widest and the others keep
+theirs (a float32 residual stream next to a bfloat16 branch and vectors, fastdit/ops/_autocast.py).
+The results have x's dtype and equal those on every input cast to it first; the gradients have
+their inputs' dtypes. The references make that cast; the kernels read each tensor in its dtype.
+
 Ops:
 
 - ``adaln_modulate(x, shift, scale, eps)`` = ``LayerNorm(x) * (1 + scale) + shift``, where
@@ -57,6 +62,7 @@ def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 def reference_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> torch.Tensor:
+    shift, scale = shift.to(x.dtype), scale.to(x.dtype)  # (a no-op but under autocast)
     out = _layer_norm(x, eps) * (1 + _per_sample(scale, x)) + _per_sample(shift, x)
     return _checks.same_layout(out, x)
 
@@ -69,6 +75,7 @@ def reference_gated(
     scale: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    y, gate = y.to(x.dtype), gate.to(x.dtype)  # (a no-op but under autocast)
     residual = _checks.same_layout(x + _per_sample(gate, x) * y, x)
     return residual, reference_modulate(residual, shift, scale, eps)
 
@@ -96,14 +103,14 @@ OPS = (_modulate, _gated)
 # The public functions
 
 
-def _check(op: str, x: torch.Tensor, conds: dict[str, torch.Tensor]) -> None:
+def _check(op: str, x: torch.Tensor, conds: dict[str, torch.Tensor], same_dtype: bool) -> None:
     _checks.tensor(op, "x", x, ndim=(3, 4))
     batch, dim = x.shape[0], (x.shape[-1] if x.dim() == 3 else x.shape[1])
     if x.numel() == 0:
         raise ValueError(f"fastdit.{op}: x is empty, shape {tuple(x.shape)}")
     layout = "(B, L, D)" if x.dim() == 3 else "(B, D, H, W)"
     for name, t in conds.items():
-        _checks.tensor(op, name, t, ndim=2, like=x)
+        _checks.tensor(op, name, t, ndim=2, like=x, same_dtype=same_dtype)
         _checks.shape(op, name, t, (batch, dim), f"one D-vector per sample of x {layout}")
 
 
@@ -119,10 +126,13 @@ def adaln_modulate(
 
     x: (B, L, D) tokens, or (B, D, H, W) normalised over D (channels-first or channels-last
     memory); shift, scale: (B, D). Returns x's shape, dtype and memory format.
-    Under ``torch.autocast`` the inputs are first cast to the widest dtype among them.
+    Under ``torch.autocast`` the inputs may differ in dtype: x is cast to the widest dtype
+    among them, the result's; shift and scale are read in their own dtypes, with the result of
+    casting them to it first.
     """
-    x, shift, scale = _autocast.promote(x, shift, scale)
-    _check("adaln_modulate", x, {"shift": shift, "scale": scale})
+    x, shift, scale = _autocast.promote_first(x, shift, scale)
+    mixed = _autocast.autocast_dtype(x) is not None
+    _check("adaln_modulate", x, {"shift": shift, "scale": scale}, same_dtype=not mixed)
     eps = _checks.positive("adaln_modulate", "eps", eps)
     return _modulate(x, shift, scale, eps, backend=backend)
 
@@ -141,12 +151,15 @@ def gated_adaln(
 
     Returns ``(r, LayerNorm(r) * (1 + scale) + shift)`` with ``r = x + gate * y``.
     x, y: (B, L, D) or (B, D, H, W), the same shape; gate, shift, scale: (B, D). Under
-    ``torch.autocast`` the inputs are first cast to the widest dtype among them (a float32
-    residual stream stays float32).
+    ``torch.autocast`` the inputs may differ in dtype: x is cast to the widest dtype among them,
+    the results' (a float32 residual stream stays float32); y, gate, shift and scale are read in
+    their own dtypes (a bfloat16 branch is not copied to float32), with the results of casting
+    them to it first, and their gradients come in their dtypes.
     """
-    x, y, gate, shift, scale = _autocast.promote(x, y, gate, shift, scale)
-    _check("gated_adaln", x, {"gate": gate, "shift": shift, "scale": scale})
-    _checks.tensor("gated_adaln", "y", y, like=x)
+    x, y, gate, shift, scale = _autocast.promote_first(x, y, gate, shift, scale)
+    mixed = _autocast.autocast_dtype(x) is not None
+    _check("gated_adaln", x, {"gate": gate, "shift": shift, "scale": scale}, same_dtype=not mixed)
+    _checks.tensor("gated_adaln", "y", y, like=x, same_dtype=not mixed)
     _checks.shape("gated_adaln", "y", y, x.shape, "the shape of x")
     eps = _checks.positive("gated_adaln", "eps", eps)
     return _gated(x, y, gate, shift, scale, eps, backend=backend)
@@ -157,12 +170,15 @@ def gated_adaln(
 #
 # triton (fastdit/triton/adaln.py): forward and backward of both ops, every layout the reference
 # takes that reads as rows of D with one stride per dimension (tokens, channels-first and
-# channels-last images, strided views), D <= 16384; float64 is declined (auto: torch).
+# channels-last images, strided views), D <= 16384, each tensor in its own dtype; float64 is
+# declined (auto: torch).
 #
 # cuda (csrc/adaln.cu through fastdit._C): forward and backward of both ops for contiguous
 # (B, L, D) tokens and channels-last (B, D, H, W) images, with contiguous (B, D) conditioning
-# vectors, D <= 8192 (the backward holds a row in registers). Channels-first images and strided
-# tokens are declined with the reason, so auto serves them with triton (or torch).
+# vectors, D <= 8192 (the backward holds a row in registers); y and the vectors in x's dtype, or
+# all float16 or all bfloat16 next to float32 x (the kernels are built for those pairs). Other
+# calls (channels-first images, strided tokens, other dtype mixes) are declined with the
+# reason, so auto serves them with triton (or torch).
 #
 # Both backwards recompute the row statistics (and r) from the saved inputs, and reduce over
 # tokens deterministically: fixed-order partial sums per (sample, split) in a float32 scratch
@@ -193,6 +209,15 @@ def _cuda_reason(
 
     if x.dtype not in _ext.DTYPE_CODES:
         return f"the cuda kernel takes float32, float16 or bfloat16, got {x.dtype}"
+    others = {name: t for name, t in (rows | conds).items() if name != "x"}
+    dtypes = {t.dtype for t in others.values()}
+    narrow = x.dtype == torch.float32 and dtypes <= {torch.float16, torch.bfloat16}
+    if len(dtypes) > 1 or not (dtypes == {x.dtype} or narrow):
+        dtypes = ", ".join(f"{name} {t.dtype}" for name, t in others.items())
+        return (
+            f"the cuda kernel takes {', '.join(others)} in one dtype, x's ({x.dtype}) or, with "
+            f"float32 x, float16 or bfloat16; got {dtypes}"
+        )
     dim = x.shape[-1] if x.dim() == 3 else x.shape[1]
     if dim > CUDA_MAX_D:
         return f"the cuda kernels keep a row in registers and take D <= {CUDA_MAX_D}, got {dim}"
@@ -241,13 +266,15 @@ def _row_major(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _cuda_splits(batch: int, length: int, dim: int, dtype: int, gated: bool, index: int) -> int:
+def _cuda_splits(
+    batch: int, length: int, dim: int, dtype: int, cond_dtype: int, gated: bool, index: int
+) -> int:
     """Blocks per sample in the backward: fastdit._C sizes one wave of resident blocks from the
     kernel's occupancy on this GPU (each block >= 16 rows)."""
     from .. import _ext
 
     C, _ = _ext.load()
-    return C.adaln_bwd_splits(batch, length, dim, dtype, gated, index)
+    return C.adaln_bwd_splits(batch, length, dim, dtype, cond_dtype, gated, index)
 
 
 def _cuda_modulate(
@@ -259,7 +286,7 @@ def _cuda_modulate(
     out = _checks.empty_like_layout(x)  # channels-last stays so: (B, H*W, D) rows in memory
     C.adaln_modulate_fwd(
         x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(), *_rows_of(x), eps,
-        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+        _ext.dtype_code(x), _ext.dtype_code(shift), x.device.index, _ext.stream_of(x),
     )  # fmt: skip
     return out
 
@@ -279,7 +306,7 @@ def _cuda_gated(
     C.adaln_gated_fwd(
         x.data_ptr(), y.data_ptr(), gate.data_ptr(), shift.data_ptr(), scale.data_ptr(),
         residual.data_ptr(), out.data_ptr(), *_rows_of(x), eps,
-        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+        _ext.dtype_code(x), _ext.dtype_code(y), x.device.index, _ext.stream_of(x),
     )  # fmt: skip
     return residual, out
 
@@ -291,14 +318,15 @@ def _cuda_modulate_backward(grads, inputs) -> list[torch.Tensor]:
     x, shift, scale, eps = inputs
     dout = _row_major(grads[0], x)
     batch, length, dim = _rows_of(x)
-    splits = _cuda_splits(batch, length, dim, _ext.dtype_code(x), False, x.device.index)
+    codes = _ext.dtype_code(x), _ext.dtype_code(scale)
+    splits = _cuda_splits(batch, length, dim, *codes, False, x.device.index)
     dx = torch.empty_like(x)  # x's own memory order: what the fake backward promises
     dshift, dscale = torch.empty_like(shift), torch.empty_like(scale)
     partial = torch.empty(2 * batch * splits * dim, dtype=torch.float32, device=x.device)
     C.adaln_modulate_bwd(
         x.data_ptr(), scale.data_ptr(), dout.data_ptr(), dx.data_ptr(), dshift.data_ptr(),
         dscale.data_ptr(), partial.data_ptr(), batch, length, dim, splits, eps,
-        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+        *codes, x.device.index, _ext.stream_of(x),
     )  # fmt: skip
     return [dx, dshift, dscale]
 
@@ -310,7 +338,8 @@ def _cuda_gated_backward(grads, inputs) -> list[torch.Tensor]:
     x, y, gate, shift, scale, eps = inputs
     dres, dout = _row_major(grads[0], x), _row_major(grads[1], x)
     batch, length, dim = _rows_of(x)
-    splits = _cuda_splits(batch, length, dim, _ext.dtype_code(x), True, x.device.index)
+    codes = _ext.dtype_code(x), _ext.dtype_code(y)
+    splits = _cuda_splits(batch, length, dim, *codes, True, x.device.index)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     dgate, dshift, dscale = (torch.empty_like(t) for t in (gate, shift, scale))
     partial = torch.empty(3 * batch * splits * dim, dtype=torch.float32, device=x.device)
@@ -318,7 +347,7 @@ def _cuda_gated_backward(grads, inputs) -> list[torch.Tensor]:
         x.data_ptr(), y.data_ptr(), gate.data_ptr(), scale.data_ptr(), dres.data_ptr(),
         dout.data_ptr(), dx.data_ptr(), dy.data_ptr(), dgate.data_ptr(), dshift.data_ptr(),
         dscale.data_ptr(), partial.data_ptr(), batch, length, dim, splits, eps,
-        _ext.dtype_code(x), x.device.index, _ext.stream_of(x),
+        *codes, x.device.index, _ext.stream_of(x),
     )  # fmt: skip
     return [dx, dy, dgate, dshift, dscale]
 

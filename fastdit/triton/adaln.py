@@ -8,8 +8,12 @@ For channels-last and tokens a tile row is D consecutive elements; for channels-
 column is ROWS consecutive tokens, so the tile is made tall (see _launch_shape) to keep each
 access a run of consecutive bytes. D <= 16384; float64 is declined (auto serves it with torch).
 
+Every pointer is read in its own dtype (each loaded value is widened to fp32, each stored
+one rounded once from fp32), so under autocast a float32 x takes a bfloat16 y and vectors as
+they are, and d y, d gate, d shift, d scale are written in their dtypes.
+
 Kernels and the bytes that must move (N = B*L*D elements of the dtype, e = its size in bytes;
-the (B, D) conditioning vectors add a few B*D more and are left out):
+the (B, D) conditioning vectors add a few B*D more and are left out; a narrower y moves fewer):
 
 - ``_fwd_kernel`` (modulate):  read x, write out                         2 N e
 - ``_fwd_kernel`` (gated):     read x, y; write r, out                   4 N e
@@ -289,8 +293,16 @@ def _reason(name: str, t: torch.Tensor) -> str:
     return ""
 
 
+def _conds_reason(**conds: torch.Tensor) -> str:
+    """Under autocast the (B, D) vectors may have their own dtypes (each is read as it is)."""
+    for t in conds.values():
+        if t.dtype not in _DTYPES:
+            return dtype_reason(t)
+    return ""
+
+
 def supports_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> str:
-    return _reason("x", x)
+    return _reason("x", x) or _conds_reason(shift=shift, scale=scale)
 
 
 def supports_gated(
@@ -301,7 +313,7 @@ def supports_gated(
     scale: torch.Tensor,
     eps: float,
 ) -> str:
-    return _reason("x", x) or _reason("y", y)
+    return _reason("x", x) or _reason("y", y) or _conds_reason(gate=gate, shift=shift, scale=scale)
 
 
 supports = supports_modulate  # the name the first registration used

@@ -39,28 +39,28 @@ void check(cudaError_t err, const char* op) {
 
 void modulate_fwd(std::uintptr_t x, std::uintptr_t shift, std::uintptr_t scale,
                   std::uintptr_t out, int64_t B, int64_t L, int64_t D, double eps, int dtype,
-                  py::object, py::object) {
+                  int cond_dtype, py::object, py::object) {
   check(fastdit::adaln_modulate_fwd_launch(cp(x), cp(shift), cp(scale), mp(out), B, L, D,
-                                           static_cast<float>(eps), dtype, nullptr),
+                                           static_cast<float>(eps), dtype, cond_dtype, nullptr),
         "adaln_modulate_fwd");
 }
 
 void gated_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate, std::uintptr_t shift,
                std::uintptr_t scale, std::uintptr_t r, std::uintptr_t out, int64_t B, int64_t L,
-               int64_t D, double eps, int dtype, py::object, py::object) {
+               int64_t D, double eps, int dtype, int cond_dtype, py::object, py::object) {
   check(fastdit::adaln_gated_fwd_launch(cp(x), cp(y), cp(gate), cp(shift), cp(scale), mp(r),
                                         mp(out), B, L, D, static_cast<float>(eps), dtype,
-                                        nullptr),
+                                        cond_dtype, nullptr),
         "adaln_gated_fwd");
 }
 
 void modulate_bwd(std::uintptr_t x, std::uintptr_t scale, std::uintptr_t dout, std::uintptr_t dx,
                   std::uintptr_t dshift, std::uintptr_t dscale, std::uintptr_t partial,
                   int64_t B, int64_t L, int64_t D, int64_t splits, double eps, int dtype,
-                  py::object, py::object) {
+                  int cond_dtype, py::object, py::object) {
   check(fastdit::adaln_modulate_bwd_launch(cp(x), cp(scale), cp(dout), mp(dx), mp(dshift),
                                            mp(dscale), mp(partial), B, L, D, splits,
-                                           static_cast<float>(eps), dtype, nullptr),
+                                           static_cast<float>(eps), dtype, cond_dtype, nullptr),
         "adaln_modulate_bwd");
 }
 
@@ -68,17 +68,19 @@ void gated_bwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate, std::uin
                std::uintptr_t dr, std::uintptr_t dout, std::uintptr_t dx, std::uintptr_t dy,
                std::uintptr_t dgate, std::uintptr_t dshift, std::uintptr_t dscale,
                std::uintptr_t partial, int64_t B, int64_t L, int64_t D, int64_t splits,
-               double eps, int dtype, py::object, py::object) {
+               double eps, int dtype, int cond_dtype, py::object, py::object) {
   check(fastdit::adaln_gated_bwd_launch(cp(x), cp(y), cp(gate), cp(scale), cp(dr), cp(dout),
                                         mp(dx), mp(dy), mp(dgate), mp(dshift), mp(dscale),
                                         mp(partial), B, L, D, splits, static_cast<float>(eps),
-                                        dtype, nullptr),
+                                        dtype, cond_dtype, nullptr),
         "adaln_gated_bwd");
 }
 
-int64_t bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated, py::object) {
+int64_t bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype, bool gated,
+                   py::object) {
   int64_t splits = 1;
-  check(fastdit::adaln_bwd_splits(B, L, D, dtype, gated, 0, &splits), "adaln_bwd_splits");
+  check(fastdit::adaln_bwd_splits(B, L, D, dtype, cond_dtype, gated, 0, &splits),
+        "adaln_bwd_splits");
   return splits;
 }
 
