@@ -116,10 +116,10 @@ def run(ctx: common.Context) -> list[common.Row]:
                         bytes_moved=elements_bwd * elem, backward=True,
                     )  # fmt: skip
                     common.check_backward_backend(rows[before:], op, variants, make(n_x))
-        if torch.bfloat16 in ctx.dtypes:
-            for label, shape in _shapes(ctx.quick):
-                if len(shape) == 3:
-                    _autocast_case(rows, ctx, label, shape)
+    if torch.bfloat16 in ctx.dtypes:
+        for label, shape in _shapes(ctx.quick):
+            if len(shape) == 3:
+                _autocast_case(rows, ctx, label, shape)
     return rows
 
 
@@ -156,7 +156,8 @@ def _autocast_case(rows: list[common.Row], ctx: common.Context, label: str, shap
             lambda x, *a, b=backend: adaln.gated_adaln(x, *(t.float() for t in a), backend=b)
         )
     n, bd = batch * shape[1] * dim, batch * dim
-    for backward, nbytes in ((False, 14 * n + 6 * bd), (True, 34 * n + 16 * bd)):
+    cases = [(False, 14 * n + 6 * bd)] + ([(True, 34 * n + 16 * bd)] if ctx.backward else [])
+    for backward, nbytes in cases:
         before = len(rows)
         common.bench_case(
             rows, ctx, "gated_adaln autocast", f"{label} {tuple(shape)}", low, inputs, variants,

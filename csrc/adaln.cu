@@ -36,22 +36,23 @@
 //   gated forward      N (3 e + c)   (read x, y; write r, out)
 //   modulate backward  3 N e         (read x, dout; write dx)
 //   gated backward     N (4 e + 2 c) (read x, y, dr, dout; write dx, dy)
-// Under autocast (float rows, bf16 branch) the gated ops move 14 N and 20 N bytes; casting the
-// branch to float32 first would move 22 N and 30 N, counting the casts (read 2, write 4; and in
-// the backward the fp32 dy written, read and cast back).
 // plus a few B * D for the conditioning vectors (re-read per row, from L1/L2) and, for the
 // backward, 2 or 3 partial planes of B * splits * D fp32 written once and read once.
 // adaln_bwd_splits picks splits from the backward kernel's occupancy: one wave of resident
 // blocks, >= 16 rows each, so the partials are a few percent of the traffic (and mostly stay in
 // L2); at B >= the number of resident blocks, one split per sample.
+// Under autocast (float rows, bf16 branch) the gated ops move 14 N and 20 N bytes; casting the
+// branch to float32 first would move 22 N and 30 N, counting the casts (read 2, write 4; and in
+// the backward the fp32 dy written, read and cast back).
 // Expected on an H100 (HBM3 3.35 TB/s, a device-to-device copy measures ~2.6-3.0 TB/s), not yet
 // measured: forward ~85-90 % of the copy bandwidth at DiT-XL/2 and U-DiT-B channels-last shapes,
 // backward ~70-80 %. At DiT-XL/2 B 256 bf16 (N e = 151 MB) and ~2.8 TB/s copy: modulate forward
 // ~125 us, gated forward ~245 us, gated backward ~430 us.
-// Register use (ptxas -v, sm_90): forward 25-96 registers, no spills; backward 40-128, no spills
-// on the vector path except fp32 D > 4096 gated (56-68 bytes; float rows with a 16-bit branch:
-// none); the scalar path (misaligned pointers, or D * sizeof(T) not a multiple of 16) spills
-// at D > 4096: correct, not fast.
+// Register use (cuobjdump of the sm_90 build, nvcc 13.0): forward 22-96 registers, no spills;
+// backward 32-128. Spills on the vector path: fp32 gated 2048 < D (56 bytes), fp32 modulate
+// 1024 < D <= 2048 (16 bytes), none with float rows and a 16-bit branch; on the scalar path
+// (misaligned pointers, or D * sizeof(T) not a multiple of 16): gated 1024 < D <= 2048 (24-32
+// bytes), and D > 2048 (128-1040 bytes): correct, not fast.
 //
 // Forward kernel shapes, by the number of vectors per row (nvec = D / V, V elements per access):
 //   nvec <= 256          one warp per row, 4 rows per 128-thread block, ITERS = ceil(nvec / 32)
@@ -62,8 +63,9 @@
 // Backward kernel: a row group of G threads holds a row, ITERS vectors per thread (at most 16
 // elements); a block holds R = max(1, 256 / G) groups working on R rows of the same sample at
 // once, and loops over the rows of its (sample, split). D <= kBwdMaxD.
-// V = 16 / sizeof(T) when D * sizeof(T) and all pointers are multiples of 16 bytes; V = 1
-// (scalar accesses) otherwise.
+// V = 16 / sizeof(T) when D * sizeof(T) is a multiple of 16 bytes and every pointer is aligned
+// to V elements of its type (16 bytes for rows, 16 or 8 for the C tensors); V = 1 (scalar
+// accesses) otherwise.
 //
 // Built with -DFASTDIT_EMULATE (tests/cuda_emu/emulate.h, tests/cuda_emu/adaln_module.cpp), the
 // same kernels run on the CPU as fibers: that is how they are tested on machines without a GPU.
@@ -803,21 +805,21 @@ void launch_bwd_typed(const BwdArgs& a) {
   }
   const BwdPlan plan = bwd_plan_typed<T, C, GATED>(a.D, vec);
   BwdParams<T, C> p{static_cast<const T*>(a.x),
-                 static_cast<const C*>(a.y),
-                 static_cast<const C*>(a.gate),
-                 static_cast<const C*>(a.scale),
-                 static_cast<const T*>(a.dr),
-                 static_cast<const T*>(a.dh),
-                 static_cast<T*>(a.dx),
-                 static_cast<C*>(a.dy),
-                 a.partial,
-                 a.B * a.splits * a.D,
-                 static_cast<uint32_t>(a.L),
-                 static_cast<uint32_t>(a.splits),
-                 static_cast<uint32_t>((a.L + a.splits - 1) / a.splits),
-                 a.D,
-                 plan.group,
-                 a.eps};
+                    static_cast<const C*>(a.y),
+                    static_cast<const C*>(a.gate),
+                    static_cast<const C*>(a.scale),
+                    static_cast<const T*>(a.dr),
+                    static_cast<const T*>(a.dh),
+                    static_cast<T*>(a.dx),
+                    static_cast<C*>(a.dy),
+                    a.partial,
+                    a.B * a.splits * a.D,
+                    static_cast<uint32_t>(a.L),
+                    static_cast<uint32_t>(a.splits),
+                    static_cast<uint32_t>((a.L + a.splits - 1) / a.splits),
+                    a.D,
+                    plan.group,
+                    a.eps};
   plan.launch(&p, dim3(static_cast<unsigned>(a.B * a.splits)), dim3(plan.threads), plan.smem,
               a.stream);
   if (cudaPeekAtLastError() != cudaSuccess) return;  // the caller's cudaGetLastError() reports it
@@ -915,22 +917,23 @@ cudaError_t adaln_gated_bwd_launch(const void* x, const void* y, const void* gat
 int64_t adaln_bwd_max_d() { return kBwdMaxD; }
 
 // The backward's `splits` for this shape on the current device: as many (sample, split) blocks
-// as the backward kernel (16-byte path) can keep resident in one wave, at least
-// kBwdMinSplitRows rows per split, one split per sample when B alone fills the GPU. Sizes are
-// validated by the caller (D <= kBwdMaxD, B, L >= 1).
-cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype,
-                             bool gated, int device, int64_t* splits) {
+// as the backward kernel (16-byte path, all of dtype T) can keep resident in one wave, at
+// least kBwdMinSplitRows rows per split, one split per sample when B alone fills the GPU. A
+// call with a narrower C uses the same count (its kernel's occupancy may differ): the order of
+// the partial sums, and so the bits of d gate, d shift, d scale, are those of the call on the
+// inputs widened to T. Sizes are validated by the caller (D <= kBwdMaxD, B, L >= 1).
+cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated, int device,
+                             int64_t* splits) {
   constexpr int64_t kBwdMinSplitRows = 16;
   int sms = 0;
   cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   BwdPlan plan{};
-  dispatch_pair(dtype, cond_dtype, "adaln_bwd_splits", [&](auto t, auto c) {
-    using T = typename decltype(t)::type;
-    using C = typename decltype(c)::type;
+  dispatch_dtype(dtype, "adaln_bwd_splits", [&](auto tag) {
+    using T = typename decltype(tag)::type;
     const int d = static_cast<int>(D);
     const bool vec = (D * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-    plan = gated ? bwd_plan_typed<T, C, true>(d, vec) : bwd_plan_typed<T, C, false>(d, vec);
+    plan = gated ? bwd_plan_typed<T, T, true>(d, vec) : bwd_plan_typed<T, T, false>(d, vec);
   });
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan.func, plan.threads,

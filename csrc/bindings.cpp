@@ -48,8 +48,8 @@ cudaError_t adaln_gated_bwd_launch(const void* x, const void* y, const void* gat
                                    int64_t splits, float eps, int dtype, int cond_dtype,
                                    cudaStream_t stream);
 int64_t adaln_bwd_max_d();
-cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype,
-                             bool gated, int device, int64_t* splits);
+cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated, int device,
+                             int64_t* splits);
 const void* adaln_probe_kernel();
 
 // patchify.cu
@@ -169,8 +169,8 @@ bool check_adaln(const char* op, int64_t B, int64_t L, int64_t D, double eps, in
     }
   }
   if (cond_dtype != dtype && dtype != kFloat32) {
-    throw invalid_argument(op, "cond_dtype " + std::to_string(cond_dtype) + " differs from dtype " +
-                                   std::to_string(dtype) +
+    throw invalid_argument(op, "cond_dtype " + std::to_string(cond_dtype) +
+                                   " differs from dtype " + std::to_string(dtype) +
                                    ": only float32 rows (dtype 0) take float16 or bfloat16 "
                                    "y and (B, D) vectors");
   }
@@ -281,17 +281,17 @@ void adaln_gated_bwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
   FASTDIT_CUDA_CHECK(op, err);
 }
 
-int64_t adaln_bwd_splits_py(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype,
-                            bool gated, int device) {
+int64_t adaln_bwd_splits_py(int64_t B, int64_t L, int64_t D, int dtype, bool gated,
+                            int device) {
   constexpr const char* op = "adaln_bwd_splits";
-  if (!check_adaln(op, B, L, D, 0.0, dtype, cond_dtype, device)) {
+  if (!check_adaln(op, B, L, D, 0.0, dtype, dtype, device)) {
     throw invalid_argument(op, "B and L must be >= 1, got B=" + std::to_string(B) +
                                    ", L=" + std::to_string(L));
   }
   check_backward(op, B, L, D, 1);
   DeviceGuard guard(device, op);
   int64_t splits = 1;
-  FASTDIT_CUDA_CHECK(op, adaln_bwd_splits(B, L, D, dtype, cond_dtype, gated, device, &splits));
+  FASTDIT_CUDA_CHECK(op, adaln_bwd_splits(B, L, D, dtype, gated, device, &splits));
   return splits;
 }
 
@@ -967,9 +967,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"),
         py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
         "Gradients of adaln_modulate_fwd for the cotangent dout: dx (B, L, D), dshift and "
-        "dscale (B, D), each in its input's dtype. partial: caller-allocated float32 scratch of 2 * B * splits * D "
-        "elements; each sample's L rows are cut into `splits` (1 <= splits <= L) blocks whose "
-        "partial sums are added in a fixed order (deterministic). D <= ADALN_BWD_MAX_D.");
+        "dscale (B, D), each in its input's dtype. partial: caller-allocated float32 scratch "
+        "of 2 * B * splits * D elements; each sample's L rows are cut into `splits` "
+        "(1 <= splits <= L) blocks whose partial sums are added in a fixed order "
+        "(deterministic). D <= ADALN_BWD_MAX_D.");
   m.def("adaln_gated_bwd", &fastdit::adaln_gated_bwd, py::arg("x_ptr"), py::arg("y_ptr"),
         py::arg("gate_ptr"), py::arg("scale_ptr"), py::arg("dr_ptr"), py::arg("dout_ptr"),
         py::arg("dx_ptr"), py::arg("dy_ptr"), py::arg("dgate_ptr"), py::arg("dshift_ptr"),
@@ -977,13 +978,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"),
         py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
         "Gradients of adaln_gated_fwd for the cotangents dr (of r) and dout (of out): dx, dy "
-        "(B, L, D), dgate, dshift, dscale (B, D), each in its input's dtype. partial: float32 scratch of 3 * B * splits * "
-        "D elements, as for adaln_modulate_bwd.");
+        "(B, L, D), dgate, dshift, dscale (B, D), each in its input's dtype. partial: float32 "
+        "scratch of 3 * B * splits * D elements, as for adaln_modulate_bwd.");
   m.def("adaln_bwd_splits", &fastdit::adaln_bwd_splits_py, py::arg("B"), py::arg("L"),
-        py::arg("D"), py::arg("dtype"), py::arg("cond_dtype"), py::arg("gated"),
-        py::arg("device"),
+        py::arg("D"), py::arg("dtype"), py::arg("gated"), py::arg("device"),
         "The `splits` to pass to adaln_modulate_bwd / adaln_gated_bwd (gated=True) for this "
-        "shape on `device`: one wave of resident (sample, split) blocks, >= 16 rows each.");
+        "shape on `device`: one wave of resident (sample, split) blocks, >= 16 rows each. "
+        "`dtype` is the rows'; a call with another cond_dtype takes the same splits.");
   m.attr("ADALN_BWD_MAX_D") = fastdit::adaln_bwd_max_d();
 
   // The patchify family. order: 0 = "cpq" (c, row, column in the patch), 1 = "pqc".

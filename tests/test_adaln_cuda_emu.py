@@ -312,12 +312,11 @@ def test_emulated_constant_rows(kernels, dtype):
 def test_emulated_splits_helper(kernels):
     """adaln_bwd_splits (host code) on the emulated device: 2 blocks per SM resident, >= 16
     rows per split, at most L splits."""
-    assert kernels.adaln_bwd_splits(1, 37, 96, 0, 0, False, None) == 2  # 4 resident, 37 // 16
-    assert kernels.adaln_bwd_splits(3, 37, 96, 0, 0, True, None) == 1  # 4 // 3
-    assert kernels.adaln_bwd_splits(1, 7, 96, 1, 1, False, None) == 1
+    assert kernels.adaln_bwd_splits(1, 37, 96, 0, False, None) == 2  # 4 resident, 37 // 16
+    assert kernels.adaln_bwd_splits(3, 37, 96, 0, True, None) == 1  # 4 // 3
+    assert kernels.adaln_bwd_splits(1, 7, 96, 1, False, None) == 1
     kernels.configure(order=2, sms=64, seed=1)
-    assert kernels.adaln_bwd_splits(2, 4096, 1152, 2, 2, True, None) == 64  # 128 resident // 2
-    assert kernels.adaln_bwd_splits(2, 4096, 1152, 0, 2, True, None) == 64
+    assert kernels.adaln_bwd_splits(2, 4096, 1152, 2, True, None) == 64  # 128 resident // 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,6 +435,16 @@ def test_emulated_mixed_dtypes_through_autocast(cuda_on_cpu):
     for g, w, leaf in zip(got_grads, want_grads, [x, *low]):
         assert g.dtype == leaf.dtype and torch.equal(g, w.to(g.dtype))
     y, gate, shift, scale = low
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastdit.adaln_modulate(x, shift, scale, backend="cuda")
+    assert A._modulate.last_backend == "cuda"
+    got_grads = torch.autograd.grad(got, [x, shift, scale], cots[1].contiguous())
+    assert A._modulate.last_backward_backend == "cuda"
+    want = fastdit.adaln_modulate(x, widened[2], widened[3], backend="cuda")
+    want_grads = torch.autograd.grad(want, [x, widened[2], widened[3]], cots[1].contiguous())
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    for g, w, leaf in zip(got_grads, want_grads, [x, shift, scale]):
+        assert g.dtype == leaf.dtype and torch.equal(g, w.to(g.dtype))
     reason = A._cuda_supports_gated(x.detach(), y, gate.half(), shift, scale, EPS)
     assert "in one dtype" in reason and "gate torch.float16" in reason
     reason = A._cuda_supports_modulate(x.detach().half(), shift.detach(), scale.detach(), EPS)

@@ -78,6 +78,9 @@ def test_rules_under_autocast():
         first = _autocast.promote_first(bf16, f16, ints)  # only the first is cast
         assert first[0].dtype == torch.float32 and first[1] is f16 and first[2] is ints
         assert _autocast.promote_first(f32, bf16)[0] is f32
+        assert _autocast.promote_first(ints, f32)[0] is ints  # left to the op's checks
+        with pytest.raises(TypeError, match="x must be float32"):
+            fastdit.adaln_modulate(ints.view(1, 1, 2), f32.view(1, 2), f32.view(1, 2))
         assert [t.dtype for t in _autocast.lower(f32, f16, f64, ints, None)[:4]] == [
             torch.bfloat16, torch.bfloat16, torch.float64, torch.int64
         ]  # fmt: skip

@@ -3,8 +3,9 @@
 Autocast casts the inputs of the ops it knows (matrix products and convolutions to its
 lower-precision dtype) and leaves the rest to type promotion, so inside an autocast region a
 DiT block sees a float32 residual stream next to bfloat16 activations and conditioning vectors.
-A fastdit op takes one dtype per call; under autocast each casts its inputs the way eager
-PyTorch treats the ops it fuses, before its argument checks:
+Outside autocast a fastdit op takes one dtype per call; under autocast each takes its inputs'
+dtypes the way eager PyTorch treats the ops it fuses, casting some of them before its
+argument checks:
 
 - :func:`promote_first`, for the adaLN family: ``x`` (the residual stream) goes to the widest
   floating dtype among the inputs, the dtype type promotion gives ``x + gate * y`` in eager
@@ -72,8 +73,8 @@ def promote(*tensors: Any) -> tuple[Any, ...]:
 def promote_first(first: Any, *rest: Any) -> tuple[Any, ...]:
     """Under autocast (for ``first``'s device), ``first`` cast to the widest floating dtype among
     all the tensors; the rest, and everything outside autocast, as given."""
-    if autocast_dtype(first) is None:
-        return (first, *rest)
+    if autocast_dtype(first) is None or not _floating(first):
+        return (first, *rest)  # (a non-floating x: the op's checks reject it)
     widest = first.dtype
     for t in rest:
         if _floating(t):

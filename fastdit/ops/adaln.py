@@ -266,15 +266,15 @@ def _row_major(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _cuda_splits(
-    batch: int, length: int, dim: int, dtype: int, cond_dtype: int, gated: bool, index: int
-) -> int:
+def _cuda_splits(batch: int, length: int, dim: int, dtype: int, gated: bool, index: int) -> int:
     """Blocks per sample in the backward: fastdit._C sizes one wave of resident blocks from the
-    kernel's occupancy on this GPU (each block >= 16 rows)."""
+    occupancy of the kernel whose tensors all have the rows' dtype on this GPU (each block >= 16
+    rows). A narrower y and vectors take the same count, hence the same order of the sums over
+    tokens: the gradients of the inputs widened, rounded once."""
     from .. import _ext
 
     C, _ = _ext.load()
-    return C.adaln_bwd_splits(batch, length, dim, dtype, cond_dtype, gated, index)
+    return C.adaln_bwd_splits(batch, length, dim, dtype, gated, index)
 
 
 def _cuda_modulate(
@@ -319,7 +319,7 @@ def _cuda_modulate_backward(grads, inputs) -> list[torch.Tensor]:
     dout = _row_major(grads[0], x)
     batch, length, dim = _rows_of(x)
     codes = _ext.dtype_code(x), _ext.dtype_code(scale)
-    splits = _cuda_splits(batch, length, dim, *codes, False, x.device.index)
+    splits = _cuda_splits(batch, length, dim, codes[0], False, x.device.index)
     dx = torch.empty_like(x)  # x's own memory order: what the fake backward promises
     dshift, dscale = torch.empty_like(shift), torch.empty_like(scale)
     partial = torch.empty(2 * batch * splits * dim, dtype=torch.float32, device=x.device)
@@ -339,7 +339,7 @@ def _cuda_gated_backward(grads, inputs) -> list[torch.Tensor]:
     dres, dout = _row_major(grads[0], x), _row_major(grads[1], x)
     batch, length, dim = _rows_of(x)
     codes = _ext.dtype_code(x), _ext.dtype_code(y)
-    splits = _cuda_splits(batch, length, dim, *codes, True, x.device.index)
+    splits = _cuda_splits(batch, length, dim, codes[0], True, x.device.index)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     dgate, dshift, dscale = (torch.empty_like(t) for t in (gate, shift, scale))
     partial = torch.empty(3 * batch * splits * dim, dtype=torch.float32, device=x.device)

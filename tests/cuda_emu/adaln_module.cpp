@@ -76,11 +76,9 @@ void gated_bwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate, std::uin
         "adaln_gated_bwd");
 }
 
-int64_t bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, int cond_dtype, bool gated,
-                   py::object) {
+int64_t bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated, py::object) {
   int64_t splits = 1;
-  check(fastdit::adaln_bwd_splits(B, L, D, dtype, cond_dtype, gated, 0, &splits),
-        "adaln_bwd_splits");
+  check(fastdit::adaln_bwd_splits(B, L, D, dtype, gated, 0, &splits), "adaln_bwd_splits");
   return splits;
 }
 
