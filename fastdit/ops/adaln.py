@@ -213,10 +213,10 @@ def _cuda_reason(
     dtypes = {t.dtype for t in others.values()}
     narrow = x.dtype == torch.float32 and dtypes <= {torch.float16, torch.bfloat16}
     if len(dtypes) > 1 or not (dtypes == {x.dtype} or narrow):
-        dtypes = ", ".join(f"{name} {t.dtype}" for name, t in others.items())
+        got = ", ".join(f"{name} {t.dtype}" for name, t in others.items())
         return (
             f"the cuda kernel takes {', '.join(others)} in one dtype, x's ({x.dtype}) or, with "
-            f"float32 x, float16 or bfloat16; got {dtypes}"
+            f"float32 x, float16 or bfloat16; got {got}"
         )
     dim = x.shape[-1] if x.dim() == 3 else x.shape[1]
     if dim > CUDA_MAX_D:
