@@ -263,10 +263,11 @@ def test_emulated_backward_is_deterministic_in_any_thread_order(kernels, gated):
                 assert torch.equal(a, b)
 
 
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """t copied into a view that starts one element into its storage (not 16-byte aligned)."""
-    buf = torch.full((t.numel() + 1,), NAN, dtype=t.dtype)
-    view = buf[1:].view(t.shape)
+def _misaligned(t: torch.Tensor, elements: int = 1) -> torch.Tensor:
+    """t copied into a view that starts ``elements`` elements into its storage (one: not
+    16-byte aligned)."""
+    buf = torch.full((t.numel() + elements,), NAN, dtype=t.dtype)
+    view = buf[elements:].view(t.shape)
     view.copy_(t)
     return view
 
@@ -373,14 +374,6 @@ def test_emulated_ops(cuda_on_cpu, gated, dtype, B, L, D, layout):
 # Mixed dtypes (autocast): float32 rows, float16 or bfloat16 y and (B, D) vectors
 
 
-def _offset(t: torch.Tensor, elements: int) -> torch.Tensor:
-    """t copied into a view that starts ``elements`` elements into its storage."""
-    buf = torch.full((t.numel() + elements,), NAN, dtype=t.dtype)
-    view = buf[elements:].view(t.shape)
-    view.copy_(t)
-    return view
-
-
 @GATED
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
@@ -404,7 +397,7 @@ def test_emulated_mixed_dtypes_give_the_cast_inputs_bits(
     mixed = [t.to(low) if 0 < i < len(inputs) - 1 else t for i, t in enumerate(inputs)]
     cast = [t.float() if isinstance(t, torch.Tensor) else t for t in mixed]
     if offset:  # both at the same element offset, so both take the same path
-        mixed[1], cast[1] = _offset(mixed[1], offset), _offset(cast[1], offset)
+        mixed[1], cast[1] = _misaligned(mixed[1], offset), _misaligned(cast[1], offset)
     got, want = _forward(kernels, gated, mixed), _forward(kernels, gated, cast)
     for g, w in zip(*((o if gated else (o,)) for o in (got, want))):
         assert g.dtype == torch.float32 and torch.equal(g, w)
