@@ -13,7 +13,10 @@ quick default): DiT-S/2 on a 16x16 latent, batch 2, fp32. Variants:
 
 On a GPU with backward, first: U-DiT-L's training step with its tricks on fastdit against the
 model without them in eager PyTorch (issue 6's end-to-end target), with bf16 weights and with
-float32 weights under bf16 autocast (``_udit_tricks``).
+float32 weights under bf16 autocast (``_udit_tricks``). On a GPU, last: U-DiT-B's folded
+sampling forward (``_udit_sampling``). Both time fastdit's U-DiT in each memory layout
+(channels-first, the default, and ``channels_last=True``): which one to run is measured, not
+assumed.
 
 Matmul-bound: the row's TFLOP/s counts the model's multiply-adds (DiT-XL/2: 118.6 G per image
 at 256 px, SPEC.md) against the matmul peak measured in the same run.
@@ -92,6 +95,8 @@ def run(ctx: common.Context) -> list[common.Row]:
                 {"eager": common.on_references(eager), "fastdit": model},
                 flops=3 * flops, backward=True,
             )  # fmt: skip
+    if not ctx.quick:
+        _udit_sampling(ctx, rows)
     return rows
 
 
@@ -108,8 +113,8 @@ def _udit_tricks(
     PyTorch: the tricks should cost nothing (the authors measured 0.84 against 1.55 steps/s).
     The "eager" row is the model without tricks; vs_eager >= 1 on the fastdit row is the
     target. Twice: with bf16 weights, and with float32 weights under bf16 autocast (mixed
-    precision training, as most runs train). ``name``, ``batch``, ``latent``: smaller runs
-    (the CPU test of this function)."""
+    precision training, as most runs train); fastdit's model in both memory layouts each time.
+    ``name``, ``batch``, ``latent``: smaller runs (the CPU test of this function)."""
     from fastdit.models import create as create_model
 
     dtype = torch.bfloat16
@@ -118,6 +123,8 @@ def _udit_tricks(
         weights = torch.float32 if autocast else dtype
         torch.manual_seed(0)
         tricks = create_model(name).to(ctx.device, weights).train()
+        tricks_cl = copy.deepcopy(tricks)
+        tricks_cl.channels_last = True
         plain = create_model(name, **off).to(ctx.device, weights).train()
         set_backend(plain, "torch")
 
@@ -128,7 +135,11 @@ def _udit_tricks(
                 torch.randint(0, 1000, (batch,), device=ctx.device),
             ]
 
-        variants = {"eager": common.on_references(plain), "fastdit": tricks}
+        variants = {
+            "eager": common.on_references(plain),
+            "fastdit": tricks,
+            "fastdit channels-last": tricks_cl,
+        }
         label, mode = f"{name} train step", "bf16 weights"
         if autocast:
             variants = {k: common.under_autocast(v, ctx.device, dtype) for k, v in variants.items()}
@@ -136,10 +147,58 @@ def _udit_tricks(
         before = len(rows)
         shape = f"{name} {(batch, 4, latent, latent)}"
         common.bench_case(rows, ctx, label, shape, dtype, inputs, variants, backward=True)
-        notes = {"eager": f"without the tricks, eager PyTorch; {mode}",
-                 "fastdit": f"with the tricks; {mode}"}  # fmt: skip
+        notes = {
+            "eager": f"without the tricks, eager PyTorch; {mode}",
+            "fastdit": f"with the tricks; {mode}",
+            "fastdit channels-last": f"with the tricks, channels_last=True; {mode}",
+        }
         for row in rows[before:]:
             row.note = row.note or notes.get(row.backend, "")
+        ctx.checkpoint(rows)
+
+
+def _udit_sampling(
+    ctx: common.Context,
+    rows: list[common.Row],
+    name: str = "U-DiT-B",
+    batch: int = 32,
+    latent: int = 32,
+) -> None:
+    """U-DiT-B's sampling forward (256 px, batch 32, folded FFNs: ``eval()``) in each dtype of
+    the run: eager PyTorch (the same model on its ops' references), fastdit as shipped
+    (channels-first activations) and fastdit with ``channels_last=True``. No compiled row: on a
+    GPU, compiling U-DiT-B costs more of the suite's time than the row is worth (the per-layer
+    compiled baselines are in the downsampled_attention and adaln suites). ``name``,
+    ``batch``, ``latent``: smaller runs (the CPU test of this function)."""
+    for dtype in ctx.dtypes:
+        torch.manual_seed(0)
+        model = create(name).to(ctx.device, dtype)
+        for p in model.parameters():  # adaLN-Zero makes the blocks the identity: perturb
+            p.data.add_(torch.randn_like(p) * 0.02)
+        model.eval()  # folds the re-parameterised FFNs from the perturbed weights
+        eager = copy.deepcopy(model)
+        set_backend(eager, "torch")
+        cl = copy.deepcopy(model)
+        cl.channels_last = True
+
+        def inputs(dtype=dtype):
+            return [
+                torch.randn(batch, 4, latent, latent, device=ctx.device, dtype=dtype),
+                torch.randint(0, 1000, (batch,), device=ctx.device),
+                torch.randint(0, 1000, (batch,), device=ctx.device),
+            ]
+
+        variants = {
+            "eager": common.on_references(eager),
+            "fastdit": model,
+            "fastdit channels-last": cl,
+        }
+        before = len(rows)
+        shape = f"{name} {(batch, 4, latent, latent)}"
+        common.bench_case(rows, ctx, f"{name} sampling", shape, dtype, inputs, variants)
+        for row in rows[before:]:
+            if row.backend == "fastdit channels-last":
+                row.note = row.note or "channels_last=True"
         ctx.checkpoint(rows)
 
 

@@ -81,6 +81,12 @@ def test_references_only_calls_the_reference_directly():
     assert adaln._modulate.last_backend is not None  # restored afterwards
 
 
+def _call_once(fn, make_inputs, device, **_):
+    """common.time_call for the model cases' tests: their wiring is checked, not the timing."""
+    fn(*make_inputs())
+    return 1.0
+
+
 def test_udit_tricks_training_step_runs(tmp_path, monkeypatch):
     """The GPU run's first models case (issue 6's end-to-end target), both forms (bf16 weights;
     float32 weights under bf16 autocast), on a small U-DiT on the CPU: every row timed, none
@@ -89,11 +95,7 @@ def test_udit_tricks_training_step_runs(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FASTDIT_BACKEND", "torch")  # Triton's interpreter would take minutes
 
-    def once(fn, make_inputs, device, **_):  # the wiring is checked here, not the timing
-        fn(*make_inputs())
-        return 1.0
-
-    monkeypatch.setattr(common, "time_call", once)
+    monkeypatch.setattr(common, "time_call", _call_once)
     ctx = _context(tmp_path)
     ctx.start_suite("models", budget_s=600.0)
     rows: list[common.Row] = []
@@ -113,16 +115,52 @@ def test_udit_tricks_training_step_runs(tmp_path, monkeypatch):
     finally:
         hook.remove()
     bf16, f32 = torch.bfloat16, torch.float32
-    assert autocast_on == [(False, bf16)] * 2 + [(True, f32)] * 2
+    assert autocast_on == [(False, bf16)] * 3 + [(True, f32)] * 3
+    fastdit = ["eager", "fastdit", "fastdit channels-last"]
     assert [(r.bench, r.backend) for r in rows] == [
-        ("U-DiT-S train step fwd+bwd", "eager"),
-        ("U-DiT-S train step fwd+bwd", "fastdit"),
-        ("U-DiT-S train step, autocast fwd+bwd", "eager"),
-        ("U-DiT-S train step, autocast fwd+bwd", "fastdit"),
+        ("U-DiT-S train step fwd+bwd", b) for b in fastdit
+    ] + [("U-DiT-S train step, autocast fwd+bwd", b) for b in fastdit]
+    for row in rows:
+        assert row.time_us > 0 and "failed" not in row.note, row
+    assert "without the tricks" in rows[3].note and "autocast" in rows[3].note
+    assert "with the tricks; bf16 weights" in rows[1].note
+    assert "channels_last=True; fp32 weights" in rows[5].note
+    with open(tmp_path / "models.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+
+
+def test_udit_sampling_times_both_layouts(tmp_path, monkeypatch):
+    """The GPU run's U-DiT sampling case on a small U-DiT on the CPU: eager, fastdit and fastdit
+    channels-last rows, each timed, and the channels-last model's attention layers really see
+    channels-last images (the default model's channels-first ones)."""
+    import bench_models
+
+    from fastdit.nn.udit import DownsampledAttention
+
+    monkeypatch.setenv("FASTDIT_BACKEND", "torch")
+
+    monkeypatch.setattr(common, "time_call", _call_once)
+    ctx = _context(tmp_path)
+    ctx.start_suite("models", budget_s=600.0)
+    layouts = []
+
+    def seen(module, args):
+        if isinstance(module, DownsampledAttention):
+            x = args[0]
+            layouts.append(
+                x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            )
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+    rows: list[common.Row] = []
+    try:
+        bench_models._udit_sampling(ctx, rows, "U-DiT-S", batch=1, latent=16)
+    finally:
+        hook.remove()
+    assert [(r.bench, r.backend) for r in rows] == [
+        ("U-DiT-S sampling fwd", b) for b in ("eager", "fastdit", "fastdit channels-last")
     ]
     for row in rows:
         assert row.time_us > 0 and "failed" not in row.note, row
-    assert "without the tricks" in rows[2].note and "autocast" in rows[2].note
-    assert "with the tricks; bf16 weights" in rows[1].note
-    with open(tmp_path / "models.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+    per_call = len(layouts) // 3
+    assert per_call > 0 and layouts == [False] * (2 * per_call) + [True] * per_call

@@ -1,4 +1,5 @@
-"""Every GPU kernel runs on the caller's current stream, forward and backward (GPU only).
+"""Every GPU kernel runs on the caller's current stream, forward and backward, and can be
+captured in a CUDA graph (GPU only).
 
 The check that would fail: the inputs are written on a side stream behind a long
 ``torch.cuda._sleep``, and the op is called on that stream. A kernel launched on any other
@@ -6,6 +7,12 @@ stream (the legacy default stream, a stream cached at import, the device's curre
 of another thread) runs before the inputs arrive, reads the zeros they replace, and gives a
 result far from the one computed on the default stream. Side streams from PyTorch's pool are
 non-blocking, so the legacy default stream does not wait for them.
+
+CUDA graphs (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``) are how small
+sampling batches escape the host's launch overhead. Capture fails on a host synchronisation or
+a call the capture forbids; a replay is wrong if a kernel reads anything fixed at capture
+other than the captured tensors' addresses (a size, a pointer cached by the glue, a scratch
+buffer allocated outside the graph's pool).
 """
 
 from __future__ import annotations
@@ -98,3 +105,54 @@ def test_runs_on_the_current_stream(family, op, backend):
     names = [f"output {i}" for i in range(len(outs))] + [f"grad {i}" for i in range(len(inputs))]
     for name, a, b in zip(names, got, ref):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{op} {backend} {name}: {m}")
+
+
+def _randn(shapes, g):
+    return [torch.randn(s, generator=g, device="cuda", dtype=torch.bfloat16) for s in shapes]
+
+
+@pytest.mark.parametrize("family, op, backend", _gpu_pairs())
+def test_replays_in_a_cuda_graph(family, op, backend):
+    """The op, forward and backward, captured once: each replay on new values copied into the
+    captured inputs gives, bit for bit, what an eager call on those values gives."""
+    status = fastdit.backends()[family][backend]
+    if not status.available:
+        pytest.skip(status.reason)
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton interpreter runs on the host; set FASTDIT_TEST_TRITON_GPU=1")
+    kwargs, shapes = _cases()[op]
+    kwargs = {**kwargs, "backend": backend}
+    g = torch.Generator(device="cuda").manual_seed(len(op))
+    static = _randn(shapes, g)
+    outs = getattr(fastdit, op)(*static, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    cots = [torch.randn(o.shape, generator=g, device="cuda") for o in outs]
+
+    # Warm up on a side stream, as torch.cuda.graph's documentation asks: Triton compiles its
+    # kernels and the glue makes its one-time calls (kernel attributes, occupancy) there.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        previous = _step(op, kwargs, static, cots)
+        _step(op, kwargs, static, cots)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _step(op, kwargs, static, cots)  # nothing runs yet: addresses only
+
+    names = [f"output {i}" for i in range(len(outs))] + [f"grad {i}" for i in range(len(shapes))]
+    for replay in range(2):
+        fresh = _randn(shapes, g)
+        for s, t in zip(static, fresh):
+            s.copy_(t)
+        graph.replay()
+        expected = _step(op, kwargs, fresh, cots)
+        torch.cuda.synchronize()
+        # A replay that ran nothing, or ran on the previous values, would leave these.
+        assert any(not torch.equal(a, b) for a, b in zip(previous, expected)), (
+            "the check cannot fail"
+        )
+        for name, a, b in zip(names, captured, expected):
+            where = f"{op} {backend} replay {replay} {name}"
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, w=where: f"{w}: {m}")
+        previous = expected
