@@ -8,7 +8,7 @@
 # The second argument runs only the tests or only the benchmarks (after the build, which is
 # incremental on a second call), for machines that give one command 10 minutes: run "tests",
 # then "bench", with the same OUT_DIR. SUITES (comma-separated, default
-# adaln,patchify,downsampled_attention,models) picks benchmark suites; they share BENCH_SECONDS
+# adaln,patchify,downsampled_attention,models,overhead) picks benchmark suites; they share BENCH_SECONDS
 # (default 450) by weight, so "bench downsampled_attention,models" gives those two more time.
 # Each suite writes its results after every case and stops starting cases when its share is
 # spent (the rest are listed as not run).
@@ -22,7 +22,7 @@ PY=${PY:-python}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' | tr -cd '[:alnum:]_-')
 OUT=${1:-bench/results/${gpu:-unknown_gpu}/$(date -u +%Y-%m-%d)}
 PART=${2:-all}
-SUITES=${3:-adaln,patchify,downsampled_attention,models}
+SUITES=${3:-adaln,patchify,downsampled_attention,models,overhead}
 case "$PART" in all|tests|bench) ;; *) echo "second argument: all, tests or bench (got $PART)"; exit 2;; esac
 mkdir -p "$OUT"
 status=0
@@ -85,7 +85,7 @@ fi
 # default on a GPU; the adaln and patchify families also run in fp32 (their issues' targets
 # cover both). Worst case: BENCH_SECONDS of benchmarks, 5 minutes of tests, 1-2 of build.
 step "benchmarks ($SUITES)"
-declare -A weight=([adaln]=3 [patchify]=2 [downsampled_attention]=3 [models]=3)
+declare -A weight=([adaln]=3 [patchify]=2 [downsampled_attention]=3 [models]=3 [overhead]=1)
 declare -A extra=([adaln]="--dtype bf16 --dtype fp32" [patchify]="--dtype bf16 --dtype fp32")
 total=0
 for suite in ${SUITES//,/ }; do

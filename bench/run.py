@@ -6,7 +6,7 @@ included); --dtype picks other dtypes. On a CPU it is a small fp32 default that 
 few minutes on 2 cores. Each backend that cannot run here gets one line saying why.
 
     python bench/run.py [--quick | --full] [--dtype bf16 ...] [--no-backward] [--out DIR]
-                        [--only adaln,patchify,downsampled_attention,models] [--budget S]
+                        [--only adaln,patchify,downsampled_attention,models,overhead] [--budget S]
 
 --budget gives each suite that many seconds: the cases that would start later are listed as
 not run. Results are rewritten after every case, so a suite stopped from outside keeps what it
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_adaln  # noqa: E402
 import bench_downsampled_attention  # noqa: E402
 import bench_models  # noqa: E402
+import bench_overhead  # noqa: E402
 import bench_patchify  # noqa: E402
 import common  # noqa: E402
 
@@ -33,6 +34,7 @@ SUITES = {
     "patchify": bench_patchify,
     "downsampled_attention": bench_downsampled_attention,
     "models": bench_models,
+    "overhead": bench_overhead,
 }
 
 

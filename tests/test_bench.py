@@ -164,3 +164,34 @@ def test_udit_sampling_times_both_layouts(tmp_path, monkeypatch):
         assert row.time_us > 0 and "failed" not in row.note, row
     per_call = len(layouts) // 3
     assert per_call > 0 and layouts == [False] * (2 * per_call) + [True] * per_call
+
+
+def test_overhead_suite_times_the_dispatch_on_a_stub_kernel(tmp_path, monkeypatch):
+    """The host-overhead suite on the CPU: eager, torch and stub rows for every op, forward and
+    fwd+bwd; the stub kernel really served its calls, forward and backward, and every kernel
+    and the backends' availability are restored afterwards."""
+    import importlib
+
+    import bench_overhead
+
+    backends = importlib.import_module("fastdit.backends")
+    ops = [op for _, op, *_ in bench_overhead._cases(torch.device("cpu"), torch.float32)]
+    kernels = [dict(op.kernels) for op in ops]
+    reason = backends.unavailable_reason
+    monkeypatch.setattr(common, "time_call", _call_once)
+    ctx = _context(tmp_path)
+    ctx.start_suite("overhead", budget_s=600.0)
+    rows = bench_overhead.run(ctx)
+    for op in ops:
+        assert op.last_backend == op.last_backward_backend == "triton", op.name
+    expected = [
+        (f"{op.name} host {kind}", backend)
+        for op in ops
+        for kind in ("fwd", "fwd+bwd")
+        for backend in ("eager", "torch", "stub")
+    ]
+    assert [(r.bench, r.backend) for r in rows] == expected
+    for row in rows:
+        assert row.time_us > 0 and "failed" not in row.note, row
+    assert [dict(op.kernels) for op in ops] == kernels
+    assert backends.unavailable_reason is reason
