@@ -149,3 +149,17 @@ def test_triton_older_than_tested_is_refused(monkeypatch, version, ok):
         assert reason == ""
     else:
         assert f"Triton {version} is older than 3.6" in reason
+
+
+def test_double_backward_is_refused_with_the_op_name():
+    """The backward ops have no derivative: a gradient taken with create_graph=True through a
+    fastdit op is refused, rather than given a graph that would miss the op's second
+    derivative. The first-order gradient is unaffected."""
+    x, y = torch.randn(2, 8, 32, dtype=torch.float64, requires_grad=True), torch.randn(2, 8, 32)
+    vectors = [torch.randn(2, 32, dtype=torch.float64) for _ in range(3)]
+    _, h = fastdit.gated_adaln(x, y.double(), *vectors, backend="torch")
+    with pytest.raises(RuntimeError, match="gated_adaln: its backward is not differentiable"):
+        torch.autograd.grad(h.sum(), x, create_graph=True)
+    _, h = fastdit.gated_adaln(x, y.double(), *vectors, backend="torch")
+    (g,) = torch.autograd.grad(h.sum(), x)
+    assert g.shape == x.shape and not g.requires_grad
