@@ -300,6 +300,21 @@ def test_gradcheck_patchify_unpatchify():
         )
 
 
+def test_one_patch_image_backward_returns_its_own_gradient():
+    """A single patch (h = w = 1): the reference's backward is a reshape of the cotangent, which
+    the op copies (an op's output may not alias its arguments) instead of returning a view."""
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    for order in ("cpq", "pqc"):
+        g = torch.randn(2, 1, 12)
+        (dx,) = torch.ops.fastdit.patchify_backward(g, x, 2, order, "torch")
+        assert dx.untyped_storage().data_ptr() != g.untyped_storage().data_ptr()
+        tokens = fastdit.patchify(x, 2, order=order, backend="torch")
+        (dx,) = torch.autograd.grad(tokens, x, g)
+        torch.testing.assert_close(
+            dx, torch.autograd.grad(P.reference_patchify(x, 2, order), x, g)[0]
+        )
+
+
 def test_gradients_reach_through_the_op():
     x, weight, bias, pos = _embed_inputs()
     fastdit.patch_embed(x, weight, bias, pos).square().sum().backward()

@@ -8,7 +8,8 @@ opaque node each way:
 - their fake (meta) implementations run the reference on fake tensors for the forward, and
   give every differentiable input's gradient the input's shape for the backward;
 - their Autograd-key kernels: the forward's saves the inputs (a ``torch.autograd.Function``)
-  and its backward calls the backward op; the backward op is not differentiable;
+  and its backward calls the backward op; the backward op has no derivative (backpropagating
+  through it, after create_graph=True, raises);
 - both ops pick a backend at run time. The reference's backward is the vector-Jacobian product
   of the reference (``torch.func.vjp``), so every op is differentiable before any backward
   kernel exists; a kernel backend may bring its own backward.
@@ -16,8 +17,8 @@ opaque node each way:
 Why not ``torch.library.custom_op``, which builds the same from one decorator: its Python
 wrappers (Dynamo's disable guard, alias checks, argument default filling) cost more host time
 than a fused kernel's whole launch. On one core of the CI machine, a ``gated_adaln`` call on a
-kernel that does nothing took 104 us through ``custom_op`` and 53 us here (eager PyTorch's
-unfused version: 44 us), forward and backward 342 us and 291 us (``bench/host_overhead.py``).
+kernel that does nothing took 68 us through ``custom_op`` and 45 us here (eager PyTorch's
+unfused version: 47 us), forward and backward 328 us and 265 us (``bench/bench_overhead.py``).
 
 Both custom ops take the requested backend (a name or ``"auto"``) as their last argument, so a
 compiled graph keeps the caller's choice.
@@ -96,8 +97,14 @@ class Op:
 
         out = "Tensor" if outputs == 1 else "(" + ", ".join(["Tensor"] * outputs) + ")"
         grads = ", ".join(f"Tensor grad{i}" for i in range(outputs))
-        _LIB.define(f"{name}({args}, str backend) -> {out}")
-        _LIB.define(f"{name}_backward({grads}, {args}, str backend) -> Tensor[]")
+        # pt2_compliant: the ops keep to what torch.compile and torch.export need (opcheck tests
+        # it), so they pass Dynamo's only_allow_pt2_compliant_ops.
+        tags = (torch.Tag.pt2_compliant_tag,)
+        _LIB.define(f"{name}({args}, str backend) -> {out}", tags=tags)
+        _LIB.define(f"{name}_backward({grads}, {args}, str backend) -> Tensor[]", tags=tags)
+        # One autograd.Function class per op, so grad_fn and profiles name the op.
+        self._function = type(f"fastdit_{name}", (_Differentiable,), {})
+        self._no_derivative = type(f"fastdit_{name}_backward", (_NoDerivative,), {})
         self._fwd = getattr(torch.ops.fastdit, name).default
         self._bwd = getattr(torch.ops.fastdit, f"{name}_backward").default
         for op, impl, fake in (
@@ -217,32 +224,26 @@ class Op:
         _, vjp = torch.func.vjp(f, *(inputs[i] for i in self.diff_index))
         cotangents = grads[0] if self.outputs == 1 else tuple(grads)
         return [
-            g.clone() if _shares(g, inputs) else _like(g, inputs[i])
+            g.clone() if _shares(g, (*grads, *inputs)) else _like(g, inputs[i])
             for i, g in zip(self.diff_index, vjp(cotangents))
         ]
 
     # ------------------------------------------------------------------------------------------
     # Autograd: the ops' kernels for the dispatcher's Autograd keys. Called with grad mode on
     # and an input that requires grad, the forward goes through _Differentiable (its backward
-    # calls the backward op); otherwise, and always for the backward op, straight to the
-    # kernels below autograd (the backends, or the fake implementations while tracing).
+    # calls the backward op), the backward op (create_graph=True) through _NoDerivative (an
+    # error if anything backpropagates through it); otherwise straight to the kernels below
+    # autograd (the backends, or the fake implementations while tracing).
 
     def _autograd_kernel(self, keyset: Any, *args: Any) -> Any:
-        if torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
-        ):
-            return _Differentiable.apply(self, keyset, *args)
+        if _needs_grad(args):
+            return self._function.apply(self, keyset, *args)
         with torch._C._AutoDispatchBelowAutograd():
             return self._fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     def _backward_autograd_kernel(self, keyset: Any, *args: Any) -> Any:
-        if torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
-        ):
-            raise RuntimeError(
-                f"fastdit.{self.name}: its backward is not differentiable (no double "
-                "backward: create_graph=True, or a gradient of a gradient)"
-            )
+        if _needs_grad(args):
+            return list(self._no_derivative.apply(self, keyset, *args))
         with torch._C._AutoDispatchBelowAutograd():
             return self._bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
@@ -285,6 +286,33 @@ class _Differentiable(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
         return (None, None, *ctx.op._autograd_backward(ctx, *grads))
+
+
+class _NoDerivative(torch.autograd.Function):
+    """An op's backward computed under create_graph=True: the gradients, recorded so that
+    backpropagating through them (a second derivative through the op) is an error, not a
+    silent zero."""
+
+    @staticmethod
+    def forward(ctx: Any, op: Op, keyset: Any, *args: Any) -> tuple[torch.Tensor, ...]:
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op._bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        ctx.name = op.name
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+        raise RuntimeError(
+            f"fastdit.{ctx.name}: its backward is not differentiable: a second derivative "
+            "through this op (a gradient penalty on its input, a Hessian-vector product) "
+            "is not available"
+        )
+
+
+def _needs_grad(args: Sequence[Any]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    )
 
 
 def lazy(module: str, name: str) -> Callable[..., Any]:
