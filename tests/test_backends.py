@@ -172,3 +172,66 @@ def test_second_derivative_through_an_op_is_an_error_naming_it():
     with pytest.raises(RuntimeError, match="gated_adaln: its backward is not differentiable"):
         gx.pow(2).sum().backward()
     assert type(h.grad_fn).__name__.startswith("fastdit_gated_adaln")  # profiles name the op
+
+
+def _layer_inputs():
+    d, heads = 16, 2
+    shapes = [(2, d, 8, 8), (d, 1, 5, 5), (d,), (3 * d, d), (3 * d,), (heads, 1, 1), (d, d, 1, 1),
+              (d,)]  # fmt: skip
+    return [torch.randn(s, dtype=torch.float64) * 0.3 for s in shapes], heads
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_forward_mode_ad_runs_the_reference(backend):
+    """torch.func.jvp and torch.autograd.forward_ad through an op: the kernels have no JVP, so
+    the op runs its reference, and the primal and tangent are the reference's (they used to come
+    back with no tangent, i.e. a silent zero)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fastdit.ops import downsampled_attention as da
+    from fastdit.ops import patchify
+
+    x, y = torch.randn(2, 4, 32, dtype=torch.float64), torch.randn(2, 4, 32, dtype=torch.float64)
+    v = [torch.randn(2, 32, dtype=torch.float64) for _ in range(3)]
+    image = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    layer, heads = _layer_inputs()
+    cases = [  # op, reference, primals (the first differentiated)
+        (fastdit.gated_adaln, lambda *a: adaln.reference_gated(*a, 1e-6), [x, y, *v]),
+        (fastdit.adaln_modulate, lambda *a: adaln.reference_modulate(*a, 1e-6), [x, *v[:2]]),
+        (lambda t, **k: fastdit.patchify(t, 2, order="pqc", **k),
+         lambda t: patchify.reference_patchify(t, 2, "pqc"), [image]),
+        (lambda *a, **k: fastdit.downsampled_attention(*a, heads, **k),
+         lambda *a: da.reference_layer(*a, heads, True, True, True), layer),
+    ]  # fmt: skip
+    for op, reference, primals in cases:
+        tangents = [torch.randn_like(p) for p in primals]
+
+        def through_op(*a, op=op):
+            return op(*a, backend=backend)
+
+        got = torch.func.jvp(through_op, tuple(primals), tuple(tangents))
+        want = torch.func.jvp(reference, tuple(primals), tuple(tangents))
+        for g, w in zip(
+            torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
+        ):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(primals[0], tangents[0])
+            out = through_op(dual, *primals[1:])
+            out = out[-1] if isinstance(out, tuple) else out
+            tangent = fwAD.unpack_dual(out).tangent
+        assert tangent is not None and tangent.abs().max() > 0
+
+
+def test_forward_mode_ad_through_an_op_backward_is_an_error():
+    """A dual cotangent reaching an op's backward (forward-over-reverse after a forward run
+    without tangents) is refused, not dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(2, 4, 32, dtype=torch.float64, requires_grad=True)
+    v = [torch.randn(2, 32, dtype=torch.float64) for _ in range(2)]
+    out = fastdit.adaln_modulate(x, *v, backend="torch")
+    with fwAD.dual_level():
+        cotangent = fwAD.make_dual(torch.ones_like(out), torch.ones_like(out))
+        with pytest.raises(RuntimeError, match="adaln_modulate: forward-mode AD through its back"):
+            torch.autograd.grad(out, x, cotangent)

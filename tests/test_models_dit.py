@@ -435,6 +435,26 @@ def test_compile_fullgraph(compiler):
     assert rel_err(got, want) < 1e-5
 
 
+def test_jvp_through_the_model_matches_the_released_code():
+    """torch.func.jvp through DiT (continuous-time consistency training takes JVPs of the
+    network): fastdit's ops run their references under forward-mode AD, so the tangent equals
+    the released code's instead of missing the ops' contributions."""
+    reference = ref.DiT(**TINY)
+    model = load_checkpoint(DiT(**TINY), reference.state_dict())
+    for p in reference.parameters():  # adaLN-Zero would make the blocks the identity
+        p.data.add_(torch.randn_like(p) * 0.05)
+    model.load_state_dict(reference.state_dict())
+    x, t, y = inputs(2, 8, classes=10)
+    tangent = torch.randn(2, 4, 8, 8)
+    # (PyTorch's fused attention kernels have no forward-mode AD; its math one has.)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        _, got = torch.func.jvp(lambda x: model(x, t, y), (x,), (tangent,))
+    _, want = torch.func.jvp(lambda x: reference(x, t, y), (x,), (tangent,))
+    assert rel_err(got, want) < 1e-5 and want.abs().max() > 0
+
+
 def test_public_names():
     assert fastdit.load_checkpoint is load_checkpoint
     assert isinstance(DiTBlock(64, 4), torch.nn.Module)

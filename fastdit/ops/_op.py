@@ -9,7 +9,8 @@ opaque node each way:
   give every differentiable input's gradient the input's shape for the backward;
 - their Autograd-key kernels: the forward's saves the inputs (a ``torch.autograd.Function``)
   and its backward calls the backward op; the backward op has no derivative (backpropagating
-  through it, after create_graph=True, raises);
+  through it, after create_graph=True, raises). Forward-mode AD (``torch.func.jvp``) runs the
+  reference instead of a kernel: the kernels have no JVP;
 - both ops pick a backend at run time. The reference's backward is the vector-Jacobian product
   of the reference (``torch.func.vjp``), so every op is differentiable before any backward
   kernel exists; a kernel backend may bring its own backward.
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import backends as _backends
 from ..backends import AUTO, BACKENDS, BackendError
@@ -236,12 +238,27 @@ class Op:
     # autograd (the backends, or the fake implementations while tracing).
 
     def _autograd_kernel(self, keyset: Any, *args: Any) -> Any:
+        if _has_tangent(args):
+            # Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): the kernels have no
+            # JVP, so the call runs the reference, which PyTorch differentiates both ways.
+            # (Copies: the reference may return views of its inputs, and under torch.func the
+            # tensors are wrappers without a storage to compare.)
+            *inputs, _backend = args
+            self.last_backend = "torch"
+            with _autocast.off(inputs):
+                out = self.reference(*inputs)
+            return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
         if _needs_grad(args):
             return self._function.apply(self, keyset, *args)
         with torch._C._AutoDispatchBelowAutograd():
             return self._fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     def _backward_autograd_kernel(self, keyset: Any, *args: Any) -> Any:
+        if _has_tangent(args):
+            raise RuntimeError(
+                f"fastdit.{self.name}: forward-mode AD through its backward (a Hessian-vector "
+                "product by forward-over-reverse) is not available"
+            )
         if _needs_grad(args):
             return list(self._no_derivative.apply(self, keyset, *args))
         with torch._C._AutoDispatchBelowAutograd():
@@ -307,6 +324,16 @@ class _NoDerivative(torch.autograd.Function):
             "through this op (a gradient penalty on its input, a Hessian-vector product) "
             "is not available"
         )
+
+
+def _has_tangent(args: Sequence[Any]) -> bool:
+    """True when forward-mode AD is on and an argument carries a tangent (one module read when
+    it is off, the usual case)."""
+    level = _forward_ad._current_level
+    return level >= 0 and any(
+        isinstance(a, torch.Tensor) and torch._VF._unpack_dual(a, level).tangent is not None
+        for a in args
+    )
 
 
 def _needs_grad(args: Sequence[Any]) -> bool:
