@@ -116,10 +116,10 @@ def test_udit_tricks_training_step_runs(tmp_path, monkeypatch):
         hook.remove()
     bf16, f32 = torch.bfloat16, torch.float32
     assert autocast_on == [(False, bf16)] * 3 + [(True, f32)] * 3
-    fastdit = ["eager", "fastdit", "fastdit channels-last"]
+    variants = ["eager", "fastdit", "fastdit channels-last"]
     assert [(r.bench, r.backend) for r in rows] == [
-        ("U-DiT-S train step fwd+bwd", b) for b in fastdit
-    ] + [("U-DiT-S train step, autocast fwd+bwd", b) for b in fastdit]
+        ("U-DiT-S train step fwd+bwd", b) for b in variants
+    ] + [("U-DiT-S train step, autocast fwd+bwd", b) for b in variants]
     for row in rows:
         assert row.time_us > 0 and "failed" not in row.note, row
     assert "without the tricks" in rows[3].note and "autocast" in rows[3].note
@@ -138,7 +138,6 @@ def test_udit_sampling_times_both_layouts(tmp_path, monkeypatch):
     from fastdit.nn.udit import DownsampledAttention
 
     monkeypatch.setenv("FASTDIT_BACKEND", "torch")
-
     monkeypatch.setattr(common, "time_call", _call_once)
     ctx = _context(tmp_path)
     ctx.start_suite("models", budget_s=600.0)
