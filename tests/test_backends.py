@@ -235,3 +235,29 @@ def test_forward_mode_ad_through_an_op_backward_is_an_error():
         cotangent = fwAD.make_dual(torch.ones_like(out), torch.ones_like(out))
         with pytest.raises(RuntimeError, match="adaln_modulate: forward-mode AD through its back"):
             torch.autograd.grad(out, x, cotangent)
+
+
+def test_torch_func_gradient_transforms_run_the_reference():
+    """torch.func.grad, vjp, jacrev and per-sample gradients (vmap of grad) through an op: an
+    autograd.Function cannot serve torch.func, so the op runs its reference (these used to fail
+    with "must override the setup_context staticmethod"); the results are the reference's."""
+    x = torch.randn(3, 4, 32, dtype=torch.float64)
+    y = torch.randn(3, 4, 32, dtype=torch.float64)
+    v = [torch.randn(3, 32, dtype=torch.float64) for _ in range(3)]
+
+    def op(x, y, *v):
+        return fastdit.gated_adaln(x, y, *v)[1].pow(2).sum()
+
+    def ref(x, y, *v):
+        return adaln.reference_gated(x, y, *v, 1e-6)[1].pow(2).sum()
+
+    for transform in (torch.func.grad, torch.func.jacrev):
+        torch.testing.assert_close(transform(op)(x, y, *v), transform(ref)(x, y, *v))
+    (got,) = torch.func.vjp(lambda x: op(x, y, *v), x)[1](torch.tensor(1.0, dtype=x.dtype))
+    (want,) = torch.func.vjp(lambda x: ref(x, y, *v), x)[1](torch.tensor(1.0, dtype=x.dtype))
+    torch.testing.assert_close(got, want)
+    per_sample = [t[:, None] for t in (x, y, *v)]
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(op))(*per_sample),
+        torch.func.vmap(torch.func.grad(ref))(*per_sample),
+    )

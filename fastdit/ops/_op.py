@@ -9,8 +9,9 @@ opaque node each way:
   give every differentiable input's gradient the input's shape for the backward;
 - their Autograd-key kernels: the forward's saves the inputs (a ``torch.autograd.Function``)
   and its backward calls the backward op; the backward op has no derivative (backpropagating
-  through it, after create_graph=True, raises). Forward-mode AD (``torch.func.jvp``) runs the
-  reference instead of a kernel: the kernels have no JVP;
+  through it, after create_graph=True, raises). Forward-mode AD and torch.func's gradient
+  transforms (``torch.func.jvp``, ``grad``, ``vjp``, ``jacrev``) run the reference instead of a
+  kernel: the kernels have no JVP, and an autograd.Function cannot serve torch.func;
 - both ops pick a backend at run time. The reference's backward is the vector-Jacobian product
   of the reference (``torch.func.vjp``), so every op is differentiable before any backward
   kernel exists; a kernel backend may bring its own backward.
@@ -238,9 +239,11 @@ class Op:
     # autograd (the backends, or the fake implementations while tracing).
 
     def _autograd_kernel(self, keyset: Any, *args: Any) -> Any:
-        if _has_tangent(args):
-            # Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): the kernels have no
-            # JVP, so the call runs the reference, which PyTorch differentiates both ways.
+        if _has_tangent(args) or _in_func_transform():
+            # Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and torch.func's
+            # gradient transforms: the kernels have no JVP, and the autograd.Function above
+            # cannot serve torch.func, so the call runs the reference, which PyTorch
+            # differentiates every way.
             # (Copies: the reference may return views of its inputs, and under torch.func the
             # tensors are wrappers without a storage to compare.)
             *inputs, _backend = args
@@ -334,6 +337,16 @@ def _has_tangent(args: Sequence[Any]) -> bool:
         isinstance(a, torch.Tensor) and torch._VF._unpack_dual(a, level).tangent is not None
         for a in args
     )
+
+
+_FUNC_GRAD_LAYERS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def _in_func_transform() -> bool:
+    """True inside torch.func.grad, vjp, jacrev, jacfwd, hessian, jvp (a functorch gradient
+    layer is innermost; torch.compile's tracing uses none)."""
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    return interpreter is not None and interpreter.key() in _FUNC_GRAD_LAYERS
 
 
 def _needs_grad(args: Sequence[Any]) -> bool:
