@@ -8,8 +8,9 @@
 # The second argument runs only the tests or only the benchmarks (after the build, which is
 # incremental on a second call), for machines that give one command 10 minutes: run "tests",
 # then "bench", with the same OUT_DIR. SUITES (comma-separated, default
-# adaln,patchify,downsampled_attention,models,overhead) picks benchmark suites; they share BENCH_SECONDS
-# (default 450) by weight, so "bench downsampled_attention,models" gives those two more time.
+# adaln,patchify,downsampled_attention,models,overhead) picks benchmark suites; they share
+# BENCH_SECONDS (default 450) by weight, so "bench downsampled_attention,models" gives those two
+# more time.
 # Each suite writes its results after every case and stops starting cases when its share is
 # spent (the rest are listed as not run).
 #
