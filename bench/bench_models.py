@@ -51,6 +51,26 @@ def _dit_flops(model: torch.nn.Module, batch: int) -> int:
     return 2 * batch * total
 
 
+def _model_inputs(ctx: common.Context, batch: int, channels: int, size: int, dtype: torch.dtype):
+    """A maker of a model's (x, t, y): latents of that size and dtype, timesteps, labels."""
+
+    def inputs():
+        return [
+            torch.randn(batch, channels, size, size, device=ctx.device, dtype=dtype),
+            torch.randint(0, 1000, (batch,), device=ctx.device),
+            torch.randint(0, 1000, (batch,), device=ctx.device),
+        ]
+
+    return inputs
+
+
+def _channels_last_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same U-DiT (same weights, same fold state) run in channels-last memory."""
+    copied = copy.deepcopy(model)
+    copied.channels_last = True
+    return copied
+
+
 def run(ctx: common.Context) -> list[common.Row]:
     rows: list[common.Row] = []
     if ctx.backward and not ctx.quick:  # first: issue 6's end-to-end target, no compile
@@ -68,12 +88,7 @@ def run(ctx: common.Context) -> list[common.Row]:
         set_backend(eager, "torch")
         size = model.pos_embed.shape[1] ** 0.5 * model.patch_size
 
-        def inputs(batch=batch, size=int(size), dtype=dtype, channels=model.in_channels):
-            return [
-                torch.randn(batch, channels, size, size, device=ctx.device, dtype=dtype),
-                torch.randint(0, 1000, (batch,), device=ctx.device),
-                torch.randint(0, 1000, (batch,), device=ctx.device),
-            ]
+        inputs = _model_inputs(ctx, batch, model.in_channels, int(size), dtype)
 
         # eager and compile: the reference ops called directly, no custom-op nodes (see
         # common.references_only), so Inductor fuses across them as it would the authors' code.
@@ -123,22 +138,13 @@ def _udit_tricks(
         weights = torch.float32 if autocast else dtype
         torch.manual_seed(0)
         tricks = create_model(name).to(ctx.device, weights).train()
-        tricks_cl = copy.deepcopy(tricks)
-        tricks_cl.channels_last = True
         plain = create_model(name, **off).to(ctx.device, weights).train()
         set_backend(plain, "torch")
-
-        def inputs(weights=weights):
-            return [
-                torch.randn(batch, 4, latent, latent, device=ctx.device, dtype=weights),
-                torch.randint(0, 1000, (batch,), device=ctx.device),
-                torch.randint(0, 1000, (batch,), device=ctx.device),
-            ]
-
+        inputs = _model_inputs(ctx, batch, 4, latent, weights)
         variants = {
             "eager": common.on_references(plain),
             "fastdit": tricks,
-            "fastdit channels-last": tricks_cl,
+            "fastdit channels-last": _channels_last_copy(tricks),
         }
         label, mode = f"{name} train step", "bf16 weights"
         if autocast:
@@ -178,20 +184,11 @@ def _udit_sampling(
         model.eval()  # folds the re-parameterised FFNs from the perturbed weights
         eager = copy.deepcopy(model)
         set_backend(eager, "torch")
-        cl = copy.deepcopy(model)
-        cl.channels_last = True
-
-        def inputs(dtype=dtype):
-            return [
-                torch.randn(batch, 4, latent, latent, device=ctx.device, dtype=dtype),
-                torch.randint(0, 1000, (batch,), device=ctx.device),
-                torch.randint(0, 1000, (batch,), device=ctx.device),
-            ]
-
+        inputs = _model_inputs(ctx, batch, 4, latent, dtype)
         variants = {
             "eager": common.on_references(eager),
             "fastdit": model,
-            "fastdit channels-last": cl,
+            "fastdit channels-last": _channels_last_copy(model),
         }
         before = len(rows)
         shape = f"{name} {(batch, 4, latent, latent)}"

@@ -74,8 +74,13 @@ def _step(op, kwargs, inputs, cotangents):
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
 
-@pytest.mark.parametrize("family, op, backend", _gpu_pairs())
-def test_runs_on_the_current_stream(family, op, backend):
+def _randn(shapes, g):
+    return [torch.randn(s, generator=g, device="cuda", dtype=torch.bfloat16) for s in shapes]
+
+
+def _prepare(family, op, backend):
+    """(kwargs with the backend, input shapes, the generator, inputs, cotangents) of a case,
+    or a skip where the backend cannot run it on a GPU here."""
     status = fastdit.backends()[family][backend]
     if not status.available:
         pytest.skip(status.reason)
@@ -84,10 +89,16 @@ def test_runs_on_the_current_stream(family, op, backend):
     kwargs, shapes = _cases()[op]
     kwargs = {**kwargs, "backend": backend}
     g = torch.Generator(device="cuda").manual_seed(len(op))
-    inputs = [torch.randn(s, generator=g, device="cuda", dtype=torch.bfloat16) for s in shapes]
+    inputs = _randn(shapes, g)
     outs = getattr(fastdit, op)(*inputs, **kwargs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     cots = [torch.randn(o.shape, generator=g, device="cuda") for o in outs]
+    return kwargs, shapes, g, inputs, cots
+
+
+@pytest.mark.parametrize("family, op, backend", _gpu_pairs())
+def test_runs_on_the_current_stream(family, op, backend):
+    kwargs, _, _, inputs, cots = _prepare(family, op, backend)
     ref = _step(op, kwargs, inputs, cots)
     zeros = [torch.zeros_like(t) for t in inputs]
     stale = _step(op, kwargs, zeros, cots)
@@ -102,31 +113,16 @@ def test_runs_on_the_current_stream(family, op, backend):
             b.copy_(t)
         got = _step(op, kwargs, buffers, cots)
     torch.cuda.synchronize()
-    names = [f"output {i}" for i in range(len(outs))] + [f"grad {i}" for i in range(len(inputs))]
+    names = [f"output {i}" for i in range(len(cots))] + [f"grad {i}" for i in range(len(inputs))]
     for name, a, b in zip(names, got, ref):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{op} {backend} {name}: {m}")
-
-
-def _randn(shapes, g):
-    return [torch.randn(s, generator=g, device="cuda", dtype=torch.bfloat16) for s in shapes]
 
 
 @pytest.mark.parametrize("family, op, backend", _gpu_pairs())
 def test_replays_in_a_cuda_graph(family, op, backend):
     """The op, forward and backward, captured once: each replay on new values copied into the
     captured inputs gives, bit for bit, what an eager call on those values gives."""
-    status = fastdit.backends()[family][backend]
-    if not status.available:
-        pytest.skip(status.reason)
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the Triton interpreter runs on the host; set FASTDIT_TEST_TRITON_GPU=1")
-    kwargs, shapes = _cases()[op]
-    kwargs = {**kwargs, "backend": backend}
-    g = torch.Generator(device="cuda").manual_seed(len(op))
-    static = _randn(shapes, g)
-    outs = getattr(fastdit, op)(*static, **kwargs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    cots = [torch.randn(o.shape, generator=g, device="cuda") for o in outs]
+    kwargs, shapes, g, static, cots = _prepare(family, op, backend)
 
     # Warm up on a side stream, as torch.cuda.graph's documentation asks: Triton compiles its
     # kernels and the glue makes its one-time calls (kernel attributes, occupancy) there.
@@ -140,7 +136,7 @@ def test_replays_in_a_cuda_graph(family, op, backend):
     with torch.cuda.graph(graph):
         captured = _step(op, kwargs, static, cots)  # nothing runs yet: addresses only
 
-    names = [f"output {i}" for i in range(len(outs))] + [f"grad {i}" for i in range(len(shapes))]
+    names = [f"output {i}" for i in range(len(cots))] + [f"grad {i}" for i in range(len(shapes))]
     for replay in range(2):
         fresh = _randn(shapes, g)
         for s, t in zip(static, fresh):

@@ -253,8 +253,7 @@ class Op:
             return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
         if _needs_grad(args):
             return self._function.apply(self, keyset, *args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return self._fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        return _below_autograd(self._fwd, keyset, args)
 
     def _backward_autograd_kernel(self, keyset: Any, *args: Any) -> Any:
         if _has_tangent(args):
@@ -264,8 +263,7 @@ class Op:
             )
         if _needs_grad(args):
             return list(self._no_derivative.apply(self, keyset, *args))
-        with torch._C._AutoDispatchBelowAutograd():
-            return self._bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        return _below_autograd(self._bwd, keyset, args)
 
     def _setup_context(self, ctx: Any, inputs: Sequence[Any], output: Any) -> None:
         *op_inputs, backend = inputs
@@ -297,8 +295,7 @@ class _Differentiable(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, op: Op, keyset: Any, *args: Any) -> Any:
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op._fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        out = _below_autograd(op._fwd, keyset, args)
         op._setup_context(ctx, args, out)
         ctx.op = op
         return out
@@ -315,8 +312,7 @@ class _NoDerivative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, op: Op, keyset: Any, *args: Any) -> tuple[torch.Tensor, ...]:
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op._bwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        out = _below_autograd(op._bwd, keyset, args)
         ctx.name = op.name
         return tuple(out)
 
@@ -327,6 +323,13 @@ class _NoDerivative(torch.autograd.Function):
             "through this op (a gradient penalty on its input, a Hessian-vector product) "
             "is not available"
         )
+
+
+def _below_autograd(op: Any, keyset: Any, args: Sequence[Any]) -> Any:
+    """``op(*args)`` dispatched past the Autograd keys: to the backends, or the fakes while
+    tracing."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
 def _has_tangent(args: Sequence[Any]) -> bool:
