@@ -65,8 +65,16 @@ def dtype_code(t: torch.Tensor) -> int:
         ) from None
 
 
+# torch._C._cuda_getCurrentRawStream(index) gives the handle as an int without building a
+# torch.cuda.Stream object (what torch.compile's generated code calls before each launch); CPU
+# builds of torch lack it.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_of(t: torch.Tensor) -> int:
     """The handle (cudaStream_t as an int) of the current stream of t's device."""
+    if _raw_stream is not None:
+        return _raw_stream(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
