@@ -48,11 +48,10 @@
 // measured: forward ~85-90 % of the copy bandwidth at DiT-XL/2 and U-DiT-B channels-last shapes,
 // backward ~70-80 %. At DiT-XL/2 B 256 bf16 (N e = 151 MB) and ~2.8 TB/s copy: modulate forward
 // ~125 us, gated forward ~245 us, gated backward ~430 us.
-// Register use (cuobjdump of the sm_90 build, nvcc 13.0): forward 22-96 registers, no spills;
-// backward 32-128. Spills on the vector path: fp32 gated 2048 < D (56 bytes), fp32 modulate
-// 1024 < D <= 2048 (16 bytes), none with float rows and a 16-bit branch; on the scalar path
-// (misaligned pointers, or D * sizeof(T) not a multiple of 16): gated 1024 < D <= 2048 (24-32
-// bytes), and D > 2048 (128-1040 bytes): correct, not fast.
+// Register use (ptxas -v, sm_90, nvcc 13.0; tests/test_adaln_cuda_emu.py checks it): forward
+// 22-96 registers, no spills; backward 32-128, spills only in the gated backward at D > 2048:
+// 16 bytes of stack for fp32 on the vector path, 88-200 on the scalar path (misaligned
+// pointers, or D * sizeof(T) not a multiple of 16; correct, not the fast path).
 //
 // Forward kernel shapes, by the number of vectors per row (nvec = D / V, V elements per access):
 //   nvec <= 256          one warp per row, 4 rows per 128-thread block, ITERS = ceil(nvec / 32)
@@ -371,6 +370,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
   // Up to 8 elements per thread and tensor, every load of a row is issued at its start; with
   // 16, dr is loaded at the end and y re-read there (from L1), to stay within 128 registers.
   constexpr bool kHold = ITERS * V <= 8;
+  constexpr bool kOpaque = ITERS >= 2;  // see the row pointers below
 
   const int D = p.D;
   const int nvec = D / V;
@@ -407,6 +407,18 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
     const uint32_t row = begin + step * R + g;
     const bool active = row < end;
     const int64_t base = (static_cast<int64_t>(b) * p.L + row) * D;
+    // This row's tensors and the sample's vectors, through opaque() when a thread addresses
+    // several vectors of a row (common.cuh): otherwise ptxas keeps every address live across
+    // the loop and spills (the scalar path at D > 1024, fp32 at D > 1024). With one vector
+    // there is nothing to hoist, and hiding the pointers would only cost registers.
+    const T* __restrict__ x_row = opaque<kOpaque>(p.x + base);
+    const T* __restrict__ dh_row = opaque<kOpaque>(p.dh + base);
+    const C* __restrict__ y_row = GATED ? opaque<kOpaque>(p.y + base) : nullptr;
+    const T* __restrict__ dr_row = GATED ? opaque<kOpaque>(p.dr + base) : nullptr;
+    T* __restrict__ dx_row = opaque<kOpaque>(p.dx + base);
+    C* __restrict__ dy_row = GATED ? opaque<kOpaque>(p.dy + base) : nullptr;
+    const C* __restrict__ gate_row = GATED ? opaque<kOpaque>(gate) : nullptr;
+    const C* __restrict__ scale_row = opaque<kOpaque>(scale);
 
     // Load the row (x, and y, dh, dr where held), form x' and sum it.
     float v[ITERS][V];   // x', then n
@@ -420,15 +432,15 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
 #pragma unroll
       for (int j = 0; j < V; ++j) v[i][j] = gv[i][j] = 0.f;
       if (active && c < nvec) {
-        const int64_t e = static_cast<int64_t>(c) * V;
-        load_float<T, V>(p.x + base + e, v[i]);
-        load_float<T, V>(p.dh + base + e, gv[i]);
+        const int e = c * V;
+        load_float<T, V>(x_row + e, v[i]);
+        load_float<T, V>(dh_row + e, gv[i]);
         if constexpr (GATED) {
           float yl[V], gl[V];
-          load_float<C, V>(p.y + base + e, yl);
-          load_float<C, V>(gate + e, gl);
+          load_float<C, V>(y_row + e, yl);
+          load_float<C, V>(gate_row + e, gl);
           if constexpr (kHold) {
-            load_float<T, V>(p.dr + base + e, drv[i]);
+            load_float<T, V>(dr_row + e, drv[i]);
 #pragma unroll
             for (int j = 0; j < V; ++j) yv[i][j] = yl[j];
           }
@@ -462,7 +474,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
       const int c = i * G + t;
       if (active && c < nvec) {
         float scv[V];
-        load_float<C, V>(scale + static_cast<int64_t>(c) * V, scv);
+        load_float<C, V>(scale_row + c * V, scv);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const float n = (v[i][j] - mean) * rstd;
@@ -486,7 +498,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
     for (int i = 0; i < ITERS; ++i) {
       const int c = i * G + t;
       if (active && c < nvec) {
-        const int64_t e = static_cast<int64_t>(c) * V;
+        const int e = c * V;
         float dx[V];
 #pragma unroll
         for (int j = 0; j < V; ++j) dx[j] = rstd * (gv[i][j] - mean_g - v[i][j] * mean_gn);
@@ -499,19 +511,19 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
               yl[j] = yv[i][j];
             }
           } else {
-            load_float<T, V>(p.dr + base + e, dr);
-            load_float<C, V>(p.y + base + e, yl);
+            load_float<T, V>(dr_row + e, dr);
+            load_float<C, V>(y_row + e, yl);
           }
-          load_float<C, V>(gate + e, gl);
+          load_float<C, V>(gate_row + e, gl);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             dx[j] += dr[j];
             dy[j] = gl[j] * dx[j];
             acc_gate[i][j] += dx[j] * yl[j];
           }
-          store_float<C, V>(p.dy + base + e, dy);
+          store_float<C, V>(dy_row + e, dy);
         }
-        store_float<T, V>(p.dx + base + e, dx);
+        store_float<T, V>(dx_row + e, dx);
       }
     }
   }

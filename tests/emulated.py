@@ -1,12 +1,16 @@
 """The CUDA kernels of csrc/ built for the CPU against tests/cuda_emu/emulate.h (every CUDA
 thread a fiber), as Python modules with fastdit._C's entries: how the .cu files are tested on
-machines without a GPU. Built once per source hash under build/cuda_emu (~20 s each)."""
+machines without a GPU. Built once per source hash under build/cuda_emu (~20 s each).
+
+Also ptxas's resource report of a .cu file compiled for real GPU architectures (registers,
+spills), which needs nvcc but no GPU."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,3 +76,38 @@ def build(family: str):
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
     return loaded
+
+
+def nvcc() -> str | None:
+    """nvcc as setup.py finds it: CUDA_HOME/CUDA_PATH, else PATH, else /usr/local/cuda/bin."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidate = Path(os.environ[var]) / "bin" / "nvcc"
+            return str(candidate) if candidate.is_file() else None
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
+    )
+
+
+def ptxas_usage(family: str, archs: list[int], tmp_path: Path) -> list[tuple[str, str, tuple]]:
+    """csrc/<family>.cu compiled as setup.py does (-O3) for each sm_<arch> in archs, with ptxas's
+    report: [(mangled kernel name, "sm_90", (stack frame, spill stores, spill loads, registers))]
+    in bytes and registers, one entry per kernel and architecture. Skips without nvcc."""
+    compiler = nvcc()
+    if compiler is None:
+        pytest.skip("nvcc not found")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    source, obj = REPO / "csrc" / f"{family}.cu", tmp_path / f"{family}.o"
+    cmd = [compiler, "-std=c++17", "-O3", f"-I{REPO / 'csrc'}", "-Xptxas", "-v", *gencode,
+           "-c", str(source), "-o", str(obj)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    pattern = re.compile(
+        r"Compiling entry function '(\w+)' for '(sm_\d+)'\n.*?"
+        r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n"
+        r".*?Used (\d+) registers",
+        re.S,
+    )
+    found = [(m[1], m[2], tuple(map(int, m.groups()[2:]))) for m in pattern.finditer(result.stderr)]
+    assert len(found) == result.stderr.count("Compiling entry function"), result.stderr[-4000:]
+    return found

@@ -24,6 +24,7 @@ is slow (~1 us per barrier per thread), so large D goes with few rows.
 from __future__ import annotations
 
 import importlib
+import re
 
 import emulated
 import pytest
@@ -443,3 +444,32 @@ def test_emulated_mixed_dtypes_through_autocast(cuda_on_cpu):
     reason = A._cuda_supports_modulate(x.detach().half(), shift.detach(), scale.detach(), EPS)
     assert "with float32 x, float16 or bfloat16" in reason
     assert A._cuda_supports_modulate(x.detach(), shift.detach(), scale.detach(), EPS) == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Register use of the real build (nvcc, no GPU)
+
+# The backward kernels allowed to spill, by template arguments (V, ITERS, GATED) read from their
+# mangled names, with the most bytes allowed (of stack frame, spill stores and spill loads, as
+# ptxas counts them): the gated backward with 16 scalars per thread (V = 1, D > 2048 off the
+# 16-byte path; nvcc 13.0: 88-200 bytes of frame, 212-556 of spill loads) and with four float4
+# vectors per thread (float32, D > 2048: 16-32). Everything else: no stack frame, no spill.
+KNOWN_SPILLS = {(1, 16, True): 640, (4, 4, True): 32}
+BWD_ARGS = re.compile(r"adaln_bwd_kernelI\w+?Li(\d+)ELi(\d+)ELi\d+ELb([01])E")
+
+
+def test_kernels_compile_for_sm90_with_known_spills_only(tmp_path):
+    """ptxas's report of every kernel of csrc/adaln.cu for sm_90 (what gpu_check.sh builds for an
+    H100). Until the backward's row pointers went through opaque() (csrc/common.cuh), ptxas kept
+    every element's address live across the row loop: spills of up to 1040 bytes, and 16 to 56
+    bytes on the float32 vector paths that DiT-XL/2 (D = 1152) takes in float32 training."""
+    usage = emulated.ptxas_usage("adaln", [90], tmp_path)
+    seen, spilled = set(), []
+    for name, arch, u in usage:
+        match = BWD_ARGS.search(name)
+        key = (int(match[1]), int(match[2]), match[3] == "1") if match else None
+        seen.add(key)
+        if max(u[:3]) > KNOWN_SPILLS.get(key, 0):
+            spilled.append((name, arch, u))
+    assert not spilled, spilled
+    assert set(KNOWN_SPILLS) <= seen and len(seen) > len(KNOWN_SPILLS) + 1, sorted(seen, key=str)

@@ -21,11 +21,7 @@ PyTorch's in the same dtype + a tiny floor.
 from __future__ import annotations
 
 import importlib
-import os
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import emulated
 import pytest
@@ -125,45 +121,19 @@ def test_extension_limits_match_the_glue():
     assert _extension().DOWNSAMPLED_ATTENTION_DWCONV_MAX_K == G.CUDA_DWCONV_MAX_K
 
 
-def _nvcc() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidate = Path(os.environ[var]) / "bin" / "nvcc"
-            return str(candidate) if candidate.is_file() else None
-    return shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None
-    )
-
-
 def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     """ptxas's report of every kernel of csrc/downsampled_attention.cu (the dwconv kernels: 3 x 3
     dtypes x 4 kernel sizes; the attention kernels: prep, post, fwd x 2, dq, dkdv x 3 dtypes x 5
     head dims), for 2 architectures: no stack frame, no spilled register, except the attention
     backward's dq and dkdv kernels, which may spill a few registers (at most 64 bytes: ptxas
     trades them at 128-255 registers, mostly at head dims 96 and 128; to tune on a GPU)."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    csrc = Path(emulated.REPO) / "csrc"
-    cmd = [
-        nvcc, "-std=c++17", "-O3", f"-I{csrc}", "-Xptxas", "-v",
-        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-        "-c", str(csrc / "downsampled_attention.cu"), "-o", str(tmp_path / "k.o"),
-    ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", result.stderr)
-    usage = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
-                       r"loads", result.stderr)  # fmt: skip
-    assert len(entries) == len(usage) == 2 * (3 * 3 * 4 + 2 * 3 + 4 * 3 * 5), (
-        len(entries),
-        len(usage),
-    )
+    usage = emulated.ptxas_usage("downsampled_attention", [80, 90], tmp_path)
+    assert len(usage) == 2 * (3 * 3 * 4 + 2 * 3 + 4 * 3 * 5), len(usage)
     allowed = re.compile(r"_ZN7fastdit4attn\d+(dq|dkdv)_kernel")
     spilled = [
-        (e, u)
-        for e, u in zip(entries, usage)
-        if u != ("0", "0", "0") and not (allowed.match(e[0]) and max(map(int, u)) <= 64)
+        (name, arch, u)
+        for name, arch, u in usage
+        if u[:3] != (0, 0, 0) and not (allowed.match(name) and max(u[:3]) <= 64)
     ]
     assert not spilled, spilled
 

@@ -170,6 +170,15 @@ def test_extension_limits_match_the_glue():
     assert C.FINAL_LAYER_BWD_MAX_SCALAR_D == G.CUDA_FINAL_LAYER_MAX_SCALAR_D
 
 
+def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
+    """ptxas's report of every kernel of csrc/patchify.cu for the two architectures the build
+    targets by default: no stack frame, no spilled register."""
+    usage = emulated.ptxas_usage("patchify", [80, 90], tmp_path)
+    assert {arch for _, arch, _ in usage} == {"sm_80", "sm_90"} and len(usage) > 100, len(usage)
+    spilled = [(name, arch, u) for name, arch, u in usage if u[:3] != (0, 0, 0)]
+    assert not spilled, spilled
+
+
 # ----------------------------------------------------------------------------------------------
 # What the cuda kernels decline, and why (CPU tensors: only shapes, dtypes, layouts are read)
 
