@@ -334,7 +334,7 @@ bool check_image(const char* op, int64_t B, int64_t C, int64_t H, int64_t W, int
     throw invalid_argument(op, "H and W must be < 2^31");
   }
   const int64_t N = (H / p) * (W / p);
-  if (B > 0 && N > 0 && (N >= kInt32Limit || B >= kInt32Limit / N)) {
+  if (B > 0 && N > 0 && B > (kInt32Limit - 1) / N) {  // B * N < 2^31
     throw invalid_argument(op, "B * (H/p) * (W/p) (the number of tokens) must be < 2^31, got B=" +
                                    std::to_string(B) + ", N=" + std::to_string(N));
   }
@@ -714,7 +714,7 @@ bool check_attention(const char* op, int64_t G, int64_t heads, int64_t n, int64_
   if (G > INT64_MAX / heads || G * heads >= kInt32Limit) {
     throw invalid_argument(op, "G * heads must be < 2^31 (one block row per problem)");
   }
-  if ((n + attention_row_block() - 1) / attention_row_block() > 65535) {
+  if ((n + attention_row_block() - 1) / attention_row_block() > 65535) {  // a grid's y extent
     throw invalid_argument(op, "n must be <= 65535 * " + std::to_string(attention_row_block()) +
                                    ", got " + std::to_string(n));
   }
@@ -1115,6 +1115,7 @@ PYBIND11_MODULE(_C, m) {
         "splits for downsampled_attention_dwconv_split_dw on `device`: about two waves of "
         "resident blocks, at most one split per tile of the image.");
   m.attr("DOWNSAMPLED_ATTENTION_DWCONV_MAX_K") = fastdit::dwconv_split_max_k();
+  m.attr("DOWNSAMPLED_ATTENTION_MAX_TOKENS") = 65535 * fastdit::attention_row_block();
   m.def("build_info", &fastdit::build_info,
         "Build facts: CUDA runtime version, CUDA archs compiled, CUDA compiler.");
   m.def("runtime_check", &fastdit::runtime_check, py::arg("device"),

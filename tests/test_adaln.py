@@ -164,8 +164,9 @@ def test_bad_input(make, error, match):
 
 def test_bad_eps_and_y():
     x, shift, scale = _inputs((2, 3, 8), torch.float32, "cpu")
-    with pytest.raises(ValueError, match="eps must be positive"):
-        fastdit.adaln_modulate(x, shift, scale, eps=0.0)
+    for eps in (0.0, -1e-6, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eps must be positive and finite"):
+            fastdit.adaln_modulate(x, shift, scale, eps=eps)
     with pytest.raises(ValueError, match=r"gated_adaln: y must have shape \(2, 3, 8\)"):
         fastdit.gated_adaln(x, x[:, :2], shift, shift, scale)
 
@@ -490,6 +491,30 @@ def test_cuda_declines_with_reasons():
     assert "contiguous shift" in adaln._cuda_supports_modulate(
         tokens, torch.randn(8, 2).t(), scale, 1e-6
     )
+
+
+def test_row_counts_past_32_bits_are_declined():
+    """The kernels count rows in 32 bits: past that, cuda and triton decline (auto then runs the
+    torch reference) instead of failing in the extension or indexing wrongly. Meta tensors: only
+    shapes are read. A width-4 row makes these reachable on an 80 GB GPU (2^31 rows: 16 GiB)."""
+    triton_adaln = pytest.importorskip("fastdit.triton.adaln")
+
+    def vec(b, d):
+        return torch.empty(b, d, device="meta", dtype=torch.bfloat16)
+
+    for shape, cuda_ok, triton_ok in [
+        ((1, 2**31, 4), False, False),  # L = 2^31 tokens
+        ((1, 4, 2**16, 2**15), False, False),  # an image of 2^31 pixels
+        ((2**31, 1, 4), False, False),  # B = 2^31
+        ((2, 2**29, 4), True, False),  # B * L = 2^30: past triton's bound only
+        ((2, 2**29 - 1, 4), True, True),
+    ]:
+        x = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+        d = shape[-1] if x.dim() == 3 else shape[1]
+        cuda = adaln._cuda_supports_modulate(x, vec(shape[0], d), vec(shape[0], d), 1e-6)
+        assert (cuda == "") == cuda_ok and (cuda_ok or "< 2^31" in cuda), (shape, cuda)
+        tri = triton_adaln.supports_gated(x, x, *[vec(shape[0], d)] * 3, 1e-6)
+        assert (tri == "") == triton_ok and (triton_ok or "B * L < 2^30" in tri), (shape, tri)
 
 
 def test_extension_validates_the_adaln_entries():

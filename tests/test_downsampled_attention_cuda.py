@@ -119,6 +119,35 @@ def test_extension_validates_the_dwconv_split_plan():
 
 def test_extension_limits_match_the_glue():
     assert _extension().DOWNSAMPLED_ATTENTION_DWCONV_MAX_K == G.CUDA_DWCONV_MAX_K
+    assert _extension().DOWNSAMPLED_ATTENTION_MAX_TOKENS == G.CUDA_MAX_TOKENS
+
+
+def test_cuda_declines_with_reasons():
+    """What the cuda backend leaves to triton/torch under auto, and why: on CPU and meta tensors
+    (only dtypes and shapes are read), including the extension's grid limits, so that auto
+    falls back instead of the extension raising."""
+    meta = dict(device="meta")
+
+    def attention(G_, heads, n, hd, dtype=torch.float32, **kw):
+        q = torch.empty(G_, heads, n, hd, dtype=dtype, **kw)
+        return G._cuda_supports_attention(q, q, q, torch.empty(heads, 1, 1), True)
+
+    def layer(B, d, H, W, heads, k=5, **kw):
+        x = torch.empty(B, d, H, W, **kw)
+        dw = torch.empty(d, 1, k, k, **kw)
+        return G._cuda_supports_layer(x, dw, None, None, None, None, None, None, heads)
+
+    assert attention(8, 2, 64, 48) == "" and layer(2, 96, 16, 16, 2) == ""
+    assert "float32, float16 or bfloat16" in attention(8, 2, 64, 48, torch.float64)
+    assert "even head dim <= 128" in attention(8, 2, 64, 47)
+    assert "even head dim <= 128" in attention(8, 2, 64, 130)
+    assert attention(1, 1, G.CUDA_MAX_TOKENS, 2, **meta) == ""
+    assert "tokens per group" in attention(1, 1, G.CUDA_MAX_TOKENS + 1, 2, **meta)
+    assert "groups x heads < 2^31" in attention(2**16, 2**15, 1, 2, **meta)
+    assert "k <= 7" in layer(2, 96, 16, 16, 2, k=9)
+    assert "H * W < 2^31" in layer(1, 2, 2**16, 2**15, 1, **meta)
+    assert "tokens per group" in layer(1, 2, 4098, 4096, 1, **meta)  # n = 2049 x 2048
+    assert "groups x heads < 2^31" in layer(2**27, 32, 2, 2, 16, **meta)
 
 
 def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):

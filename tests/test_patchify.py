@@ -460,8 +460,9 @@ def test_bad_final_layer_inputs():
         fastdit.final_layer(x, shift, scale, weight, bias, 2)
     with pytest.raises(ValueError, match=r"fastdit.final_layer: grid \(3, 3\) must be positive"):
         fastdit.final_layer(x, shift, scale, weight, bias, 2, (3, 3))
-    with pytest.raises(ValueError, match=r"fastdit.final_layer: eps must be positive"):
-        fastdit.final_layer(x, shift, scale, weight, bias, 2, (1, 3), eps=0.0)
+    for eps in (0.0, float("inf")):  # (the cuda extension rejects an infinite eps too)
+        with pytest.raises(ValueError, match=r"fastdit.final_layer: eps must be positive and fi"):
+            fastdit.final_layer(x, shift, scale, weight, bias, 2, (1, 3), eps=eps)
     with pytest.raises(ValueError, match=r"fastdit.final_layer: x must be 3-D"):
         fastdit.final_layer(x[0], shift, scale, weight, bias, 2, (1, 3))
     with pytest.raises(TypeError, match=r"fastdit.final_layer: bias has dtype"):

@@ -227,6 +227,30 @@ def test_supports_reasons():
     assert G._cuda_supports_final_layer(*_final_args(D=2048 + 4)) == ""
 
 
+def test_supports_mirrors_the_extensions_32_bit_limits():
+    """Where the extension would reject a call for its 32-bit counts (B * N tokens, H and W), the
+    cuda backend declines it first, so that auto serves it with another backend: the same
+    boundary on both sides (meta tensors; the extension's checks run before any launch)."""
+    C = _extension()
+    meta = dict(device="meta")
+    per = (2**31 - 1) // 3  # B * N = 2^31 - 2 with N = 3 tokens (2 x 6 pixels, p = 2)
+    cases = [  # (B, H, W, accepted)
+        (per, 2, 6, True), (per + 1, 2, 6, False), (1, 2**31, 2, False), (1, 2, 2**31, False),
+        (1, 2**31 - 2, 2, True),
+    ]  # fmt: skip
+    good = _entries()["patchify"][0]
+    for B, H, W, accepted in cases:
+        x = torch.empty(B, 4, H, W, **meta)
+        reason = G._cuda_supports_patchify(x, 2, "cpq")
+        assert (reason == "") == accepted, (B, H, W, reason)
+        tokens = torch.empty(B, (H // 2) * (W // 2), 16, **meta)
+        assert (G._cuda_supports_unpatchify(tokens, 2, [H // 2, W // 2], "cpq") == "") == accepted
+        if C.device_count() == 0:  # (on a GPU the call would launch on the stand-in pointers)
+            error = RuntimeError if accepted else ValueError
+            with pytest.raises(error, match=r"^fastdit\._C\.patchify: "):
+                C.patchify(**{**good, "B": B, "H": H, "W": W})
+
+
 # ----------------------------------------------------------------------------------------------
 # The kernels on the CPU: csrc/patchify.cu built with tests/cuda_emu/emulate.h
 

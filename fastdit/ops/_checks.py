@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -79,9 +80,10 @@ def flag(op: str, name: str, value: object) -> bool:
 
 
 def positive(op: str, name: str, value: float) -> float:
+    """A finite number > 0 (an eps: infinity would silently zero the normalised values)."""
     value = float(value)
-    if not value > 0:
-        raise ValueError(f"fastdit.{op}: {name} must be positive, got {value}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"fastdit.{op}: {name} must be positive and finite, got {value}")
     return value
 
 

@@ -221,6 +221,12 @@ def _cuda_reason(
     dim = x.shape[-1] if x.dim() == 3 else x.shape[1]
     if dim > CUDA_MAX_D:
         return f"the cuda kernels keep a row in registers and take D <= {CUDA_MAX_D}, got {dim}"
+    length = x.numel() // max(1, x.shape[0] * dim)
+    if x.shape[0] >= 2**31 or length >= 2**31:
+        return (
+            "the cuda backward counts samples and the rows of a sample in 32 bits and takes "
+            f"B < 2^31 and L < 2^31, got B={x.shape[0]}, L={length}"
+        )
     for name, t in rows.items():
         if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
             return (

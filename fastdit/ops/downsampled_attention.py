@@ -713,15 +713,22 @@ def _cuda_dwconv_split_backward(
 # scale), attention with the merge in its store, output projection (cuBLAS/cuDNN).
 
 CUDA_MAX_HEAD_DIM = 128
+CUDA_MAX_TOKENS = 65535 * 64  # fastdit._C.DOWNSAMPLED_ATTENTION_MAX_TOKENS: tokens per group
 
 
-def _cuda_attention_reason(t: torch.Tensor, hd: int) -> str:
+def _cuda_attention_reason(t: torch.Tensor, hd: int, problems: int, n: int) -> str:
+    """problems: groups x heads, one attention each; n: tokens per group."""
     from .. import _ext
 
     if t.dtype not in _ext.DTYPE_CODES:
         return f"the cuda kernels take float32, float16 or bfloat16, not {t.dtype}"
     if hd % 2 or hd > CUDA_MAX_HEAD_DIM:
         return f"the cuda attention kernels take an even head dim <= {CUDA_MAX_HEAD_DIM}, got {hd}"
+    if n > CUDA_MAX_TOKENS or problems >= 2**31:
+        return (
+            f"the cuda attention kernels take groups x heads < 2^31 and n <= {CUDA_MAX_TOKENS} "
+            f"tokens per group (their grid), got {problems} and n = {n}"
+        )
     if t.is_cuda:
         if torch.cuda.get_device_capability(t.device) < (8, 0):
             return "the cuda attention kernels run on TF32 tensor cores (mma.sync): sm_80 or newer"
@@ -735,7 +742,8 @@ def _cuda_attention_reason(t: torch.Tensor, hd: int) -> str:
 
 
 def _cuda_supports_attention(q, k, v, logit_scale, cosine) -> str:
-    return _cuda_attention_reason(q, q.shape[-1])
+    G, heads, n, hd = q.shape
+    return _cuda_attention_reason(q, hd, G * heads, n)
 
 
 def _cuda_supports_layer(x, dw_weight, *params) -> str:
@@ -745,7 +753,7 @@ def _cuda_supports_layer(x, dw_weight, *params) -> str:
         return f"the cuda depthwise conv takes k <= {CUDA_DWCONV_MAX_K}, got {dw_weight.shape[-1]}"
     if H * W >= 2**31:
         return f"the cuda depthwise conv takes H * W < 2^31, got {H} x {W}"
-    return _cuda_attention_reason(x, d // num_heads)
+    return _cuda_attention_reason(x, d // num_heads, 4 * B * num_heads, (H // 2) * (W // 2))
 
 
 def _ptr(t: torch.Tensor | None) -> int:

@@ -384,9 +384,12 @@ def _cuda_dtype_reason(t: torch.Tensor) -> str:
     return ""
 
 
-def _cuda_rows_reason(batch: int, tokens: int) -> str:
+def _cuda_rows_reason(batch: int, tokens: int, height: int, width: int) -> str:
+    """The extension's 32-bit counts: tokens in all, and the image's height and width."""
     if batch * tokens >= _MAX_ROWS:
         return f"the cuda kernels take fewer than 2**31 tokens in all, got {batch} x {tokens}"
+    if max(height, width) >= _MAX_ROWS:
+        return f"the cuda kernels take images under 2**31 pixels a side, got {height} x {width}"
     return ""
 
 
@@ -398,7 +401,8 @@ def _cuda_supports_patchify(x: torch.Tensor, patch_size: int, order: str) -> str
             "the cuda kernel stages whole tokens in shared memory and takes C * patch_size**2 "
             f"<= {CUDA_PATCHIFY_MAX_K}, got {K}"
         )
-    return _cuda_dtype_reason(x) or _cuda_rows_reason(B, (H // patch_size) * (W // patch_size))
+    tokens = (H // patch_size) * (W // patch_size)
+    return _cuda_dtype_reason(x) or _cuda_rows_reason(B, tokens, H, W)
 
 
 def _cuda_supports_unpatchify(
@@ -410,7 +414,8 @@ def _cuda_supports_unpatchify(
             "the cuda kernel stages whole tokens in shared memory and takes C * patch_size**2 "
             f"<= {CUDA_PATCHIFY_MAX_K}, got {K}"
         )
-    return _cuda_dtype_reason(tokens) or _cuda_rows_reason(B, N)
+    H, W = grid[0] * patch_size, grid[1] * patch_size
+    return _cuda_dtype_reason(tokens) or _cuda_rows_reason(B, N, H, W)
 
 
 def _cuda_supports_patch_embed(
@@ -422,7 +427,7 @@ def _cuda_supports_patch_embed(
         return f"the cuda kernel takes D <= {CUDA_PATCH_EMBED_MAX_D}, got {D}"
     if C * p * p > CUDA_PATCH_EMBED_MAX_K:
         return f"the cuda kernel takes C * p * p <= {CUDA_PATCH_EMBED_MAX_K}, got {C * p * p}"
-    return _cuda_dtype_reason(x) or _cuda_rows_reason(B, (H // p) * (W // p))
+    return _cuda_dtype_reason(x) or _cuda_rows_reason(B, (H // p) * (W // p), H, W)
 
 
 def _cuda_supports_final_layer(
@@ -460,7 +465,7 @@ def _cuda_supports_final_layer(
             f"the cuda backward takes D > {CUDA_FINAL_LAYER_MAX_SCALAR_D} only with D % 4 == 0 "
             f"and 4-element aligned tensors (4 channels per access), got D = {D}"
         )
-    return _cuda_rows_reason(B, N)
+    return _cuda_rows_reason(B, N, grid[0] * patch_size, grid[1] * patch_size)
 
 
 # ----------------------------------------------------------------------------------------------

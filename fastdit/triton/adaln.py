@@ -257,6 +257,8 @@ def _sum_splits_kernel(
 
 
 MAX_D = 16384
+# Row indices, program ids and split bounds (up to twice L) are 32-bit in the kernels.
+MAX_ROWS = 2**30
 MIN_SPLIT_ROWS = 16  # rows per (sample, split) program in the backward, at least (on a GPU)
 
 
@@ -290,6 +292,9 @@ def _reason(name: str, t: torch.Tensor) -> str:
         return f"the triton kernel keeps a row in registers and takes D <= {MAX_D}, got {dim}"
     if _rows_view(t) is None:
         return f"{name}'s H and W dimensions do not merge into one strided dimension"
+    rows = t.numel() // max(1, dim)
+    if rows >= MAX_ROWS:
+        return f"the triton kernels count rows in 32 bits and take B * L < 2^30, got {rows}"
     return ""
 
 
