@@ -372,6 +372,24 @@ def test_fold_lifecycle():
         assert torch.equal(rebuilt(x, t, y), changed)
         ffn.dwconv[1].weight.sub_(0.25)
 
+        # p.data = ... (as torch.nn.utils.vector_to_parameters does) refolds; a write into
+        # p.data in place is not seen (PyTorch's version counter misses it: the documented
+        # limit), and fold() then refolds
+        weight = ffn.dwconv[1].weight
+        base = model(x, t, y)
+        kept = weight.data
+        weight.data = kept * 2
+        doubled = model(x, t, y)
+        assert not torch.equal(doubled, base)
+        assert torch.equal(copy.deepcopy(model).train().eval()(x, t, y), doubled)
+        weight.data = kept
+        assert torch.equal(model(x, t, y), base)
+        weight.data.mul_(2)
+        assert torch.equal(model(x, t, y), base)
+        assert torch.equal(model.fold()(x, t, y), doubled)
+        weight.data.div_(2)  # exact: a power of two
+        model.fold()
+
         # explicit unfold / fold
         model.unfold()
         assert not folded_buffers(model)

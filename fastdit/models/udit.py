@@ -190,8 +190,10 @@ class UDiT(nn.Module):
     def fold(self) -> UDiT:
         """Fold every re-parameterised FFN now (``eval()`` does it too); returns self.
 
-        Call it before exporting or compiling for inference, or after changing weights other
-        than through ``load_state_dict`` or in-place parameter updates. The folded form runs
+        Call it before exporting or compiling for inference, and after writing into a
+        parameter's ``.data`` in place (``p.data.copy_(...)``): a forward refolds by itself after
+        ``load_state_dict``, in-place parameter updates and ``p.data = ...``, but PyTorch's
+        version counter does not see writes through ``.data``. The folded form runs
         out of training mode.
         """
         return fold(self)

@@ -461,7 +461,7 @@ class FeedForward(nn.Module):
             self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
         for name in _FOLDED:
             self.register_buffer(name, None, persistent=False)
-        self._fold_versions: tuple[int, ...] | None = None
+        self._fold_versions: tuple[tuple[int, int], ...] | None = None
         self.backend = backend  # unused: convolutions run in PyTorch
         self.register_load_state_dict_post_hook(_refold_after_load)
 
@@ -475,9 +475,12 @@ class FeedForward(nn.Module):
     def _sources(self) -> list[torch.Tensor]:
         return [p for _, p in sorted(self.named_parameters())]
 
-    def _versions(self) -> tuple[int, ...] | None:
+    def _versions(self) -> tuple[tuple[int, int], ...] | None:
+        """Each parameter's version counter (in-place updates) and address (``p.data = ...``,
+        as ``torch.nn.utils.vector_to_parameters`` does). Writes through ``p.data`` in place
+        (``p.data.copy_(...)``) change neither: after them, call :meth:`fold`."""
         try:
-            return tuple(p._version for p in self._sources())
+            return tuple((p._version, p.data_ptr()) for p in self._sources())
         except RuntimeError:  # inference tensors keep no version counter
             return None
 
@@ -597,8 +600,11 @@ def feed_forwards(module: nn.Module) -> Iterable[FeedForward]:
 def fold(module: nn.Module) -> nn.Module:
     """Fold every re-parameterised :class:`FeedForward` in ``module`` now; returns it.
 
-    ``eval()`` does this too; call it explicitly before exporting or compiling, or after
-    changing weights by other means than ``load_state_dict`` or in-place parameter updates.
+    ``eval()`` does this too, and a forward out of training mode refolds after
+    ``load_state_dict``, in-place updates of a parameter (``p.mul_()``, ``p.copy_()``, optimizer
+    steps) and ``p.data = ...``. Call it explicitly before exporting or compiling, and after
+    writing into ``p.data`` in place (``p.data.copy_(...)``, some EMA code): PyTorch's version
+    counter does not see those writes.
     """
     for m in feed_forwards(module):
         m.fold()
