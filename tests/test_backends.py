@@ -60,6 +60,22 @@ def test_environment_choice_reaches_the_op(monkeypatch):
     assert adaln._modulate.last_backend == "torch"
 
 
+def test_ops_without_kernels_run_the_reference_under_the_environment(monkeypatch):
+    """FASTDIT_BACKEND picks among kernels: U-DiT's unfused path calls ops that have none
+    (polyphase_split, polyphase_merge, rope2d), which run the reference under it; an explicit
+    backend= is still refused."""
+    from fastdit.ops import downsampled_attention as attention
+
+    x = torch.randn(2, 3, 4, 6)
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    split = fastdit.polyphase_split(x)
+    assert attention._split.last_backend == "torch"
+    merged = fastdit.polyphase_merge(split, (2, 3))
+    assert torch.equal(merged, x) and attention._merge.last_backend == "torch"
+    with pytest.raises(BackendError, match="there is no triton kernel for polyphase_split$"):
+        fastdit.polyphase_split(x, backend="triton")
+
+
 def test_auto_never_fails_where_the_reference_serves(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "auto")
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

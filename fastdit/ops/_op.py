@@ -147,7 +147,7 @@ class Op:
             return ""
         kernel = self.kernels.get(backend)
         if kernel is None:
-            return f"there is no {backend} kernel for {self.name} yet"
+            return f"there is no {backend} kernel for {self.name}"
         if backward and kernel.backward is None:
             return f"the {backend} kernel of {self.name} has no backward yet"
         reason = _backends.unavailable_reason(backend, self._device(inputs))
@@ -173,6 +173,11 @@ class Op:
 
     def __call__(self, *inputs: Any, backend: str | None = None) -> Any:
         choice = _backends.requested(self.family, backend)
+        if backend is None and len(self.kernels) == 1:
+            # An op with no kernel at all (the layer's parts U-DiT's unfused path calls:
+            # polyphase_split, polyphase_merge, rope2d) runs its reference under FASTDIT_BACKEND,
+            # which picks among kernels; an explicit backend= still has to be served.
+            choice = "torch"
         if choice != AUTO and not torch.compiler.is_compiling():
             # Fail here, with the caller's frame in the traceback, rather than in the backward.
             needs_grad = torch.is_grad_enabled() and any(

@@ -19,7 +19,10 @@ Ops:
 - ``patchify(x, p, order)``: ``(B, C, H, W) -> (B, N, C*p*p)``,
   ``out[n, i*w + j, token index of (c, a, b)] = x[n, c, i*p + a, j*p + b]``.
 - ``unpatchify(tokens, p, (h, w), order)``: ``(B, N, p*p*C) -> (B, C, h*p, w*p)``, the inverse
-  of patchify with the same order (exact: only a permutation of the values).
+  of patchify with the same order (exact: only a permutation of the values). The default
+  orders differ, each DiT's at its end of the network: ``"cpq"`` for patchify (the patch
+  embedding's weight), ``"pqc"`` for unpatchify (the final layer's output); a round trip
+  passes one order to both.
 - ``patch_embed(x, weight, bias, pos_embed)``: DiT's input embedding,
   ``conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed`` with weight
   ``(D, C, p, p)``, bias ``(D,)``, pos_embed ``(1, N, D)`` or ``(N, D)``; returns ``(B, N, D)``.
@@ -200,8 +203,9 @@ def patchify(
 
     x: (B, C, H, W), any memory layout, H and W multiples of ``patch_size`` p.
     Returns (B, N, C*p*p), N = (H/p) * (W/p), tokens row-major over the patch grid. Within a
-    token the values are ordered (channel, row, column) for ``order="cpq"`` (a Conv2d
-    weight's order) or (row, column, channel) for ``order="pqc"``.
+    token the values are ordered (channel, row, column) for ``order="cpq"`` (the default: a
+    Conv2d weight's order) or (row, column, channel) for ``order="pqc"`` (the default of
+    :func:`unpatchify`, DiT's output order: pass the same order to both for a round trip).
     """
     p = _checks.count("patchify", "patch_size", patch_size)
     order = _order("patchify", order)
@@ -217,11 +221,14 @@ def unpatchify(
     order: str = "pqc",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Lay patch tokens back out as an image: the inverse of :func:`patchify`.
+    """Lay patch tokens back out as an image: the inverse of :func:`patchify` called with the
+    same ``order``.
 
     tokens: (B, N, p*p*C); grid: (h, w) with h * w == N, default a square grid.
     Returns (B, C, h*p, w*p). ``order="pqc"`` (the default) is DiT's unpatchify: tokens read as
-    (B, h, w, p, p, C), then the einsum ``nhwpqc->nchpwq``.
+    (B, h, w, p, p, C), then the einsum ``nhwpqc->nchpwq``. Note that :func:`patchify`'s default
+    is ``"cpq"`` (DiT's patch embedding): ``unpatchify(patchify(x, p), p)`` permutes the values
+    of a multi-channel x; ``unpatchify(patchify(x, p, order=o), p, order=o)`` returns x.
     """
     op = "unpatchify"
     p = _checks.count(op, "patch_size", patch_size)
