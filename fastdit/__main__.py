@@ -62,7 +62,11 @@ def bench(args: list[str]) -> None:
 _EXPORT_ARGS = [
     ("--model", dict(required=True, help="a registered name: DiT-XL/2, U-DiT-B, ...")),
     ("--checkpoint", dict(help="weights to load first (a state dict, or a training checkpoint "
-                          "with 'ema'); default: the model's initial weights")),
+                          "with 'ema'); default: the model's initial weights. A DiT's input "
+                          "size is read from it unless --input-size is given")),
+    ("--trusted", dict(action="store_true", help="read --checkpoint with pickled objects "
+                       "allowed (the released training checkpoints store their 'args'): this "
+                       "can run code from the file, so only for files you trust")),
     ("--out", dict(required=True, help="the .onnx file to write")),
     ("--dtype", dict(default="fp32", choices=["fp32", "fp16"])),
     ("--opset", dict(type=int, help="ONNX opset, 17..25 (default: the exporter's)")),
@@ -71,8 +75,8 @@ _EXPORT_ARGS = [
     ("--static-batch", dict(action="store_true", help="fix the batch size in the graph")),
     ("--cfg", dict(action="store_true", help="export forward_with_cfg: the doubled batch and "
                    "a cfg_scale input")),
-    ("--guidance-channels", dict(default="3", help="with --cfg: output channels to guide (3, "
-                                 "the released quirk; 'all': every noise channel)")),
+    ("--guidance-channels", dict(help="with --cfg: output channels to guide (default 3, the "
+                                 "released quirk; 'all': every noise channel)")),
     ("--check", dict(action="store_true", help="then run the graph in onnxruntime (CPU) on "
                      "random inputs and print its error against PyTorch")),
 ]  # fmt: skip
@@ -97,7 +101,9 @@ def export(args: argparse.Namespace) -> None:
     from fastdit.onnx import check_export_args, compare_with_torch, export_onnx
 
     channels = args.guidance_channels
-    channels = int(channels) if channels.isdigit() else channels
+    if channels is not None and not args.cfg:
+        sys.exit("error: --guidance-channels applies only with --cfg")
+    channels = 3 if channels is None else int(channels) if channels.isdigit() else channels
     options = dict(
         batch_size=args.batch_size, dtype=args.dtype, opset=args.opset,
         dynamic_batch=not args.static_batch, cfg=args.cfg, guidance_channels=channels,
@@ -105,9 +111,11 @@ def export(args: argparse.Namespace) -> None:
     try:
         check_export_args(args.out, **options)  # fail before building the model
         kwargs = {} if args.input_size is None else {"input_size": args.input_size}
-        model = create(args.model, **kwargs)
         if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
+            model = load_checkpoint(args.model, args.checkpoint, trusted=args.trusted, **kwargs)
+        else:
+            model = create(args.model, **kwargs)
+        check_export_args(args.out, model=model, **options)  # guidance_channels against it
     except (ValueError, TypeError, ImportError, OSError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     path = export_onnx(model, args.out, **options)

@@ -14,6 +14,7 @@ registered model) take minutes and several GB each: they run with FASTDIT_SLOW=1
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import subprocess
@@ -474,11 +475,40 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int | str | None, str]:
         (["--model", "DiT-S/8", "--out", "{tmp}/m.onnx", "--dtype", "bf16"], "invalid choice"),
         (["--model", "DiT-S/8", "--out", "{tmp}/no/m.onnx"], "does not exist"),
         (["--model", "DiT-S/8"], "the following arguments are required: --out"),
+        (
+            ["--model", "DiT-S/8", "--out", "{tmp}/m.onnx", "--cfg", "--guidance-channels", "9"],
+            "guidance_channels must be an int in 1..8",
+        ),
+        (
+            ["--model", "DiT-S/8", "--out", "{tmp}/m.onnx", "--cfg", "--guidance-channels", "x"],
+            "guidance_channels must be a positive int, None or 'all', got 'x'",
+        ),
+        (
+            ["--model", "DiT-S/8", "--out", "{tmp}/m.onnx", "--guidance-channels", "all"],
+            "--guidance-channels applies only with --cfg",
+        ),
     ],
 )
 def test_cli_errors(monkeypatch, capsys, tmp_path, no_export, args, match):
     code, out = _cli(monkeypatch, capsys, *(a.format(tmp=tmp_path) for a in args))
     assert code not in (0, None) and match in out
+
+
+def test_cli_reads_training_checkpoints(monkeypatch, capsys, tmp_path, no_export):
+    """A training checkpoint (weights under 'ema', pickled argparse args beside them) needs
+    --trusted, and a DiT's input size comes from it: a 512 px DiT-S/8 (64 x 64 latents)
+    builds without --input-size. The export itself is stopped (no_export): the loading is
+    what this checks."""
+    from fastdit.models import create
+
+    path = tmp_path / "ckpt.pt"
+    weights = create("DiT-S/8", input_size=64).state_dict()
+    torch.save({"ema": weights, "args": argparse.Namespace(image_size=512)}, path)
+    args = ["--model", "DiT-S/8", "--out", str(tmp_path / "m.onnx"), "--checkpoint", str(path)]
+    code, out = _cli(monkeypatch, capsys, *args)
+    assert code not in (0, None) and "--trusted" in out, out
+    with pytest.raises(AssertionError, match="the export started"):
+        _cli(monkeypatch, capsys, *args, "--trusted")
 
 
 @slow

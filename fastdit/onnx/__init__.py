@@ -356,16 +356,29 @@ def check_export_args(
     cfg: bool = False,
     guidance_channels: int | str | None = 3,
     optimize: bool = True,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Check :func:`export_onnx`'s arguments other than the model (cheap, no export work);
-    returns them normalised (``dtype`` a torch dtype, ``path`` a Path). Raises ValueError,
-    FileNotFoundError or ImportError with a message naming the argument."""
+    """Check :func:`export_onnx`'s arguments (cheap, no export work); returns them normalised
+    (``dtype`` a torch dtype, ``path`` a Path). Raises ValueError, FileNotFoundError or
+    ImportError with a message naming the argument. ``guidance_channels`` is checked for its
+    type, and with ``model`` (and ``cfg``) against the model's output channels."""
     dtype = _dtype(dtype)
     opset = _opset(opset)
     batch_size = _positive("batch_size", batch_size)
     for name, flag in (("dynamic_batch", dynamic_batch), ("cfg", cfg), ("optimize", optimize)):
         if not isinstance(flag, bool):
             raise ValueError(f"fastdit.export_onnx: {name} must be True or False, got {flag!r}")
+    if cfg and model is not None:
+        guidance_channels = _guidance_channels(model, guidance_channels)
+    elif not (
+        guidance_channels is None
+        or guidance_channels == "all"
+        or (type(guidance_channels) is int and guidance_channels > 0)
+    ):
+        raise ValueError(
+            "fastdit.export_onnx: guidance_channels must be a positive int, None or 'all', "
+            f"got {guidance_channels!r}"
+        )
     if cfg and batch_size % 2:
         raise ValueError(
             "fastdit.export_onnx: with cfg=True, batch_size is the doubled batch (conditional "
