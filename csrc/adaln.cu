@@ -48,10 +48,11 @@
 // measured: forward ~85-90 % of the copy bandwidth at DiT-XL/2 and U-DiT-B channels-last shapes,
 // backward ~70-80 %. At DiT-XL/2 B 256 bf16 (N e = 151 MB) and ~2.8 TB/s copy: modulate forward
 // ~125 us, gated forward ~245 us, gated backward ~430 us.
-// Register use (ptxas -v, sm_90, nvcc 13.0; tests/test_adaln_cuda_emu.py checks it): forward
-// 22-96 registers, no spills; backward 32-128, spills only in the gated backward at D > 2048:
-// 16 bytes of stack for fp32 on the vector path, 88-200 on the scalar path (misaligned
-// pointers, or D * sizeof(T) not a multiple of 16; correct, not the fast path).
+// Register use (ptxas -v, nvcc 13.0; tests/test_adaln_cuda_emu.py checks it): forward 22-96
+// registers, no spills (sm_80: 8 bytes in three warp-per-row kernels, where ptxas stops at
+// 32-48 registers); backward 32-128, spills only in the gated backward at D > 2048: 8-16 bytes
+// of stack for fp32 on the vector path, 104-232 on the scalar path (misaligned pointers, or
+// D * sizeof(T) not a multiple of 16; correct, not the fast path).
 //
 // Forward kernel shapes, by the number of vectors per row (nvec = D / V, V elements per access):
 //   nvec <= 256          one warp per row, 4 rows per 128-thread block, ITERS = ceil(nvec / 32)
@@ -72,6 +73,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -370,7 +372,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
   // Up to 8 elements per thread and tensor, every load of a row is issued at its start; with
   // 16, dr is loaded at the end and y re-read there (from L1), to stay within 128 registers.
   constexpr bool kHold = ITERS * V <= 8;
-  constexpr bool kOpaque = ITERS >= 2;  // see the row pointers below
+  // See the row pointers below: where hiding them removes spills (ptxas, sm_80 and sm_90).
+  constexpr bool kOpaque =
+      ITERS >= 2 && (V == 1 || (std::is_same_v<T, float> && std::is_same_v<C, float>));
 
   const int D = p.D;
   const int nvec = D / V;
@@ -406,11 +410,12 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
   for (uint32_t step = 0; step < steps; ++step) {
     const uint32_t row = begin + step * R + g;
     const bool active = row < end;
-    const int64_t base = (static_cast<int64_t>(b) * p.L + row) * D;
+    // (an inactive group's pointers stay inside the sample: it addresses nothing through them)
+    const int64_t base = (static_cast<int64_t>(b) * p.L + (active ? row : begin)) * D;
     // This row's tensors and the sample's vectors, through opaque() when a thread addresses
     // several vectors of a row (common.cuh): otherwise ptxas keeps every address live across
-    // the loop and spills (the scalar path at D > 1024, fp32 at D > 1024). With one vector
-    // there is nothing to hoist, and hiding the pointers would only cost registers.
+    // the loop and spills (the scalar path at D > 1024, fp32 at D > 1024). Elsewhere hiding
+    // them only costs registers (16-bit rows at D > 2048: 100 -> 126, no spill either way).
     const T* __restrict__ x_row = opaque<kOpaque>(p.x + base);
     const T* __restrict__ dh_row = opaque<kOpaque>(p.dh + base);
     const C* __restrict__ y_row = GATED ? opaque<kOpaque>(p.y + base) : nullptr;

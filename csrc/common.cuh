@@ -176,15 +176,20 @@ __device__ __forceinline__ void store_float(T* __restrict__ p, const float (&in)
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
-// p, with its value hidden from the optimiser when kHide (no instruction is emitted). Called on
-// a row's base pointers inside a loop over rows, it stops the compiler from hoisting
-// base + offset out of the loop for every element a thread addresses, which keeps a 64-bit
-// register pair per (tensor, element) alive across the loop and spills (adaln_bwd_kernel with
-// several elements per thread); each address is then formed where it is used, one multiply-add.
+// p, a pointer to global memory, with its value hidden from the optimiser when kHide (no
+// instruction is emitted for the asm). Called on a row's base pointers inside a loop over rows,
+// it stops the compiler from hoisting base + offset out of the loop for every element a thread
+// addresses, which keeps a 64-bit register pair per (tensor, element) alive across the loop and
+// spills (adaln_bwd_kernel); each address is then formed where it is used, one multiply-add.
+// The assumption after it restores what the asm hides: the pointer is global, so the loads and
+// stores stay ld.global / st.global rather than generic ones.
 template <bool kHide = true, typename P>
 __device__ __forceinline__ P* opaque(P* p) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (kHide) asm volatile("" : "+l"(p));
+  if constexpr (kHide) {
+    asm volatile("" : "+l"(p));
+    __builtin_assume(__isGlobal(p));
+  }
 #endif
   return p;
 }

@@ -449,27 +449,30 @@ def test_emulated_mixed_dtypes_through_autocast(cuda_on_cpu):
 # ----------------------------------------------------------------------------------------------
 # Register use of the real build (nvcc, no GPU)
 
-# The backward kernels allowed to spill, by template arguments (V, ITERS, GATED) read from their
-# mangled names, with the most bytes allowed (of stack frame, spill stores and spill loads, as
-# ptxas counts them): the gated backward with 16 scalars per thread (V = 1, D > 2048 off the
-# 16-byte path; nvcc 13.0: 88-200 bytes of frame, 212-556 of spill loads) and with four float4
-# vectors per thread (float32, D > 2048: 16-32). Everything else: no stack frame, no spill.
-KNOWN_SPILLS = {(1, 16, True): 640, (4, 4, True): 32}
+# The kernels allowed to spill, with the most bytes allowed (of stack frame, spill stores and
+# spill loads, as ptxas counts them; nvcc 13.0 gives 8-632): the gated backward with 16
+# scalars per thread (V = 1, D > 2048 off the 16-byte path) and with four float4 vectors per
+# thread (float32, D > 2048), by template arguments (V, ITERS, GATED) read from the mangled
+# names; and, for sm_80 only, the forward's register kernels, where ptxas trades 8 bytes for
+# 32-48 registers. Everything else: no stack frame, no spill.
+BWD_SPILLS = {(1, 16, True): 768, (4, 4, True): 64}
 BWD_ARGS = re.compile(r"adaln_bwd_kernelI\w+?Li(\d+)ELi(\d+)ELi\d+ELb([01])E")
 
 
-def test_kernels_compile_for_sm90_with_known_spills_only(tmp_path):
-    """ptxas's report of every kernel of csrc/adaln.cu for sm_90 (what gpu_check.sh builds for an
-    H100). Until the backward's row pointers went through opaque() (csrc/common.cuh), ptxas kept
-    every element's address live across the row loop: spills of up to 1040 bytes, and 16 to 56
-    bytes on the float32 vector paths that DiT-XL/2 (D = 1152) takes in float32 training."""
-    usage = emulated.ptxas_usage("adaln", [90], tmp_path)
-    seen, spilled = set(), []
-    for name, arch, u in usage:
-        match = BWD_ARGS.search(name)
-        key = (int(match[1]), int(match[2]), match[3] == "1") if match else None
-        seen.add(key)
-        if max(u[:3]) > KNOWN_SPILLS.get(key, 0):
-            spilled.append((name, arch, u))
+def _allowed_spill(name: str, arch: str) -> int:
+    match = BWD_ARGS.search(name)
+    if match:
+        return BWD_SPILLS.get((int(match[1]), int(match[2]), match[3] == "1"), 0)
+    return 8 if arch == "sm_80" and "adaln_fwd_regs_kernel" in name else 0
+
+
+def test_kernels_compile_for_sm80_and_sm90_with_known_spills_only(tmp_path):
+    """ptxas's report of every kernel of csrc/adaln.cu for the default build's architectures.
+    Until the backward's row pointers went through opaque() (csrc/common.cuh), ptxas kept
+    every element's address live across the row loop: spills of up to 1724 bytes on sm_90, and
+    16 to 72 on the float32 vector paths (D = 1152, DiT-XL/2 in float32, among them)."""
+    usage = emulated.ptxas_usage("adaln", [80, 90], tmp_path)
+    spilled = [(n, arch, u) for n, arch, u in usage if max(u[:3]) > _allowed_spill(n, arch)]
     assert not spilled, spilled
-    assert set(KNOWN_SPILLS) <= seen and len(seen) > len(KNOWN_SPILLS) + 1, sorted(seen, key=str)
+    seen = {(int(m[1]), int(m[2]), m[3] == "1") for n, _, _ in usage if (m := BWD_ARGS.search(n))}
+    assert set(BWD_SPILLS) < seen, sorted(seen)  # the names parse, and the allowances bite
