@@ -15,7 +15,7 @@ def info() -> None:
 
     import fastdit
     from fastdit import _ext
-    from fastdit.backends import triton_import_reason, triton_interpreting
+    from fastdit.backends import requested, triton_import_reason, triton_interpreting
 
     print(f"fastdit {fastdit.__version__}  python {platform.python_version()}")
     cuda = torch.version.cuda or "none (CPU build)"
@@ -38,7 +38,14 @@ def info() -> None:
     else:
         print(f"fastdit._C: built {module.build_info()}")
     env = os.environ.get("FASTDIT_BACKEND")
-    print(f"FASTDIT_BACKEND: {env!r}" if env else "FASTDIT_BACKEND: unset (auto)")
+    if env:
+        try:
+            requested("adaln", None)  # parses FASTDIT_BACKEND
+            print(f"FASTDIT_BACKEND: {env!r}")
+        except ValueError as e:
+            print(f"FASTDIT_BACKEND: {env!r} is INVALID, every op call will raise: {e}")
+    else:
+        print("FASTDIT_BACKEND: unset (auto)")
     print()
     print(f"{'family':22s} {'backend':8s} status")
     for family, row in fastdit.backends().items():

@@ -76,6 +76,43 @@ def test_ops_without_kernels_run_the_reference_under_the_environment(monkeypatch
         fastdit.polyphase_split(x, backend="triton")
 
 
+def test_direct_op_calls_meet_the_kernels_contract(monkeypatch):
+    """torch.ops.fastdit.* called directly skips the public functions' checks: a kernel backend
+    then checks its contract (shapes, one device) and declines, instead of reading outside its
+    buffers. Calls through the public functions (and their backward) do not pay for it."""
+    x, s = torch.randn(2, 4, 8), torch.randn(2, 8)
+    if adaln._modulate.why_not("triton", (x, s, s, 1e-6)):
+        pytest.skip("the triton kernel cannot run here")
+    raw = torch.ops.fastdit
+    for args, match in [
+        ((x, s[:1], s), r"shift must have shape \(2, 8\), got \(1, 8\)"),
+        ((x, s, s[:, :4]), r"scale must have shape \(2, 8\), got \(2, 4\)"),
+    ]:
+        with pytest.raises(BackendError, match="backend 'triton' cannot serve this call: " + match):
+            raw.adaln_modulate(*args, 1e-6, "triton")
+    # (the dispatcher sends mixed devices elsewhere first; the contract checks them too)
+    assert (
+        adaln._modulate.contract(x, s, s.to("meta"), 1e-6) == "scale is on meta, not on cpu with x"
+    )
+    raw.adaln_modulate(x, s[:1], s, 1e-6, "auto")  # the reference serves it (broadcasting)
+    assert adaln._modulate.last_backend == "torch"
+    image = torch.randn(1, 3, 5, 4)
+    with pytest.raises(BackendError, match=r"H and W multiples of patch_size = 2"):
+        raw.patchify(image, 2, "cpq", "triton")
+    q = torch.randn(4, 2, 16, 8)
+    with pytest.raises(BackendError, match=r"k must have shape \(4, 2, 16, 8\)"):
+        raw.attention_in_groups(q, q[:, :, :8], q, torch.zeros(2, 1, 1), True, "triton")
+
+    calls = []
+    contract = adaln._modulate.contract
+    monkeypatch.setattr(adaln._modulate, "contract", lambda *a: calls.append(1) or contract(*a))
+    xg = x.clone().requires_grad_()
+    fastdit.adaln_modulate(xg, s, s, backend="triton").sum().backward()
+    assert adaln._modulate.last_backward_backend == "triton" and not calls
+    raw.adaln_modulate(x, s, s, 1e-6, "triton")
+    assert calls
+
+
 def test_auto_never_fails_where_the_reference_serves(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "auto")
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
@@ -147,6 +184,19 @@ def test_info_command_lists_every_family_and_backend():
             assert any(line.split()[:2] == [family, backend] for line in out.splitlines()), (
                 f"no line for {family} {backend}:\n{out}"
             )
+
+
+def test_info_command_flags_an_invalid_environment():
+    env = {**os.environ, backends.ENV_VAR: "Triton"}  # names are lower case
+    out = subprocess.run(
+        [sys.executable, "-m", "fastdit", "info"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert "FASTDIT_BACKEND: 'Triton' is INVALID" in out and "unknown backend 'Triton'" in out
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,23 @@ def positive(op: str, name: str, value: float) -> float:
     return value
 
 
+def contract(*specs: tuple[str, torch.Tensor | None, Sequence[int] | None]) -> str:
+    """'' if every tensor of ``(name, tensor, expected shape or None)`` has its shape and all
+    are on the first one's device (the first must be a tensor), else why not: what the
+    kernels need to stay inside their buffers (an op's contract). The public functions check
+    more and raise; for calls that skip them (``torch.ops.fastdit.*`` called directly, compiled
+    graphs) a kernel backend whose contract fails declines (Op.why_not)."""
+    device = specs[0][1].device
+    for name, t, expected in specs:
+        if t is None:
+            continue
+        if expected is not None and t.shape != tuple(expected):
+            return f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}"
+        if t.device != device:
+            return f"{name} is on {t.device}, not on {device} with {specs[0][0]}"
+    return ""
+
+
 def same_layout(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out`` in ``x``'s memory format: channels-last stays channels-last, else contiguous."""
     if (

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -42,6 +43,10 @@ from . import _autocast
 
 # The library of every fastdit op: ``fastdit::<name>`` and ``fastdit::<name>_backward``.
 _LIB = torch.library.Library("fastdit", "DEF")
+# The op whose next implementation call (forward, or backward from autograd) got arguments
+# already checked: by its public function, or saved by that call's forward. Other calls
+# (torch.ops.fastdit.* called directly, compiled graphs) check each kernel's contract.
+_CHECKED = threading.local()
 
 
 class Kernel(NamedTuple):
@@ -70,6 +75,8 @@ class Op:
     outputs:         how many tensors the op returns (1: a tensor; more: a tuple)
     reference:       the plain PyTorch reference, called with the arguments in order
     differentiable:  names of the tensor arguments that receive gradients
+    contract:        the shapes and devices every kernel backend needs, as a reason string
+                     ('' when met) from the op's arguments; the torch backend does not need it
     """
 
     def __init__(
@@ -80,8 +87,10 @@ class Op:
         outputs: int,
         reference: Callable[..., Any],
         differentiable: Sequence[str],
+        contract: Callable[..., str] | None = None,
     ):
         self.family = family
+        self.contract = contract
         self.name = name
         self.reference = reference
         self.outputs = outputs
@@ -141,8 +150,11 @@ class Op:
                 return x.device
         return None
 
-    def why_not(self, backend: str, inputs: Sequence[Any], backward: bool = False) -> str:
-        """'' when ``backend`` can serve this call (its backward too, if asked), else why not."""
+    def why_not(
+        self, backend: str, inputs: Sequence[Any], backward: bool = False, checked: bool = False
+    ) -> str:
+        """'' when ``backend`` can serve this call (its backward too, if asked), else why not.
+        ``checked``: the public function has checked the arguments (the contract is skipped)."""
         if backend == "torch":
             return ""
         kernel = self.kernels.get(backend)
@@ -151,20 +163,24 @@ class Op:
         if backward and kernel.backward is None:
             return f"the {backend} kernel of {self.name} has no backward yet"
         reason = _backends.unavailable_reason(backend, self._device(inputs))
+        if not reason and self.contract is not None and not checked:
+            reason = self.contract(*inputs)
         if not reason and kernel.supports is not None:
             reason = kernel.supports(*inputs)
         return reason
 
-    def _select(self, backend: str, inputs: Sequence[Any], backward: bool) -> str:
+    def _select(
+        self, backend: str, inputs: Sequence[Any], backward: bool, checked: bool = False
+    ) -> str:
         if backend != AUTO:
-            reason = self.why_not(backend, inputs, backward)
+            reason = self.why_not(backend, inputs, backward, checked)
             if reason:
                 raise BackendError(
                     f"fastdit.{self.name}: backend {backend!r} cannot serve this call: {reason}"
                 )
             return backend
         for name in BACKENDS:
-            if not self.why_not(name, inputs, backward):
+            if not self.why_not(name, inputs, backward, checked):
                 return name
         raise AssertionError("unreachable: the torch backend serves every call")
 
@@ -184,20 +200,33 @@ class Op:
                 isinstance(inputs[i], torch.Tensor) and inputs[i].requires_grad
                 for i in self.diff_index
             )
-            self._select(choice, inputs, backward=needs_grad)
-        return self._fwd(*inputs, choice)
+            self._select(choice, inputs, backward=needs_grad, checked=True)
+        if torch.compiler.is_compiling():
+            return self._fwd(*inputs, choice)
+        _CHECKED.op = self
+        try:
+            return self._fwd(*inputs, choice)
+        finally:
+            _CHECKED.op = None
 
     # ------------------------------------------------------------------------------------------
     # The custom ops' implementations
 
     def _forward_impl(self, *args: Any) -> Any:
         *inputs, backend = args
-        chosen = self._select(backend, inputs, backward=False)
+        chosen = self._select(backend, inputs, backward=False, checked=self._take_checked())
         self.last_backend = chosen
         with _autocast.off(inputs):
             out = self.kernels[chosen].forward(*inputs)
         # The reference may return an input or a view of one; the kernels write new tensors.
         return _no_alias(out, inputs) if chosen == "torch" else out
+
+    def _take_checked(self) -> bool:
+        """Whether this implementation call got checked arguments (see _CHECKED); clears it,
+        so that ops called inside the kernels check theirs."""
+        checked = getattr(_CHECKED, "op", None) is self
+        _CHECKED.op = None
+        return checked
 
     def _forward_fake(self, *args: Any) -> Any:
         *inputs, _backend = args
@@ -207,7 +236,7 @@ class Op:
 
     def _backward_impl(self, *args: Any) -> list[torch.Tensor]:
         grads, inputs, backend = args[: self.outputs], args[self.outputs : -1], args[-1]
-        chosen = self._select(backend, inputs, backward=True)
+        chosen = self._select(backend, inputs, backward=True, checked=self._take_checked())
         self.last_backward_backend = chosen
         kernel = self.kernels[chosen]
         with _autocast.off(inputs):
@@ -288,7 +317,14 @@ class Op:
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grads, ctx.out_meta)
         )
-        result = self._bwd(*grads, *inputs, ctx.backend)
+        if torch.compiler.is_compiling():
+            result = self._bwd(*grads, *inputs, ctx.backend)
+        else:
+            _CHECKED.op = self  # the forward's arguments, and grads shaped like its outputs
+            try:
+                result = self._bwd(*grads, *inputs, ctx.backend)
+            finally:
+                _CHECKED.op = None
         out: list[Any] = [None] * (len(inputs) + 1)  # + the backend argument
         for i, g in zip(self.diff_index, result):
             out[i] = g

@@ -80,6 +80,15 @@ def reference_gated(
     return residual, reference_modulate(residual, shift, scale, eps)
 
 
+def _contract(x: torch.Tensor, y: torch.Tensor | None, **conds: torch.Tensor) -> str:
+    """The kernels' needs (Op's contract): y like x, each conditioning vector (B, D)."""
+    if x.dim() not in (3, 4):
+        return f"x must be (B, L, D) or (B, D, H, W), got shape {tuple(x.shape)}"
+    B, D = x.shape[0], x.shape[-1] if x.dim() == 3 else x.shape[1]
+    vectors = [(name, t, (B, D)) for name, t in conds.items()]
+    return _checks.contract(("x", x, None), ("y", y, x.shape), *vectors)
+
+
 _modulate = Op(
     FAMILY,
     "adaln_modulate",
@@ -87,6 +96,7 @@ _modulate = Op(
     outputs=1,
     reference=reference_modulate,
     differentiable=("x", "shift", "scale"),
+    contract=lambda x, shift, scale, eps: _contract(x, None, shift=shift, scale=scale),
 )
 _gated = Op(
     FAMILY,
@@ -95,6 +105,9 @@ _gated = Op(
     outputs=2,
     reference=reference_gated,
     differentiable=("x", "y", "gate", "shift", "scale"),
+    contract=lambda x, y, gate, shift, scale, eps: _contract(
+        x, y, gate=gate, shift=shift, scale=scale
+    ),
 )
 OPS = (_modulate, _gated)
 

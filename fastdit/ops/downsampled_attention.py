@@ -205,6 +205,41 @@ def reference_layer(
     return _checks.same_layout(F.conv2d(image, out_weight, out_bias), x)
 
 
+def _attention_contract(q, k, v, logit_scale, cosine) -> str:
+    if q.dim() not in (4, 5):
+        return f"q must be (G, heads, n, hd) or (B, 4, heads, n, hd), got shape {tuple(q.shape)}"
+    return _checks.contract(
+        ("q", q, None),
+        ("k", k, q.shape),
+        ("v", v, q.shape),
+        ("logit_scale", logit_scale, (q.shape[-3], 1, 1)),
+    )
+
+
+def _layer_contract(x, dw_weight, dw_bias, qkv_weight, qkv_bias, logit_scale, out_weight,
+                    out_bias, num_heads, rope, cosine, shortcut, rope_table) -> str:  # fmt: skip
+    if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2 or num_heads < 1 or x.shape[1] % num_heads:
+        return (
+            "x must be (B, d, H, W) with H and W even and d a multiple of num_heads = "
+            f"{num_heads}, got shape {tuple(x.shape)}"
+        )
+    d, k = x.shape[1], dw_weight.shape[-1]
+    if k % 2 == 0:
+        return f"dw_weight must be (d, 1, k, k) with k odd, got shape {tuple(dw_weight.shape)}"
+    hd, n = d // num_heads, (x.shape[2] // 2) * (x.shape[3] // 2)
+    return _checks.contract(
+        ("x", x, None),
+        ("dw_weight", dw_weight, (d, 1, k, k)),
+        ("dw_bias", dw_bias, (d,)),
+        ("qkv_weight", qkv_weight, (3 * d, d)),
+        ("qkv_bias", qkv_bias, (3 * d,)),
+        ("logit_scale", logit_scale, (num_heads, 1, 1)),
+        ("out_weight", out_weight, (d, d, 1, 1)),
+        ("out_bias", out_bias, (d,)),
+        ("rope_table", rope_table if rope else None, (2, n, hd // 2)),
+    )
+
+
 _split = Op(
     FAMILY,
     "polyphase_split",
@@ -236,6 +271,7 @@ _attention = Op(
     outputs=1,
     reference=reference_attention,
     differentiable=("q", "k", "v", "logit_scale"),
+    contract=_attention_contract,
 )
 _layer = Op(
     FAMILY,
@@ -245,6 +281,7 @@ _layer = Op(
     "bool cosine, bool shortcut, Tensor? rope_table",
     outputs=1,
     reference=reference_layer,
+    contract=_layer_contract,
     differentiable=(
         "x",
         "dw_weight",

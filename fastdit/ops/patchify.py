@@ -105,6 +105,59 @@ def reference_final_layer(
     return reference_unpatchify(y, patch_size, grid, "pqc")
 
 
+def _image_contract(x: torch.Tensor, p: int) -> str:
+    if p < 1 or x.dim() != 4 or x.shape[2] % p or x.shape[3] % p:
+        return (
+            f"x must be (B, C, H, W) with H and W multiples of patch_size = {p} >= 1, got shape "
+            f"{tuple(x.shape)}"
+        )
+    return ""
+
+
+def _tokens_contract(tokens: torch.Tensor, K: int, p: int, grid: Sequence[int]) -> str:
+    if p < 1 or K % (p * p) or len(grid) != 2 or grid[0] * grid[1] != tokens.shape[1]:
+        return (
+            f"tokens (B, h * w, p * p * C) = {tuple(tokens.shape[:2])} + ({K},) do not match "
+            f"patch_size = {p} and grid = {tuple(grid)}"
+        )
+    return ""
+
+
+def _unpatchify_contract(tokens, patch_size, grid, order) -> str:
+    if tokens.dim() != 3:
+        return f"tokens must be (B, N, K), got shape {tuple(tokens.shape)}"
+    return _tokens_contract(tokens, tokens.shape[2], patch_size, grid)
+
+
+def _patch_embed_contract(x, weight, bias, pos_embed) -> str:
+    if weight.dim() != 4 or x.dim() != 4:
+        return "x must be (B, C, H, W) and weight (D, C, p, p)"
+    D, p = weight.shape[0], weight.shape[-1]
+    reason = _image_contract(x, p)
+    if reason:
+        return reason
+    N = (x.shape[2] // p) * (x.shape[3] // p)
+    return _checks.contract(
+        ("x", x, None),
+        ("weight", weight, (D, x.shape[1], p, p)),
+        ("bias", bias, (D,)),
+        ("pos_embed", pos_embed, (1, N, D) if pos_embed.dim() == 3 else (N, D)),
+    )
+
+
+def _final_layer_contract(x, shift, scale, weight, bias, patch_size, grid, eps) -> str:
+    if x.dim() != 3 or weight.dim() != 2:
+        return "x must be (B, N, D) and weight (p * p * C, D)"
+    (B, _, D), K = x.shape, weight.shape[0]
+    return _tokens_contract(x, K, patch_size, grid) or _checks.contract(
+        ("x", x, None),
+        ("shift", shift, (B, D)),
+        ("scale", scale, (B, D)),
+        ("weight", weight, (K, D)),
+        ("bias", bias, (K,)),
+    )
+
+
 _patchify = Op(
     FAMILY,
     "patchify",
@@ -112,6 +165,7 @@ _patchify = Op(
     outputs=1,
     reference=reference_patchify,
     differentiable=("x",),
+    contract=lambda x, patch_size, order: _image_contract(x, patch_size),
 )
 _unpatchify = Op(
     FAMILY,
@@ -120,6 +174,7 @@ _unpatchify = Op(
     outputs=1,
     reference=reference_unpatchify,
     differentiable=("tokens",),
+    contract=_unpatchify_contract,
 )
 _patch_embed = Op(
     FAMILY,
@@ -128,6 +183,7 @@ _patch_embed = Op(
     outputs=1,
     reference=reference_patch_embed,
     differentiable=("x", "weight", "bias", "pos_embed"),
+    contract=_patch_embed_contract,
 )
 _final_layer = Op(
     FAMILY,
@@ -137,6 +193,7 @@ _final_layer = Op(
     outputs=1,
     reference=reference_final_layer,
     differentiable=("x", "shift", "scale", "weight", "bias"),
+    contract=_final_layer_contract,
 )
 OPS = (_patchify, _unpatchify, _patch_embed, _final_layer)
 
