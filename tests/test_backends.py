@@ -111,6 +111,10 @@ def test_direct_op_calls_meet_the_kernels_contract(monkeypatch):
     assert adaln._modulate.last_backward_backend == "triton" and not calls
     raw.adaln_modulate(x, s, s, 1e-6, "triton")
     assert calls
+    # A direct call the reference served (a broadcast scale) gets its backward checked too.
+    monkeypatch.setattr(adaln._modulate, "contract", contract)
+    raw.adaln_modulate(xg, s, s[:1], 1e-6, "auto").sum().backward()
+    assert adaln._modulate.last_backward_backend == "torch"
 
 
 def test_auto_never_fails_where_the_reference_serves(monkeypatch):

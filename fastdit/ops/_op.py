@@ -317,10 +317,10 @@ class Op:
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g
             for g, (shape, dtype, device) in zip(grads, ctx.out_meta)
         )
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not ctx.checked:
             result = self._bwd(*grads, *inputs, ctx.backend)
         else:
-            _CHECKED.op = self  # the forward's arguments, and grads shaped like its outputs
+            _CHECKED.op = self  # the forward's checked arguments, grads shaped like its outputs
             try:
                 result = self._bwd(*grads, *inputs, ctx.backend)
             finally:
@@ -336,9 +336,11 @@ class _Differentiable(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, op: Op, keyset: Any, *args: Any) -> Any:
+        checked = getattr(_CHECKED, "op", None) is op  # (the forward's implementation takes it)
         out = _below_autograd(op._fwd, keyset, args)
         op._setup_context(ctx, args, out)
         ctx.op = op
+        ctx.checked = checked
         return out
 
     @staticmethod
