@@ -138,6 +138,10 @@ def test_cuda_declines_with_reasons():
         return G._cuda_supports_layer(x, dw, None, None, None, None, None, None, heads)
 
     assert attention(8, 2, 64, 48) == "" and layer(2, 96, 16, 16, 2) == ""
+    q5 = torch.empty(2, 4, 2, 64, 48)  # (B, 4, heads, n, hd) is taken too
+    assert G._cuda_supports_attention(q5, q5, q5, torch.empty(2, 1, 1), True) == ""
+    q5 = torch.empty(2**14, 4, 2**15, 1, 2, **meta)  # B * 4 * heads = 2^31
+    assert "groups x heads < 2^31" in G._cuda_supports_attention(q5, q5, q5, None, True)
     assert "float32, float16 or bfloat16" in attention(8, 2, 64, 48, torch.float64)
     assert "even head dim <= 128" in attention(8, 2, 64, 47)
     assert "even head dim <= 128" in attention(8, 2, 64, 130)

@@ -779,8 +779,8 @@ def _cuda_attention_reason(t: torch.Tensor, hd: int, problems: int, n: int) -> s
 
 
 def _cuda_supports_attention(q, k, v, logit_scale, cosine) -> str:
-    G, heads, n, hd = q.shape
-    return _cuda_attention_reason(q, hd, G * heads, n)
+    heads, n, hd = q.shape[-3:]  # q: (G, heads, n, hd) or (B, 4, heads, n, hd)
+    return _cuda_attention_reason(q, hd, q.numel() // (n * hd), n)
 
 
 def _cuda_supports_layer(x, dw_weight, *params) -> str:
