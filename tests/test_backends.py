@@ -172,16 +172,16 @@ def test_reasons_name_the_cause():
         backends.unavailable_reason("metal", cpu)
 
 
-def test_info_command_lists_every_family_and_backend():
-    env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
-    out = subprocess.run(
-        [sys.executable, "-m", "fastdit", "info"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-        timeout=120,
+def _info(env: dict[str, str]) -> str:
+    """What ``python -m fastdit info`` prints with this environment."""
+    command = [sys.executable, "-m", "fastdit", "info"]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, check=True, timeout=120
     ).stdout
+
+
+def test_info_command_lists_every_family_and_backend():
+    out = _info({k: v for k, v in os.environ.items() if k != backends.ENV_VAR})
     assert "torch " in out and "fastdit._C" in out
     for family in backends.FAMILIES:
         for backend in backends.BACKENDS:
@@ -191,15 +191,7 @@ def test_info_command_lists_every_family_and_backend():
 
 
 def test_info_command_flags_an_invalid_environment():
-    env = {**os.environ, backends.ENV_VAR: "Triton"}  # names are lower case
-    out = subprocess.run(
-        [sys.executable, "-m", "fastdit", "info"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-        timeout=120,
-    ).stdout
+    out = _info({**os.environ, backends.ENV_VAR: "Triton"})  # names are lower case
     assert "FASTDIT_BACKEND: 'Triton' is INVALID" in out and "unknown backend 'Triton'" in out
 
 
