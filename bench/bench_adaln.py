@@ -1,8 +1,9 @@
 """Benchmark of the adaln family: adaln_modulate and gated_adaln, forward and forward+backward.
 
 Shapes: DiT-XL/2 tokens (B 32 and 256, N 256, D 1152) and the U-DiT-B stages (B 32; widths 192,
-384, 768 on 32x32, 16x16, 8x8 latents, channels-last). Variants: eager PyTorch (the reference),
-torch.compile of the reference, and each kernel backend that can run here.
+384, 768 on 32x32, 16x16, 8x8 latents), each in U-DiT's default channels-first memory ("cf":
+only the Triton kernels serve it) and channels-last ("cl"). Variants: eager PyTorch (the
+reference), torch.compile of the reference, and each kernel backend that can run here.
 
 Floor (bytes that must move; N = B*L*D elements, elem = bytes per element):
   adaln_modulate fwd:      read x; write out                       2 N  (+ 2 B*D: shift, scale)
@@ -15,7 +16,9 @@ Floor (bytes that must move; N = B*L*D elements, elem = bytes per element):
   recomputes the row statistics (and r) from the inputs: nothing is saved but the inputs. The
   kernels' fp32 partial sums (B * splits * D per gradient, written and read once, mostly in L2)
   and the harness's torch.ones_like cotangents are not in the floor, so they count against the
-  kernels' GB/s.
+  kernels' GB/s. On channels-first images the Triton kernels read each tile twice (statistics,
+  then outputs; the second read hits L2 when the resident tiles fit there): the floor counts it
+  once, so a second read from memory shows as lost bandwidth.
 
 Mixed precision (the "gated_adaln autocast" rows, DiT shapes): a float32 residual x with a
 bf16 branch y and bf16 gate, shift, scale, as under torch.autocast; r and out are float32, d y
@@ -48,14 +51,24 @@ from fastdit.ops import adaln  # noqa: E402
 
 
 def _shapes(quick: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """(label, shape): tokens, and U-DiT's (B, D, H, W) images in both memory layouts (its
+    default channels-first, served by the Triton kernels with token tiles; and channels-last,
+    rows of D like tokens). Labels of images end in "cf" or "cl"."""
     if quick:
-        return [("DiT-XL/2 B2", (2, 256, 1152)), ("U-DiT-B stage1 B2", (2, 192, 32, 32))]
-    return [
-        ("DiT-XL/2 B32", (32, 256, 1152)),
-        ("DiT-XL/2 B256", (256, 256, 1152)),
+        return [
+            ("DiT-XL/2 B2", (2, 256, 1152)),
+            ("U-DiT-B stage1 B2 cf", (2, 192, 32, 32)),
+            ("U-DiT-B stage1 B2 cl", (2, 192, 32, 32)),
+        ]
+    images = [
         ("U-DiT-B 192x32x32 B32", (32, 192, 32, 32)),
         ("U-DiT-B 384x16x16 B32", (32, 384, 16, 16)),
         ("U-DiT-B 768x8x8 B32", (32, 768, 8, 8)),
+    ]
+    return [
+        ("DiT-XL/2 B32", (32, 256, 1152)),
+        ("DiT-XL/2 B256", (256, 256, 1152)),
+        *((f"{label} {layout}", shape) for label, shape in images for layout in ("cf", "cl")),
     ]
 
 
@@ -75,12 +88,14 @@ def run(ctx: common.Context) -> list[common.Row]:
             for s in shape:
                 numel *= s
 
-            def make(n_tensors, shape=shape, batch=batch, dim=dim, dtype=dtype):
+            last = label.endswith(" cl")
+
+            def make(n_tensors, shape=shape, batch=batch, dim=dim, dtype=dtype, last=last):
                 def inputs():
                     x = [
                         torch.randn(shape, device=ctx.device, dtype=dtype) for _ in range(n_tensors)
                     ]
-                    if len(shape) == 4:
+                    if last:
                         x = [t.contiguous(memory_format=torch.channels_last) for t in x]
                     c = [torch.randn(batch, dim, device=ctx.device, dtype=dtype) * 0.1
                          for _ in range(n_tensors + 1)]  # fmt: skip

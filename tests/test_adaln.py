@@ -192,6 +192,9 @@ CASES = [
     ((2, 2, 4097), "contiguous"),
     ((1, 2, 8192), "contiguous"),
     ((2, 96, 3, 5), "contiguous"),  # images, channels-first
+    ((2, 1152, 5, 7), "contiguous"),  # channels-first in many chunks, tiles of a full run
+    ((3, 100, 4, 9), "contiguous"),  # channels-first, the last chunk masked
+    ((1, 40, 3, 1), "contiguous"),  # channels-first, one tile of a half run (W = 1)
     ((2, 96, 3, 5), "channels_last"),
     ((1, 1152, 2, 2), "channels_last"),
 ]
@@ -352,10 +355,13 @@ def test_backward_backends(backend, op_name, dtype, shape, layout):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op_name", ["modulate", "gated"])
-def test_every_element_is_written(backend, op_name, monkeypatch):
+@pytest.mark.parametrize("shape", [(3, 37, 200), (2, 200, 5, 7)], ids=["tokens", "channels_first"])
+def test_every_element_is_written(backend, op_name, shape, monkeypatch):
     """Outputs and gradients (and scratch) poisoned with NaN: a skipped element stays NaN."""
     device = _skip_unless(backend)
-    op, inputs = _op_inputs(op_name, (3, 37, 200), torch.float32, device)
+    op, inputs = _op_inputs(op_name, shape, torch.float32, device)
+    if op.why_not(backend, [*inputs, 1e-6]):
+        pytest.skip(op.why_not(backend, [*inputs, 1e-6]))  # cuda: channels-last only
     grads = _cotangents(op, inputs)
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
@@ -381,11 +387,17 @@ def test_every_element_is_written(backend, op_name, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op_name", ["modulate", "gated"])
-def test_backward_is_deterministic(backend, op_name):
+@pytest.mark.parametrize("layout", ["tokens", "channels_first"])
+def test_backward_is_deterministic(backend, op_name, layout):
     """The sums over tokens go in a fixed order: two runs give bitwise-equal gradients."""
     device = _skip_unless(backend)
-    shape = (2, 300, 64) if device.type == "cpu" else (4, 4096, 1152)
+    if layout == "tokens":
+        shape = (2, 300, 64) if device.type == "cpu" else (4, 4096, 1152)
+    else:
+        shape = (2, 64, 10, 13) if device.type == "cpu" else (32, 192, 32, 32)
     op, inputs = _op_inputs(op_name, shape, torch.float32, device)
+    if op.why_not(backend, [*inputs, 1e-6], backward=True):
+        pytest.skip(op.why_not(backend, [*inputs, 1e-6], backward=True))
     grads = _cotangents(op, inputs)
     first = _kernel_backward(op, backend, grads, inputs)
     second = _kernel_backward(op, backend, grads, inputs)
@@ -412,6 +424,74 @@ def test_backward_through_autograd_with_odd_cotangents(backend):
     loss(ref_leaves, "torch").backward()
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The triton kernels of channels-first images (token tiles, channels in chunks)
+
+
+def _spy(monkeypatch, module, name: str) -> list:
+    """Record the launches of the Triton kernel ``module.name`` (its grids)."""
+    kernel, grids = getattr(module, name), []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, Spy())
+    return grids
+
+
+@pytest.mark.parametrize("op_name", ["modulate", "gated"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_each_layout_takes_its_triton_kernels(op_name, layout, monkeypatch):
+    device = _skip_unless("triton")
+    from fastdit.triton import adaln as T
+
+    names = ("_cf_fwd_kernel", "_cf_bwd_kernel", "_fwd_kernel", "_bwd_kernel")
+    grids = {n: _spy(monkeypatch, T, n) for n in names}
+    op, inputs = _op_inputs(op_name, (2, 96, 5, 7), torch.float32, device, layout)
+    op(*inputs, 1e-6, backend="triton")
+    _kernel_backward(op, "triton", _cotangents(op, inputs), inputs)
+    chunked = layout == "contiguous"  # channels-first
+    # the chunked kernels: one program per tile of 16 float32 tokens (35 tokens: 3 per sample)
+    assert grids["_cf_fwd_kernel"] == ([(6,)] if chunked else [])
+    assert grids["_cf_bwd_kernel"] == ([(6,)] if chunked else [])
+    assert len(grids["_fwd_kernel"]) == len(grids["_bwd_kernel"]) == (0 if chunked else 1)
+
+
+@pytest.mark.parametrize("offset", ["everywhere", "first_chunk"])
+def test_channels_first_statistics_survive_a_large_mean(offset):
+    """The chunked kernels take the statistics in one pass, shifted by the mean k of each
+    token's first chunk of channels (unshifted, a mean of 1e4 would leave no correct digit). A
+    large mean, and the same with an offset on the first 64 channels only (the first chunk of
+    the backward here: k several standard deviations from the mean, the shift's worst case),
+    stay within the tolerance rule, forward and backward, in float32."""
+    device = _skip_unless("triton")
+    from fastdit.triton import adaln as T
+
+    shape = (2, 256, 5, 8)  # 40 tokens: tiles of 16 float32 tokens, 3 per sample
+    assert T._cf_tokens(2, 40, 4, device) == 16 and T._cf_shape(16, 256, True)[0] == 64
+    op, inputs = _op_inputs("gated", shape, torch.float32, device)
+    x = inputs[0].double()
+    x += 1e4
+    if offset == "first_chunk":
+        x[:, :64] += 10  # (k - mean)^2 about 2.5 var
+    inputs[0] = x.float()
+    got = op(*inputs, 1e-6, backend="triton")
+    eager = op.reference(*inputs, 1e-6)
+    truth = op.reference(*(t.double() for t in inputs), 1e-6)
+    for g, e, tr in zip(got, eager, truth):
+        assert_close_to_reference(g, e, tr, f"{offset} forward")
+    grads = _cotangents(op, inputs)
+    got = _kernel_backward(op, "triton", grads, inputs)
+    eager = op._reference_backward(grads, [*inputs, 1e-6])
+    truth = op._reference_backward(
+        [g.double() for g in grads], [t.double() for t in inputs] + [1e-6]
+    )
+    for name, g, e, tr in zip(("x", "y", "gate", "shift", "scale"), got, eager, truth):
+        assert_close_to_reference(g, e, tr, f"{offset} d {name}")
 
 
 @pytest.mark.parametrize("layout", ["tokens", "channels_first", "channels_last"])
@@ -515,6 +595,35 @@ def test_row_counts_past_32_bits_are_declined():
         assert (cuda == "") == cuda_ok and (cuda_ok or "< 2^31" in cuda), (shape, cuda)
         tri = triton_adaln.supports_gated(x, x, *[vec(shape[0], d)] * 3, 1e-6)
         assert (tri == "") == triton_ok and (triton_ok or "B * L < 2^30" in tri), (shape, tri)
+
+
+def test_triton_width_bound_holds_for_whole_rows_only():
+    """The whole-row kernels (tokens, channels-last x) take D <= 16384; channels-first x goes to
+    the chunked kernels, which take any D: one is run past the bound, forward and backward."""
+    device = _skip_unless("triton")
+    from fastdit.triton import adaln as T
+
+    d = T.MAX_D + 256
+    vec = torch.empty(1, d, device="meta")
+    for shape, last, ok in [((1, 2, d), False, False), ((1, d, 2, 3), True, False),
+                            ((1, d, 2, 3), False, True)]:  # fmt: skip
+        x = torch.empty(shape, device="meta")
+        x = x.contiguous(memory_format=torch.channels_last) if last else x
+        reason = T.supports_modulate(x, vec, vec, 1e-6)
+        assert (reason == "") == ok and (ok or "D <= 16384" in reason), (shape, last, reason)
+    op, inputs = _op_inputs("modulate", (1, d, 2, 3), torch.float32, device)
+    got = op(*inputs, 1e-6, backend="triton")
+    assert_close_to_reference(
+        got, op.reference(*inputs, 1e-6), op.reference(*(t.double() for t in inputs), 1e-6)
+    )
+    grads = _cotangents(op, inputs)
+    got = _kernel_backward(op, "triton", grads, inputs)
+    eager = op._reference_backward(grads, [*inputs, 1e-6])
+    truth = op._reference_backward(
+        [g.double() for g in grads], [t.double() for t in inputs] + [1e-6]
+    )
+    for name, g, e, tr in zip(("x", "shift", "scale"), got, eager, truth):
+        assert_close_to_reference(g, e, tr, f"D {d} d {name}")
 
 
 def test_extension_validates_the_adaln_entries():

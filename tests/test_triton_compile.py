@@ -29,22 +29,19 @@ LAYOUT = [(2, 16), (8, 256), (2, 32), (8, 512)]  # (p, K)
 ATTENTION = [(24, 256), (48, 64), (96, 16)]
 DWCONV = [96, 384, 1536]  # channels: U-DiT-S stage 1 to U-DiT-L stage 3
 # (tokens per sample, D) of the adaLN kernels: U-DiT-S stage 1, DiT-XL, U-DiT-L stage 3, and
-# the widest the docs promise without spills; each in the token layout (channel stride 1) and
-# channels-first (U-DiT's NCHW images).
+# the widest the docs promise without spills; each in the token layout (channel stride 1: whole
+# rows) and channels-first (U-DiT's NCHW images: token tiles, channels in chunks).
 ADALN = [(1024, 96), (256, 1152), (64, 1536), (256, 4096)]
 DTYPES = ["bf16", "fp32"]
 # Register spills known and accepted for now (each costs speed, not correctness; to tune with
 # a GPU): the attention kernels at head dim 96 (the (BM, hd) tiles of q's even and odd halves,
 # the output and its gradient are live together), and with fp32 inputs from head dim 48 (IEEE
 # products on the CUDA cores). Any other spill fails the test.
-# The adaLN kernels spill in channels-first layout from D = 1152 in the gated backward and at
-# D = 4096 both ways (the slow layout: its tiles are tall so that each channel is a run of
-# tokens), and 7 stores in the gated backward at D = 4096 on tokens (float32 rows with a bf16
-# branch too).
+# The adaLN kernels, specialised as launched (strides of 1, alignment), spill only in the gated
+# backward on tokens at D = 4096 (2 stores; float32 rows with a bf16 branch too).
 KNOWN_SPILLS = re.compile(
     r"^attention \w+ (\w+ hd=96|fp32 hd=48|bf16 hd=48 .*rope=False backward=True)"
-    r"|^adaln (bwd \w+ L=\d+ D=(1152|1536) channels-first gated=True"
-    r"|\w+ \w+ L=\d+ D=4096 channels-first|bwd [\w+]+ L=\d+ D=4096 tokens gated=True)"
+    r"|^adaln bwd [\w+]+ L=\d+ D=4096 tokens gated=True"
 )
 
 
@@ -83,7 +80,7 @@ def _cases():
         yield from _attention_cases(dtype)
         yield from _adaln_cases(dtype)
     # autocast's float32 residual with a bfloat16 branch and vectors, on DiT's tokens
-    yield from _adaln_cases("fp32", branch="bf16", layouts=(("tokens", 1),))
+    yield from _adaln_cases("fp32", branch="bf16", layouts=("tokens",))
 
 
 def _adaln_cases(dtype, branch=None, layouts=None):
@@ -94,16 +91,24 @@ def _adaln_cases(dtype, branch=None, layouts=None):
                                                "O2")})  # fmt: skip
     ptrs.update(PART="fp32")
     dtype = f"{dtype}+{branch}" if branch else dtype
+    elem = 4 if dtype.startswith("fp32") else 2
     for length, dim in ADALN:
-        for layout, channel_stride in layouts or (("tokens", 1), ("channels-first", length)):
+        for layout in layouts or ("tokens", "channels-first"):
             for backward in (False, True):
-                rows, block_d, warps = T._launch_shape(length, dim, channel_stride, backward)
-                kernel = T._bwd_kernel if backward else T._fwd_kernel
+                if layout == "tokens":
+                    rows, block_d, warps = T._launch_shape(length, dim, backward)
+                    kernel = T._bwd_kernel if backward else T._fwd_kernel
+                    tiles = dict(ROWS=rows, BLOCK_D=block_d)
+                else:  # runs of 64 bytes, and of 32 for U-DiT-L's last stage (few tiles)
+                    tokens = T.CF_RUN_BYTES // elem // (2 if dim == 1536 else 1)
+                    chunk, warps = T._cf_shape(tokens, dim, backward)
+                    kernel = T._cf_bwd_kernel if backward else T._cf_fwd_kernel
+                    tiles = dict(TOKENS=tokens, CHUNK=chunk)
+                tiles.update(RTNE_BF16=False, WIDE=False, num_warps=warps,
+                             values=_adaln_values(length, dim, layout))  # fmt: skip
                 for gated in (False, True):
-                    tiles = dict(GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=False,
-                                 WIDE=False, num_warps=warps)  # fmt: skip
                     what = f"{'bwd' if backward else 'fwd'} {dtype} L={length} D={dim} {layout}"
-                    yield f"adaln {what} gated={gated}", kernel, ptrs, tiles
+                    yield f"adaln {what} gated={gated}", kernel, ptrs, dict(tiles, GATED=gated)
         block = min(1024, triton_next_pow2(dim))
         for planes in (2, 3):
             tiles = dict(PLANES=planes, BLOCK=block, RTNE_BF16=False, num_warps=4)
@@ -113,6 +118,18 @@ def _adaln_cases(dtype, branch=None, layouts=None):
                 ptrs,
                 tiles,
             )
+
+
+def _adaln_values(length: int, dim: int, layout: str) -> dict[str, int]:
+    """The adaLN kernels' integer arguments as a launch on 2 samples passes them (rows of every
+    tensor in ``layout``; (B, D) contiguous vectors)."""
+    strides = (length * dim, dim, 1) if layout == "tokens" else (dim * length, 1, length)
+    values = {"L": length, "D": dim}
+    for t in ("x", "y", "r", "o", "dr", "dh", "dx", "dy"):
+        values.update(zip((f"s{t}_b", f"s{t}_l", f"s{t}_d"), strides))
+    for v in ("g", "sh", "sc"):
+        values.update({f"s{v}_b": dim, f"s{v}_d": 1})
+    return values
 
 
 def _attention_cases(dtype):
@@ -154,23 +171,37 @@ def triton_next_pow2(n: int) -> int:
 def _compile(kernel, pointers: dict[str, str], constexprs: dict) -> dict:
     """Compile ``kernel`` for sm_90 (pointer arguments typed by ``pointers``, "eps" fp32, every
     other argument i32) and return the resource usage cuobjdump reports (REG, STACK, ...)
-    and the number of local-memory stores in the machine code (spills)."""
+    and the number of local-memory stores in the machine code (spills).
+
+    A "values" entry in ``constexprs`` gives integer arguments their launch values, so that the
+    kernel is specialised as Triton's launcher specialises it: an argument equal to 1 becomes a
+    constant (a stride of 1: contiguous, vector accesses), one divisible by 16 is marked so, and
+    the pointers are marked 16-byte aligned (as torch allocates). Without it, every integer is
+    an unknown i32 and no pointer is known aligned (the scalar worst case)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     constexprs = dict(constexprs)
     warps = constexprs.pop("num_warps")
-    signature = {}
-    for name in kernel.arg_names:
+    values = constexprs.pop("values", None)
+    aligned = values is not None
+    values = {k: v for k, v in (values or {}).items() if k in kernel.arg_names}
+    constexprs.update({name: 1 for name, v in values.items() if v == 1})
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = "*" + pointers[name]
+            if aligned:
+                attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name == "eps" else "i32"
+            if values.get(name, 1) % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs=constexprs),
+        ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": warps},
     )

@@ -183,8 +183,9 @@ def gated_adaln(
 #
 # triton (fastdit/triton/adaln.py): forward and backward of both ops, every layout the reference
 # takes that reads as rows of D with one stride per dimension (tokens, channels-first and
-# channels-last images, strided views), D <= 16384, each tensor in its own dtype; float64 is
-# declined (auto: torch).
+# channels-last images, strided views), each tensor in its own dtype; D <= 16384 where x's
+# channels are adjacent (whole rows in registers), any D for channels-first x (token tiles,
+# channels in chunks); float64 is declined (auto: torch).
 #
 # cuda (csrc/adaln.cu through fastdit._C): forward and backward of both ops for contiguous
 # (B, L, D) tokens and channels-last (B, D, H, W) images, with contiguous (B, D) conditioning

@@ -2,11 +2,17 @@
 
 Every layout is read as B samples of L rows of D channels with arbitrary strides:
 (B, L, D) tokens, and (B, D, H, W) images with L = H * W (channels-first: channel stride H*W and
-token stride 1; channels-last: channel stride 1). A program works on a (ROWS, BLOCK_D) tile of
-one sample: ROWS rows, each whole in registers, so every element is read once and written once.
-For channels-last and tokens a tile row is D consecutive elements; for channels-first a tile
-column is ROWS consecutive tokens, so the tile is made tall (see _launch_shape) to keep each
-access a run of consecutive bytes. D <= 16384; float64 is declined (auto serves it with torch).
+token stride 1; channels-last: channel stride 1). Two kernel pairs:
+
+- tokens and channels-last (a row is D consecutive elements): ``_fwd_kernel``/``_bwd_kernel``.
+  A program works on a (ROWS, BLOCK_D) tile of one sample, each row whole in registers, so every
+  element is read once and written once. D <= 16384.
+- channels-first (a token's D values lie H*W elements apart): ``_cf_fwd_kernel``/
+  ``_cf_bwd_kernel``. A program takes a tile of 16 or 32 consecutive tokens (runs of 64 bytes of
+  each channel) and walks its channels in chunks, twice: statistics, then outputs (the section
+  "Channels-first images" below: its bytes, its one-pass statistics and their precision).
+
+float64 is declined (auto serves it with torch).
 
 Every pointer is read in its own dtype (each loaded value is widened to fp32, each stored
 one rounded once from fp32), so under autocast a float32 x takes a bfloat16 y and vectors as
@@ -33,15 +39,15 @@ second kernel adds the partials of each sample in split order. The split count d
 the shape and the GPU's SM count, so two runs on the same GPU give bitwise-equal gradients.
 
 Verified here without a GPU: results under TRITON_INTERPRET=1 (tests/test_adaln.py), and
-compilation for sm_90 with Triton's bundled ptxas (registers per thread at every tile shape
-_launch_shape picks for the DiT and U-DiT widths: 32-64 forward, 54-100 backward, no spills for
-tokens and channels-last up to D = 4096; small spills at D = 8192 gated backward and for
-channels-first D > 1024).
+compilation for sm_90 with Triton's bundled ptxas, specialised as the launcher specialises
+(tests/test_triton_compile.py; registers per thread at the DiT and U-DiT widths): whole rows
+32-55 forward, 40-72 backward, no spills up to D = 4096 but 2 stores in the gated backward at
+4096; channels-first 38-148, no spills at any D.
 
 Expected on an H100 (HBM3 3.35 TB/s; a device-to-device copy measures about 2.6-3.0 TB/s), not
 measured yet: forward 85-90 % of the copy bandwidth at the DiT-XL/2 and channels-last U-DiT
 shapes; backward 70-80 % (four live row tensors per element, and the partials); channels-first
-images lower, their backward much lower (runs of 2-8 tokens). At DiT-XL/2 B 256, bf16
+images lower where the second read of a tile misses L2. At DiT-XL/2 B 256, bf16
 (N e = 151 MB) and ~2.8 TB/s copy: modulate forward ~125 us, gated forward ~245 us, gated
 backward ~430 us.
 """
@@ -253,10 +259,269 @@ def _sum_splits_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Channels-first images: token tiles, channels in chunks
+#
+# In a (B, D, H, W) image each channel is a plane of L = H * W consecutive tokens, so a token's D
+# values lie L elements apart. A tile of the kernels above holds whole rows: to read runs of
+# tokens it must be tall, and a tall tile of whole rows does not fit in registers once D is
+# large (runs of 2 tokens, and spills, at D = 1152 in the backward). The kernels below take a
+# tile of TOKENS consecutive tokens (64 bytes of each channel plane: two whole 32-byte sectors)
+# and walk its D channels in chunks of CHUNK, twice: the first pass takes the row statistics, the
+# second writes. Registers do not grow with D (no spills at any D), and no lane idles on the
+# padding of D to a power of two. The price is the second read of the tile, which comes from L2
+# when the tiles resident on the GPU fit there (the gated backward in bf16 holds 4 programs per
+# SM by its registers: on an H100 at most 20 MB of tiles at each U-DiT-B stage with B 32, against
+# 50 MB of L2), else from memory: then the forward moves 3 N e (modulate) and 6 N e (gated)
+# bytes, the backward 5 N e and 9 N e (x, y and dout read twice), against 2, 4, 3 and 6 N e.
+#
+# The statistics take one pass, shifted by k, the mean of the tile's first chunk (per token):
+# with u = x' - k, mean = k + sum(u) / D and var = sum(u^2) / D - (sum(u) / D)^2. The subtraction
+# loses a factor of at most 1 + (mean - k)^2 / var of the precision of sum(u^2), and k is the
+# mean of CHUNK of the D values, so (mean - k)^2 <= (D / CHUNK - 1) var: a bounded loss (a
+# factor D / CHUNK, 48 at U-DiT-L's widest) whatever the mean, where the unshifted formula loses
+# everything to a large mean. The backward's mean(g * n) is rstd * (sum(g u) / D - mean(u) mean(g))
+# on the same shift. The sums over tokens (d shift, d scale, d gate) are one partial row per tile,
+# added in tile order by _sum_splits_kernel: deterministic.
+
+
+@triton.jit
+def _at(P, b, row0, c0, rl, cols, s_b, s_l, s_d):
+    """Pointers to the (TOKENS, CHUNK) tile of sample b, tokens row0 + rl, channels c0 + cols
+    (b, row0, c0 64-bit scalars; the in-tile offsets 32-bit unless WIDE made rl, cols 64-bit)."""
+    return P + (b * s_b + row0 * s_l + c0 * s_d) + (rl[:, None] * s_l + cols[None, :] * s_d)
+
+
+@triton.jit
+def _cf_rows(
+    X, Y, GATE, R, b, row0, c0, rl, cols, col_ok, mask,
+    sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
+    GATED: tl.constexpr, STORE_R: tl.constexpr, RTNE_BF16: tl.constexpr,
+):  # fmt: skip
+    """(x', y, gate) of the tile's channels [c0, c0 + CHUNK), in fp32, 0 outside ``mask``: x' is
+    x, or r = x + gate * y rounded to r's dtype (and stored if STORE_R) when GATED."""
+    x = tl.load(
+        _at(X, b, row0, c0, rl, cols, sx_b, sx_l, sx_d),
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    y = x
+    gate = tl.zeros_like(cols).to(tl.float32)
+    if GATED:
+        y = tl.load(
+            _at(Y, b, row0, c0, rl, cols, sy_b, sy_l, sy_d),
+            mask=mask,
+            other=0.0,
+        ).to(tl.float32)
+        gate = tl.load(GATE + b * sg_b + (c0 + cols) * sg_d, mask=col_ok, other=0.0)
+        gate = gate.to(tl.float32)
+        r = _round(x + gate[None, :] * y, R.dtype.element_ty, RTNE_BF16)
+        if STORE_R:
+            tl.store(_at(R, b, row0, c0, rl, cols, sr_b, sr_l, sr_d), r, mask=mask)
+        x = r.to(tl.float32)
+    return x, y, gate
+
+
+@triton.jit
+def _cf_dout(DH, SCALE, b, row0, c0, rl, cols, col_ok, mask, sdh_b, sdh_l, sdh_d, ssc_b, ssc_d):
+    """(dout, g = dout * (1 + scale)) of the tile's channels [c0, c0 + CHUNK), fp32, 0 outside
+    ``mask``."""
+    dh = tl.load(
+        _at(DH, b, row0, c0, rl, cols, sdh_b, sdh_l, sdh_d),
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    scale = tl.load(SCALE + b * ssc_b + (c0 + cols) * ssc_d, mask=col_ok, other=0.0)
+    return dh, dh * (1.0 + scale.to(tl.float32)[None, :])
+
+
+@triton.jit
+def _cf_statistics(
+    X, Y, GATE, R, DH, SCALE, b, row0, rl, cols, row_ok, D,
+    sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
+    sdh_b, sdh_l, sdh_d, ssc_b, ssc_d,
+    eps,
+    GATED: tl.constexpr, STORE_R: tl.constexpr, GRAD: tl.constexpr, CHUNK: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
+):  # fmt: skip
+    """The first pass over a tile's channels: per token, (mean, rstd) of x' (r stored if
+    STORE_R) and, if GRAD, (mean(g), mean(g n)) with g = dout * (1 + scale); shifted by k, the
+    mean of the first chunk (see the section's comment)."""
+    c0 = b * 0  # 64-bit: c0 * (channel stride) may pass 2^31
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    x, y, gate = _cf_rows(
+        X, Y, GATE, R, b, row0, c0, rl, cols, col_ok, mask,
+        sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
+        GATED=GATED, STORE_R=STORE_R, RTNE_BF16=RTNE_BF16,
+    )  # fmt: skip
+    k = tl.sum(x, axis=1) / tl.minimum(D, CHUNK)
+    sum_u = tl.where(mask, x - k[:, None], 0.0)
+    sum_uu = sum_u * sum_u
+    sum_g = tl.zeros_like(sum_u)
+    sum_gu = tl.zeros_like(sum_u)
+    if GRAD:
+        dh, sum_g = _cf_dout(
+            DH, SCALE, b, row0, c0, rl, cols, col_ok, mask, sdh_b, sdh_l, sdh_d, ssc_b, ssc_d
+        )
+        sum_gu = sum_g * sum_u
+    c0 += CHUNK
+    while c0 < D:
+        col_ok = (c0 + cols) < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        x, y, gate = _cf_rows(
+            X, Y, GATE, R, b, row0, c0, rl, cols, col_ok, mask,
+            sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
+            GATED=GATED, STORE_R=STORE_R, RTNE_BF16=RTNE_BF16,
+        )  # fmt: skip
+        u = tl.where(mask, x - k[:, None], 0.0)
+        sum_u += u
+        sum_uu += u * u
+        if GRAD:
+            dh, g = _cf_dout(
+                DH, SCALE, b, row0, c0, rl, cols, col_ok, mask, sdh_b, sdh_l, sdh_d, ssc_b, ssc_d
+            )
+            sum_g += g
+            sum_gu += g * u
+        c0 += CHUNK
+    mean_u = tl.sum(sum_u, axis=1) / D
+    var = tl.maximum(tl.sum(sum_uu, axis=1) / D - mean_u * mean_u, 0.0)
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    mean_g = tl.sum(sum_g, axis=1) / D
+    mean_gn = rstd * (tl.sum(sum_gu, axis=1) / D - mean_u * mean_g)
+    return k + mean_u, rstd, mean_g, mean_gn
+
+
+@triton.jit
+def _cf_fwd_kernel(
+    X, Y, GATE, SHIFT, SCALE, R, OUT,
+    L, D, tiles_per_sample,
+    sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, so_b, so_l, so_d,
+    sg_b, sg_d, ssh_b, ssh_d, ssc_b, ssc_d,
+    eps,
+    GATED: tl.constexpr, TOKENS: tl.constexpr, CHUNK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
+):  # fmt: skip
+    """_fwd_kernel's results for one tile: TOKENS tokens of one sample, all D channels."""
+    rl = tl.arange(0, TOKENS)
+    cols = tl.arange(0, CHUNK)
+    if WIDE:
+        rl = rl.to(tl.int64)
+        cols = cols.to(tl.int64)
+    tile = tl.program_id(0)
+    b = (tile // tiles_per_sample).to(tl.int64)
+    row0 = ((tile % tiles_per_sample) * TOKENS).to(tl.int64)
+    row_ok = (row0 + rl) < L
+
+    # Pass 1: the statistics (and r, stored).
+    mean, rstd, _, _ = _cf_statistics(
+        X, Y, GATE, R, X, SCALE, b, row0, rl, cols, row_ok, D,
+        sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
+        sx_b, sx_l, sx_d, ssc_b, ssc_d,
+        eps,
+        GATED=GATED, STORE_R=GATED, GRAD=False, CHUNK=CHUNK, RTNE_BF16=RTNE_BF16,
+    )  # fmt: skip
+
+    # Pass 2: the output (r recomputed bit for bit, not re-read).
+    c0 = b * 0
+    while c0 < D:
+        col_ok = (c0 + cols) < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        x, y, gate = _cf_rows(
+            X, Y, GATE, R, b, row0, c0, rl, cols, col_ok, mask,
+            sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
+            GATED=GATED, STORE_R=False, RTNE_BF16=RTNE_BF16,
+        )  # fmt: skip
+        shift = tl.load(SHIFT + b * ssh_b + (c0 + cols) * ssh_d, mask=col_ok, other=0.0)
+        scale = tl.load(SCALE + b * ssc_b + (c0 + cols) * ssc_d, mask=col_ok, other=0.0)
+        n = (x - mean[:, None]) * rstd[:, None]
+        out = n * (1.0 + scale.to(tl.float32)[None, :]) + shift.to(tl.float32)[None, :]
+        tl.store(
+            _at(OUT, b, row0, c0, rl, cols, so_b, so_l, so_d),
+            _round(out, OUT.dtype.element_ty, RTNE_BF16),
+            mask=mask,
+        )
+        c0 += CHUNK
+
+
+@triton.jit
+def _cf_bwd_kernel(
+    X, Y, GATE, SCALE, DR, DH, DX, DY, PART,
+    L, D, tiles_per_sample, plane,
+    sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sdr_b, sdr_l, sdr_d, sdh_b, sdh_l, sdh_d,
+    sdx_b, sdx_l, sdx_d, sdy_b, sdy_l, sdy_d,
+    sg_b, sg_d, ssc_b, ssc_d,
+    eps,
+    GATED: tl.constexpr, TOKENS: tl.constexpr, CHUNK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    WIDE: tl.constexpr,
+):  # fmt: skip
+    """_bwd_kernel's gradients (formulas there); the partial sums of tile s of sample b go to
+    PART[plane k][b][s][:], one row per tile (_sum_splits_kernel adds them, splits = tiles per
+    sample)."""
+    rl = tl.arange(0, TOKENS)
+    cols = tl.arange(0, CHUNK)
+    if WIDE:
+        rl = rl.to(tl.int64)
+        cols = cols.to(tl.int64)
+    plane = plane.to(tl.int64)  # 32-bit while < 2^31, and 2 * plane may not be
+    tile = tl.program_id(0)
+    b = (tile // tiles_per_sample).to(tl.int64)
+    s = tile % tiles_per_sample
+    row0 = (s * TOKENS).to(tl.int64)
+    part = PART + (b * tiles_per_sample + s) * D  # 64-bit: b is int64
+    row_ok = (row0 + rl) < L
+
+    # Pass 1: the statistics, and mean(g), mean(g n) (formulas: _bwd_kernel).
+    mean, rstd, mean_g, mean_gn = _cf_statistics(
+        X, Y, GATE, X, DH, SCALE, b, row0, rl, cols, row_ok, D,
+        sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sx_b, sx_l, sx_d, sg_b, sg_d,
+        sdh_b, sdh_l, sdh_d, ssc_b, ssc_d,
+        eps,
+        GATED=GATED, STORE_R=False, GRAD=True, CHUNK=CHUNK, RTNE_BF16=RTNE_BF16,
+    )  # fmt: skip
+
+    # Pass 2: dx (and dy), and the tile's partial sums over its tokens.
+    c0 = b * 0
+    while c0 < D:
+        col_ok = (c0 + cols) < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        x, y, gate = _cf_rows(
+            X, Y, GATE, X, b, row0, c0, rl, cols, col_ok, mask,
+            sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sx_b, sx_l, sx_d, sg_b, sg_d,
+            GATED=GATED, STORE_R=False, RTNE_BF16=RTNE_BF16,
+        )  # fmt: skip
+        n = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dh, g = _cf_dout(
+            DH, SCALE, b, row0, c0, rl, cols, col_ok, mask, sdh_b, sdh_l, sdh_d, ssc_b, ssc_d
+        )
+        dx = rstd[:, None] * (g - mean_g[:, None] - n * mean_gn[:, None])
+        tl.store(part + c0 + cols, tl.sum(dh, axis=0), mask=col_ok)
+        tl.store(part + plane + c0 + cols, tl.sum(dh * n, axis=0), mask=col_ok)
+        if GATED:
+            dx += tl.load(
+                _at(DR, b, row0, c0, rl, cols, sdr_b, sdr_l, sdr_d),
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            tl.store(
+                _at(DY, b, row0, c0, rl, cols, sdy_b, sdy_l, sdy_d),
+                _round(gate[None, :] * dx, DY.dtype.element_ty, RTNE_BF16),
+                mask=mask,
+            )
+            # y is 0 outside the mask
+            tl.store(part + 2 * plane + c0 + cols, tl.sum(dx * y, axis=0), mask=col_ok)
+        tl.store(
+            _at(DX, b, row0, c0, rl, cols, sdx_b, sdx_l, sdx_d),
+            _round(dx, DX.dtype.element_ty, RTNE_BF16),
+            mask=mask,
+        )
+        c0 += CHUNK
+
+
+# ----------------------------------------------------------------------------------------------
 # Python side: layouts, launch shapes, and the functions the op registers
 
 
-MAX_D = 16384
+MAX_D = 16384  # the whole-row kernels (tokens, channels-last); channels-first takes any D
 # Row indices, program ids and split bounds (up to twice L) are 32-bit in the kernels.
 MAX_ROWS = 2**30
 MIN_SPLIT_ROWS = 16  # rows per (sample, split) program in the backward, at least (on a GPU)
@@ -285,13 +550,19 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _reason(name: str, t: torch.Tensor) -> str:
+    """Why the kernels cannot read ``t`` (x, or y) as rows, or "" if they can."""
     if t.dtype not in _DTYPES:
         return dtype_reason(t)
     dim = t.shape[-1] if t.dim() == 3 else t.shape[1]
-    if dim > MAX_D:
-        return f"the triton kernel keeps a row in registers and takes D <= {MAX_D}, got {dim}"
-    if _rows_view(t) is None:
+    view = _rows_view(t)
+    if view is None:
         return f"{name}'s H and W dimensions do not merge into one strided dimension"
+    if name == "x" and dim > MAX_D and not _channels_first(dim, view[4]):
+        # x's layout picks the kernels; only those of whole rows have a bound on D
+        return (
+            f"the triton kernel keeps a row of adjacent channels in registers and takes "
+            f"D <= {MAX_D}, got {dim} (channels-first images take any D)"
+        )
     rows = t.numel() // max(1, dim)
     if rows >= MAX_ROWS:
         return f"the triton kernels count rows in 32 bits and take B * L < 2^30, got {rows}"
@@ -324,29 +595,56 @@ def supports_gated(
 supports = supports_modulate  # the name the first registration used
 
 
-def _launch_shape(
-    length: int, dim: int, channel_stride: int, backward: bool
-) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_D, num_warps) of a tile (register use checked by compiling for sm_90 with
-    the bundled ptxas, tests/test_triton_compile.py: no spills up to D = 4096 on tokens and
-    channels-last but 7 stores in the gated backward at 4096; channels-first spills from
-    D = 1152 in the gated backward and at D = 4096).
+def _launch_shape(length: int, dim: int, backward: bool) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_D, num_warps) of a tile of whole rows (tokens and channels-last; register
+    use checked by compiling for sm_90 with the bundled ptxas, tests/test_triton_compile.py: no
+    spills up to D = 4096 but 7 stores in the gated backward at 4096).
 
-    Forward: about 4096 elements, 16 per thread (32 for channels-first). Backward (four row
-    tensors live at once, and three column-sum tiles): about 2048 elements, 4 per thread (8 at
-    D = 8192). Channels-first data (channel stride != 1) gets taller tiles so that each
-    channel's slice is a run of tokens: 16 or more in the forward (8 at D > 1024), 8 in the
-    backward up to D = 256 (fewer beyond: the backward of channels-first images is the slow
-    path; channels-last is the fast layout)."""
+    Forward: about 4096 elements, 16 per thread. Backward (four row tensors live at once, and
+    three column-sum tiles): about 2048 elements, 4 per thread (8 at D = 8192)."""
     block_d = triton.next_power_of_2(dim)
-    tokens = channel_stride == 1 or dim == 1
     if not backward:
-        rows = max(1, min(64, 4096 // block_d)) if tokens else max(8, min(64, 16384 // block_d))
-        rows = min(rows, triton.next_power_of_2(length))
+        rows = min(max(1, min(64, 4096 // block_d)), triton.next_power_of_2(length))
         return rows, block_d, max(1, min(16, rows * block_d // 512))
-    rows = max(1, min(32, 2048 // block_d)) if tokens else max(2, min(8, 2048 // block_d))
-    rows = min(rows, triton.next_power_of_2(length))
+    rows = min(max(1, min(32, 2048 // block_d)), triton.next_power_of_2(length))
     return rows, block_d, max(1, min(32, rows * block_d // 128))
+
+
+CF_RUN_BYTES = 64  # bytes of each channel plane a channels-first tile reads: two 32-byte sectors
+CF_WARPS = 4
+
+
+def _cf_tokens(batch: int, length: int, elem: int, device: torch.device) -> int:
+    """TOKENS of the channels-first kernels: runs of CF_RUN_BYTES (16 tokens in fp32, 32 in
+    16-bit dtypes), halved to runs of one 32-byte sector when that leaves fewer than 4 tiles per
+    SM (a batch of small images: U-DiT's last stage has 64 tokens at 256 px) so as to fill the
+    GPU. On the CPU (the interpreter) the bound is 4 tiles, so that the tests see both sizes."""
+    tokens = CF_RUN_BYTES // elem
+    wanted = 4 * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
+    if batch * triton.cdiv(length, tokens) < wanted:
+        tokens //= 2
+    return tokens
+
+
+def _cf_shape(tokens: int, dim: int, backward: bool) -> tuple[int, int]:
+    """(CHUNK, num_warps) of the channels-first kernels: tiles of TOKENS by CHUNK channels, about
+    2048 elements in the forward (16 a thread) and 1024 in the backward (8 a thread: four sums are
+    carried across the chunks). CHUNK is the largest power of two up to that which divides D
+    (U-DiT's widths are multiples of 32 and need no masked chunk), else the whole bound with the
+    last chunk masked."""
+    most = (1024 if backward else 2048) // tokens
+    chunk = most
+    while chunk > 16 and dim % chunk:
+        chunk //= 2
+    if dim % chunk:
+        chunk = min(most, triton.next_power_of_2(dim))
+    return chunk, CF_WARPS
+
+
+def _channels_first(dim: int, channel_stride: int) -> bool:
+    """True for layouts whose channels are not adjacent (channels-first images): the kernels
+    with token tiles and channel chunks serve them."""
+    return channel_stride != 1 and dim > 1
 
 
 def _splits(
@@ -386,21 +684,35 @@ def _forward(x, y, gate, shift, scale, eps):
     res = _checks.empty_like_layout(x) if gated else out
     length, dim, *sx = _rows_view(x)
     sy = _strides(y) if gated else (0, 0, 0)
-    rows, block_d, warps = _launch_shape(length, dim, sx[2], backward=False)
-    blocks = triton.cdiv(length, rows)
     gate = gate if gated else shift
-    wide = _wide(rows, block_d, [t for t in (x, y, res, out, gate, shift, scale) if t is not None])
+    args = (
+        x, y if gated else x, gate, shift, scale, res, out,
+        length, dim,
+    )  # fmt: skip
+    strides = (
+        *sx, *sy, *_strides(res), *_strides(out),
+        *gate.stride(), *shift.stride(), *scale.stride(),
+        eps,
+    )  # fmt: skip
+    tensors = [t for t in (x, y, res, out, gate, shift, scale) if t is not None]
     with _device_context(x):
-        _fwd_kernel[(x.shape[0] * blocks,)](
-            x, y if gated else x, gate, shift, scale, res, out,
-            length, dim, blocks,
-            *sx, *sy, *_strides(res), *_strides(out),
-            *gate.stride(), *shift.stride(), *scale.stride(),
-            eps,
-            GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=_RTNE_BF16,
-            WIDE=wide,
-            num_warps=warps,
-        )  # fmt: skip
+        if _channels_first(dim, sx[2]):
+            tokens = _cf_tokens(x.shape[0], length, x.element_size(), x.device)
+            chunk, warps = _cf_shape(tokens, dim, backward=False)
+            per_sample = triton.cdiv(length, tokens)
+            _cf_fwd_kernel[(x.shape[0] * per_sample,)](
+                *args, per_sample, *strides,
+                GATED=gated, TOKENS=tokens, CHUNK=chunk, RTNE_BF16=_RTNE_BF16,
+                WIDE=_wide(tokens, chunk, tensors), num_warps=warps,
+            )  # fmt: skip
+        else:
+            rows, block_d, warps = _launch_shape(length, dim, backward=False)
+            blocks = triton.cdiv(length, rows)
+            _fwd_kernel[(x.shape[0] * blocks,)](
+                *args, blocks, *strides,
+                GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=_RTNE_BF16,
+                WIDE=_wide(rows, block_d, tensors), num_warps=warps,
+            )  # fmt: skip
     return (res, out) if gated else out
 
 
@@ -433,24 +745,38 @@ def _backward(x, y, gate, shift, scale, dr, dh, eps):
     else:
         dr, dy, gate = x, x, scale
         sy = sdr = sdy = (0, 0, 0)
-    rows, block_d, warps = _launch_shape(length, dim, sx[2], backward=True)
-    splits, rows_per_split = _splits(batch, length, rows, warps, x.device)
     planes = 3 if gated else 2
-    plane = batch * splits * dim
-    part = torch.empty(planes * plane, dtype=torch.float32, device=x.device)
     grads = [torch.empty_like(t) for t in (shift, scale, gate)[:planes]]  # d shift, d scale, d gate
-    reduce_block = min(1024, triton.next_power_of_2(dim))
+    args = (x, y if gated else x, gate, scale, dr, dh, dx, dy)
+    strides = (
+        *sx, *sy, *sdr, *_strides(dh), *_strides(dx), *sdy,
+        *gate.stride(), *scale.stride(),
+        eps,
+    )  # fmt: skip
+    tensors = (x, y if gated else x, dr, dh, dx, dy, gate, scale)
     with _device_context(x):
-        _bwd_kernel[(batch, splits)](
-            x, y if gated else x, gate, scale, dr, dh, dx, dy, part,
-            length, dim, rows_per_split, splits, plane,
-            *sx, *sy, *sdr, *_strides(dh), *_strides(dx), *sdy,
-            *gate.stride(), *scale.stride(),
-            eps,
-            GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=_RTNE_BF16,
-            WIDE=_wide(rows, block_d, (x, y if gated else x, dr, dh, dx, dy, gate, scale)),
-            num_warps=warps,
-        )  # fmt: skip
+        if _channels_first(dim, sx[2]):
+            tokens = _cf_tokens(batch, length, x.element_size(), x.device)
+            chunk, warps = _cf_shape(tokens, dim, backward=True)
+            splits = triton.cdiv(length, tokens)  # one partial row per tile
+            plane = batch * splits * dim
+            part = torch.empty(planes * plane, dtype=torch.float32, device=x.device)
+            _cf_bwd_kernel[(batch * splits,)](
+                *args, part, length, dim, splits, plane, *strides,
+                GATED=gated, TOKENS=tokens, CHUNK=chunk, RTNE_BF16=_RTNE_BF16,
+                WIDE=_wide(tokens, chunk, tensors), num_warps=warps,
+            )  # fmt: skip
+        else:
+            rows, block_d, warps = _launch_shape(length, dim, backward=True)
+            splits, rows_per_split = _splits(batch, length, rows, warps, x.device)
+            plane = batch * splits * dim
+            part = torch.empty(planes * plane, dtype=torch.float32, device=x.device)
+            _bwd_kernel[(batch, splits)](
+                *args, part, length, dim, rows_per_split, splits, plane, *strides,
+                GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=_RTNE_BF16,
+                WIDE=_wide(rows, block_d, tensors), num_warps=warps,
+            )  # fmt: skip
+        reduce_block = min(1024, triton.next_power_of_2(dim))
         outs = grads + [grads[0]] * (3 - planes)
         _sum_splits_kernel[(batch, triton.cdiv(dim, reduce_block))](
             part, *outs,
