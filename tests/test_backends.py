@@ -117,6 +117,45 @@ def test_direct_op_calls_meet_the_kernels_contract(monkeypatch):
     assert adaln._modulate.last_backward_backend == "torch"
 
 
+def test_direct_backward_calls_get_cotangents_shaped_like_the_outputs(monkeypatch):
+    """torch.ops.fastdit.*_backward called directly may pass cotangents unlike the outputs,
+    which the kernels would read with the outputs' sizes: every backend refuses them, naming
+    the cotangent. Autograd's calls (cotangents made for the outputs) are not checked."""
+    from fastdit.ops import patchify
+
+    raw = torch.ops.fastdit
+    x, s = torch.randn(2, 4, 8), torch.randn(2, 8)
+    for backend in ("torch", "triton", "auto"):
+        with pytest.raises(ValueError, match=r"adaln_modulate_backward: grad0 has shape "
+                                             r"\(2, 4, 4\), its output \(2, 4, 8\)$"):  # fmt: skip
+            raw.adaln_modulate_backward(x[..., :4], x, s, s, 1e-6, backend)
+    with pytest.raises(ValueError, match=r"gated_adaln_backward: grad1 has shape \(2, 1, 8\)"):
+        raw.gated_adaln_backward(x, x[:, :1], x, x, s, s, s, 1e-6, "auto")
+    # (the dispatcher sends mixed devices elsewhere first; the check covers them too)
+    reason = adaln._modulate._grads_reason([x.to("meta")], [x, s, s, 1e-6])
+    assert reason == "grad0 is on meta, the inputs on cpu"
+    image = torch.randn(2, 3, 4, 6)
+    tokens = patchify.reference_patchify(image, 2, "cpq")
+    with pytest.raises(ValueError, match=r"patchify_backward: grad0 has shape \(2, 5, 12\)"):
+        raw.patchify_backward(tokens[:, :5], image, 2, "cpq", "auto")
+    q = torch.randn(4, 2, 16, 8)
+    with pytest.raises(ValueError, match=r"attention_in_groups_backward: grad0 has shape"):
+        raw.attention_in_groups_backward(q[:, :1], q, q, q, torch.zeros(2, 1, 1), True, "auto")
+    # cotangents of the outputs' shapes pass, in any layout
+    grads = raw.adaln_modulate_backward(x.transpose(0, 1).contiguous().transpose(0, 1), x, s, s,
+                                        1e-6, "auto")  # fmt: skip
+    assert [tuple(g.shape) for g in grads] == [(2, 4, 8), (2, 8), (2, 8)]
+
+    calls = []
+    reason = adaln._modulate._grads_reason
+    monkeypatch.setattr(adaln._modulate, "_grads_reason", lambda *a: calls.append(1) or reason(*a))
+    xg = x.clone().requires_grad_()
+    fastdit.adaln_modulate(xg, s, s).sum().backward()
+    assert not calls
+    raw.adaln_modulate(xg, s, s, 1e-6, "auto").sum().backward()  # a direct call's forward
+    assert calls
+
+
 def test_auto_never_fails_where_the_reference_serves(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "auto")
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

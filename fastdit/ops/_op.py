@@ -105,6 +105,7 @@ class Op:
         self.kernels: dict[str, Kernel] = {"torch": Kernel(reference)}
         self.last_backend: str | None = None  # the backend that ran the last eager forward
         self.last_backward_backend: str | None = None
+        self._output_shapes_seen: dict[Any, list[torch.Size]] = {}
         _backends.note_implemented(family, "torch", name)
 
         out = "Tensor" if outputs == 1 else "(" + ", ".join(["Tensor"] * outputs) + ")"
@@ -236,7 +237,12 @@ class Op:
 
     def _backward_impl(self, *args: Any) -> list[torch.Tensor]:
         grads, inputs, backend = args[: self.outputs], args[self.outputs : -1], args[-1]
-        chosen = self._select(backend, inputs, backward=True, checked=self._take_checked())
+        checked = self._take_checked()
+        if not checked:  # autograd passes cotangents shaped like the outputs; a direct call may not
+            reason = self._grads_reason(grads, inputs)
+            if reason:
+                raise ValueError(f"fastdit.{self.name}_backward: {reason}")
+        chosen = self._select(backend, inputs, backward=True, checked=checked)
         self.last_backward_backend = chosen
         kernel = self.kernels[chosen]
         with _autocast.off(inputs):
@@ -244,6 +250,40 @@ class Op:
                 return self._reference_backward(grads, inputs)
             result = kernel.backward(grads, inputs)
         return [_like(g, inputs[i]) for i, g in zip(self.diff_index, result)]
+
+    def _grads_reason(self, grads: Sequence[torch.Tensor], inputs: Sequence[Any]) -> str:
+        """Why ``grads`` cannot be the cotangents of this call's outputs ('' if they can): each
+        must have its output's shape and sit on the inputs' device (the kernels read them with
+        the outputs' sizes)."""
+        device = self._device(inputs)
+        for i, (g, shape) in enumerate(zip(grads, self._output_shapes(inputs))):
+            if g.shape != shape:
+                return f"grad{i} has shape {tuple(g.shape)}, its output {tuple(shape)}"
+            if device is not None and g.device != device:
+                return f"grad{i} is on {g.device}, the inputs on {device}"
+        return ""
+
+    def _output_shapes(self, inputs: Sequence[Any]) -> list[torch.Size]:
+        """The shapes of the outputs for these inputs: the reference run once on meta tensors
+        per set of input shapes, dtypes and other arguments (a few microseconds after that)."""
+        key = tuple(
+            (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor)
+            else tuple(x) if isinstance(x, list) else x
+            for x in inputs
+        )  # fmt: skip
+        shapes = self._output_shapes_seen.get(key)
+        if shapes is None:
+            meta = [
+                torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+                for x in inputs
+            ]
+            with _autocast.off(meta):
+                out = self.reference(*meta)
+            shapes = [o.shape for o in ((out,) if isinstance(out, torch.Tensor) else out)]
+            if len(self._output_shapes_seen) >= 256:  # dynamic shapes: keep the newest
+                self._output_shapes_seen.clear()
+            self._output_shapes_seen[key] = shapes
+        return shapes
 
     def _backward_fake(self, *args: Any) -> list[torch.Tensor]:
         inputs = args[self.outputs : -1]
