@@ -109,9 +109,9 @@ def _adaln_cases(dtype, branch=None, layouts=None):
                 for gated in (False, True):
                     what = f"{'bwd' if backward else 'fwd'} {dtype} L={length} D={dim} {layout}"
                     yield f"adaln {what} gated={gated}", kernel, ptrs, dict(tiles, GATED=gated)
-        block = min(1024, triton_next_pow2(dim))
+        block, step = T._sum_shape(dim, splits=128)  # channels-first at 64 x 64 tokens
         for planes in (2, 3):
-            tiles = dict(PLANES=planes, BLOCK=block, RTNE_BF16=False, num_warps=4)
+            tiles = dict(PLANES=planes, BLOCK=block, STEP=step, RTNE_BF16=False, num_warps=4)
             yield (
                 f"adaln sum splits {dtype} D={dim} planes={planes}",
                 T._sum_splits_kernel,

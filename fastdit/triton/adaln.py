@@ -8,9 +8,10 @@ token stride 1; channels-last: channel stride 1). Two kernel pairs:
   A program works on a (ROWS, BLOCK_D) tile of one sample, each row whole in registers, so every
   element is read once and written once. D <= 16384.
 - channels-first (a token's D values lie H*W elements apart): ``_cf_fwd_kernel``/
-  ``_cf_bwd_kernel``. A program takes a tile of 16 or 32 consecutive tokens (runs of 64 bytes of
-  each channel) and walks its channels in chunks, twice: statistics, then outputs (the section
-  "Channels-first images" below: its bytes, its one-pass statistics and their precision).
+  ``_cf_bwd_kernel``. A program takes a tile of 8 to 32 consecutive tokens (runs of 64 bytes of
+  each channel, 32 when the tiles are few) and walks its channels in chunks, twice: statistics,
+  then outputs (the section "Channels-first images" below: its bytes, its one-pass statistics
+  and their precision).
 
 float64 is declined (auto serves it with torch).
 
@@ -42,7 +43,7 @@ Verified here without a GPU: results under TRITON_INTERPRET=1 (tests/test_adaln.
 compilation for sm_90 with Triton's bundled ptxas, specialised as the launcher specialises
 (tests/test_triton_compile.py; registers per thread at the DiT and U-DiT widths): whole rows
 32-55 forward, 40-72 backward, no spills up to D = 4096 but 2 stores in the gated backward at
-4096; channels-first 38-148, no spills at any D.
+4096; channels-first 40-128, no spills at any D.
 
 Expected on an H100 (HBM3 3.35 TB/s; a device-to-device copy measures about 2.6-3.0 TB/s), not
 measured yet: forward 85-90 % of the copy bandwidth at the DiT-XL/2 and channels-last U-DiT
@@ -234,11 +235,15 @@ def _sum_splits_kernel(
     PART, O0, O1, O2,
     D, splits, plane,
     s0_b, s0_d, s1_b, s1_d, s2_b, s2_d,
-    PLANES: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    PLANES: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):  # fmt: skip
-    """O_k[b, :] = sum over s, in order, of PART[k][b][s][:], rounded once to O_k's dtype."""
+    """O_k[b, :] = the sum over s of PART[k][b][s][:], rounded once to O_k's dtype: STEP splits
+    at a time (a tile summed in a fixed tree), the steps in order. The channels-first backward
+    leaves a partial row per tile (128 per sample at 64 x 64 tokens): loading STEP rows per
+    step keeps the chain of dependent loads short."""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    rows = tl.arange(0, STEP)
     ok = cols < D
     plane = plane.to(tl.int64)  # 32-bit while < 2^31, and 2 * plane may not be
     acc0 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -246,12 +251,13 @@ def _sum_splits_kernel(
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
     s = 0
     while s < splits:  # a while loop: see _bwd_kernel
-        p = PART + (b * splits + s) * D + cols
-        s += 1
-        acc0 += tl.load(p, mask=ok, other=0.0)
-        acc1 += tl.load(p + plane, mask=ok, other=0.0)
+        mask = ((s + rows) < splits)[:, None] & ok[None, :]
+        p = PART + (b * splits + s + rows[:, None]) * D + cols[None, :]
+        s += STEP
+        acc0 += tl.sum(tl.load(p, mask=mask, other=0.0), axis=0)
+        acc1 += tl.sum(tl.load(p + plane, mask=mask, other=0.0), axis=0)
         if PLANES == 3:
-            acc2 += tl.load(p + 2 * plane, mask=ok, other=0.0)
+            acc2 += tl.sum(tl.load(p + 2 * plane, mask=mask, other=0.0), axis=0)
     tl.store(O0 + b * s0_b + cols * s0_d, _round(acc0, O0.dtype.element_ty, RTNE_BF16), mask=ok)
     tl.store(O1 + b * s1_b + cols * s1_d, _round(acc1, O1.dtype.element_ty, RTNE_BF16), mask=ok)
     if PLANES == 3:
@@ -265,23 +271,29 @@ def _sum_splits_kernel(
 # values lie L elements apart. A tile of the kernels above holds whole rows: to read runs of
 # tokens it must be tall, and a tall tile of whole rows does not fit in registers once D is
 # large (runs of 2 tokens, and spills, at D = 1152 in the backward). The kernels below take a
-# tile of TOKENS consecutive tokens (64 bytes of each channel plane: two whole 32-byte sectors)
-# and walk its D channels in chunks of CHUNK, twice: the first pass takes the row statistics, the
-# second writes. Registers do not grow with D (no spills at any D), and no lane idles on the
-# padding of D to a power of two. The price is the second read of the tile, which comes from L2
-# when the tiles resident on the GPU fit there (the gated backward in bf16 holds 4 programs per
-# SM by its registers: on an H100 at most 20 MB of tiles at each U-DiT-B stage with B 32, against
-# 50 MB of L2), else from memory: then the forward moves 3 N e (modulate) and 6 N e (gated)
-# bytes, the backward 5 N e and 9 N e (x, y and dout read twice), against 2, 4, 3 and 6 N e.
+# tile of TOKENS consecutive tokens (64 bytes of each channel plane, two 32-byte sectors where
+# L * e is a multiple of 32) and walk its D channels in chunks of CHUNK, twice: the first pass
+# takes the row statistics, the second writes. Registers do not grow with D (no spills at any
+# D), and no lane idles on the padding of D to a power of two. The price is the second read of
+# the tile, which comes from L2 when the tiles resident on the GPU fit there (the gated backward
+# in bf16 holds 4 programs per SM by its registers: on an H100 at most 20 MB of tiles at each
+# U-DiT-B stage with B 32, against 50 MB of L2), else from memory: then the forward moves 3 N e
+# (modulate) and 6 N e (gated) bytes, the backward 5 N e and 9 N e (x, y and dout read twice),
+# against 2, 4, 3 and 6 N e.
 #
-# The statistics take one pass, shifted by k, the mean of the tile's first chunk (per token):
-# with u = x' - k, mean = k + sum(u) / D and var = sum(u^2) / D - (sum(u) / D)^2. The subtraction
-# loses a factor of at most 1 + (mean - k)^2 / var of the precision of sum(u^2), and k is the
-# mean of CHUNK of the D values, so (mean - k)^2 <= (D / CHUNK - 1) var: a bounded loss (a
-# factor D / CHUNK, 48 at U-DiT-L's widest) whatever the mean, where the unshifted formula loses
-# everything to a large mean. The backward's mean(g * n) is rstd * (sum(g u) / D - mean(u) mean(g))
-# on the same shift. The sums over tokens (d shift, d scale, d gate) are one partial row per tile,
-# added in tile order by _sum_splits_kernel: deterministic.
+# The statistics take one pass, merged chunk by chunk (Chan, Golub and LeVeque's pairwise update,
+# per token): each chunk's deviations are taken from the chunk's own mean and summed element-wise
+# across the chunks, and the chunk means are merged into a running mean, with the sum of squares
+# between them (delta^2 * seen * width / (seen + width) per chunk). Every difference is thus
+# taken from a mean of the values it is compared with, as in the two-pass formula, whatever the
+# mean or how it varies over the channels. The backward's sum of g (x' - mean) is merged alike
+# (the co-moment of g and x': within each chunk from both chunk means, plus delta * delta_g *
+# seen * width / (seen + width)). A shift by the first chunk's mean alone, the first version,
+# lost up to a factor D / CHUNK of precision (24 at D = 1536 in float32: over the tolerance rule
+# on data whose first channels sit apart).
+#
+# The sums over tokens (d shift, d scale, d gate) are one partial row per tile, added in tile
+# order by _sum_splits_kernel: deterministic.
 
 
 @triton.jit
@@ -340,31 +352,20 @@ def _cf_statistics(
     sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
     sdh_b, sdh_l, sdh_d, ssc_b, ssc_d,
     eps,
-    GATED: tl.constexpr, STORE_R: tl.constexpr, GRAD: tl.constexpr, CHUNK: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
+    GATED: tl.constexpr, STORE_R: tl.constexpr, GRAD: tl.constexpr, TOKENS: tl.constexpr,
+    CHUNK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):  # fmt: skip
     """The first pass over a tile's channels: per token, (mean, rstd) of x' (r stored if
-    STORE_R) and, if GRAD, (mean(g), mean(g n)) with g = dout * (1 + scale); shifted by k, the
-    mean of the first chunk (see the section's comment)."""
+    STORE_R) and, if GRAD, (mean(g), mean(g n)) with g = dout * (1 + scale). Deviations are
+    taken within each chunk from the chunk's means, and the chunks merged as they come (see the
+    section's comment)."""
+    mean = tl.zeros([TOKENS], dtype=tl.float32)
+    mean_g = tl.zeros([TOKENS], dtype=tl.float32)
+    between = tl.zeros([TOKENS], dtype=tl.float32)  # sum of squares between the chunks' means
+    between_g = tl.zeros([TOKENS], dtype=tl.float32)  # and the co-moment with g's
+    within = tl.zeros([TOKENS, CHUNK], dtype=tl.float32)  # within the chunks, element-wise
+    within_g = tl.zeros([TOKENS, CHUNK], dtype=tl.float32)
     c0 = b * 0  # 64-bit: c0 * (channel stride) may pass 2^31
-    col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    x, y, gate = _cf_rows(
-        X, Y, GATE, R, b, row0, c0, rl, cols, col_ok, mask,
-        sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
-        GATED=GATED, STORE_R=STORE_R, RTNE_BF16=RTNE_BF16,
-    )  # fmt: skip
-    k = tl.sum(x, axis=1) / tl.minimum(D, CHUNK)
-    sum_u = tl.where(mask, x - k[:, None], 0.0)
-    sum_uu = sum_u * sum_u
-    sum_g = tl.zeros_like(sum_u)
-    sum_gu = tl.zeros_like(sum_u)
-    if GRAD:
-        dh, sum_g = _cf_dout(
-            DH, SCALE, b, row0, c0, rl, cols, col_ok, mask, sdh_b, sdh_l, sdh_d, ssc_b, ssc_d
-        )
-        sum_gu = sum_g * sum_u
-    c0 += CHUNK
     while c0 < D:
         col_ok = (c0 + cols) < D
         mask = row_ok[:, None] & col_ok[None, :]
@@ -373,22 +374,29 @@ def _cf_statistics(
             sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
             GATED=GATED, STORE_R=STORE_R, RTNE_BF16=RTNE_BF16,
         )  # fmt: skip
-        u = tl.where(mask, x - k[:, None], 0.0)
-        sum_u += u
-        sum_uu += u * u
+        width = tl.minimum(D - c0, CHUNK).to(tl.float32)  # channels in this chunk
+        seen = c0.to(tl.float32)  # channels merged before it (every earlier chunk is full)
+        weight = seen * width / (seen + width)
+        chunk_mean = tl.sum(x, axis=1) / width
+        u = tl.where(mask, x - chunk_mean[:, None], 0.0)
+        within += u * u
+        delta = chunk_mean - mean
+        mean += delta * (width / (seen + width))
+        between += delta * delta * weight
         if GRAD:
             dh, g = _cf_dout(
                 DH, SCALE, b, row0, c0, rl, cols, col_ok, mask, sdh_b, sdh_l, sdh_d, ssc_b, ssc_d
             )
-            sum_g += g
-            sum_gu += g * u
+            chunk_mean_g = tl.sum(g, axis=1) / width
+            within_g += u * tl.where(mask, g - chunk_mean_g[:, None], 0.0)
+            delta_g = chunk_mean_g - mean_g
+            mean_g += delta_g * (width / (seen + width))
+            between_g += delta * delta_g * weight
         c0 += CHUNK
-    mean_u = tl.sum(sum_u, axis=1) / D
-    var = tl.maximum(tl.sum(sum_uu, axis=1) / D - mean_u * mean_u, 0.0)
+    var = (tl.sum(within, axis=1) + between) / D
     rstd = 1.0 / tl.sqrt_rn(var + eps)
-    mean_g = tl.sum(sum_g, axis=1) / D
-    mean_gn = rstd * (tl.sum(sum_gu, axis=1) / D - mean_u * mean_g)
-    return k + mean_u, rstd, mean_g, mean_gn
+    mean_gn = rstd * (tl.sum(within_g, axis=1) + between_g) / D
+    return mean, rstd, mean_g, mean_gn
 
 
 @triton.jit
@@ -418,7 +426,8 @@ def _cf_fwd_kernel(
         sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sr_b, sr_l, sr_d, sg_b, sg_d,
         sx_b, sx_l, sx_d, ssc_b, ssc_d,
         eps,
-        GATED=GATED, STORE_R=GATED, GRAD=False, CHUNK=CHUNK, RTNE_BF16=RTNE_BF16,
+        GATED=GATED, STORE_R=GATED, GRAD=False, TOKENS=TOKENS, CHUNK=CHUNK,
+        RTNE_BF16=RTNE_BF16,
     )  # fmt: skip
 
     # Pass 2: the output (r recomputed bit for bit, not re-read).
@@ -476,7 +485,8 @@ def _cf_bwd_kernel(
         sx_b, sx_l, sx_d, sy_b, sy_l, sy_d, sx_b, sx_l, sx_d, sg_b, sg_d,
         sdh_b, sdh_l, sdh_d, ssc_b, ssc_d,
         eps,
-        GATED=GATED, STORE_R=False, GRAD=True, CHUNK=CHUNK, RTNE_BF16=RTNE_BF16,
+        GATED=GATED, STORE_R=False, GRAD=True, TOKENS=TOKENS, CHUNK=CHUNK,
+        RTNE_BF16=RTNE_BF16,
     )  # fmt: skip
 
     # Pass 2: dx (and dy), and the tile's partial sums over its tokens.
@@ -598,7 +608,7 @@ supports = supports_modulate  # the name the first registration used
 def _launch_shape(length: int, dim: int, backward: bool) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) of a tile of whole rows (tokens and channels-last; register
     use checked by compiling for sm_90 with the bundled ptxas, tests/test_triton_compile.py: no
-    spills up to D = 4096 but 7 stores in the gated backward at 4096).
+    spills up to D = 4096 but 2 stores in the gated backward at 4096).
 
     Forward: about 4096 elements, 16 per thread. Backward (four row tensors live at once, and
     three column-sum tiles): about 2048 elements, 4 per thread (8 at D = 8192)."""
@@ -664,6 +674,13 @@ def _splits(
     splits = max(1, min(programs // batch, steps, length // min_rows))
     rows_per_split = triton.cdiv(steps, splits) * rows
     return triton.cdiv(length, rows_per_split), rows_per_split
+
+
+def _sum_shape(dim: int, splits: int) -> tuple[int, int]:
+    """(BLOCK, STEP) of _sum_splits_kernel: BLOCK channels a program, STEP partial rows a step
+    (up to 8; 2048 values a step, 16 a thread)."""
+    step = min(8, triton.next_power_of_2(splits))
+    return min(2048 // step, triton.next_power_of_2(dim)), step
 
 
 def _wide(rows: int, block_d: int, tensors) -> bool:
@@ -776,13 +793,13 @@ def _backward(x, y, gate, shift, scale, dr, dh, eps):
                 GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=_RTNE_BF16,
                 WIDE=_wide(rows, block_d, tensors), num_warps=warps,
             )  # fmt: skip
-        reduce_block = min(1024, triton.next_power_of_2(dim))
+        block, step = _sum_shape(dim, splits)
         outs = grads + [grads[0]] * (3 - planes)
-        _sum_splits_kernel[(batch, triton.cdiv(dim, reduce_block))](
+        _sum_splits_kernel[(batch, triton.cdiv(dim, block))](
             part, *outs,
             dim, splits, plane,
             *(s for o in outs for s in o.stride()),
-            PLANES=planes, BLOCK=reduce_block, RTNE_BF16=_RTNE_BF16, num_warps=4,
+            PLANES=planes, BLOCK=block, STEP=step, RTNE_BF16=_RTNE_BF16, num_warps=4,
         )  # fmt: skip
     dshift, dscale = grads[0], grads[1]
     if gated:
