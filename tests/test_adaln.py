@@ -462,21 +462,26 @@ def test_each_layout_takes_its_triton_kernels(op_name, layout, monkeypatch):
     assert len(grids["_fwd_kernel"]) == len(grids["_bwd_kernel"]) == (0 if chunked else 1)
 
 
+@pytest.mark.parametrize("op_name", ["modulate", "gated"])
 @pytest.mark.parametrize("case", ["large_mean", "chunks_apart", "dout_mean"])
-def test_channels_first_statistics_hold_on_hard_inputs(case):
+def test_channels_first_statistics_hold_on_hard_inputs(case, op_name):
     """The chunked kernels take each token's statistics in one pass over chunks of channels,
-    merging the chunks' means and sums of squares. float32, D = 1536 (U-DiT-L), in 12 chunks
-    forward and 24 backward; forward and backward within the tolerance rule on data that breaks
-    the shortcuts: a mean of 1e4 (E[x^2] - mean^2 keeps no digit), a mean near 0 with the first
-    chunk's channels 20 standard deviations from the rest (a shift by the first chunk's mean
-    loses a factor D / CHUNK: over twice the bound here), and a cotangent whose mean is 100
-    times its spread (mean(g n) as a difference of two large sums cancels)."""
+    shifted by the first chunk's mean and merging the chunks' means and sums of squares.
+    float32; modulate at D = 1536 (U-DiT-L) in 12 chunks forward and 24 backward, gated at
+    D = 1500 (a masked last chunk) on 20 tokens (a tile of 4 padded ones). Forward and backward
+    within the tolerance rule on inputs that break the shortcuts: a mean of 1e4 (unshifted,
+    E[x^2] - mean^2 keeps no digit, and merged chunk means rounded at that scale come near the
+    bound), a mean near 0 with the first chunk's channels 20 standard deviations from the rest
+    (a shift alone loses a factor D / CHUNK: over twice the bound), and a cotangent whose mean
+    is 100 times its spread (mean(g n) as a difference of two large sums cancels)."""
     device = _skip_unless("triton")
     from fastdit.triton import adaln as T
 
     gen = torch.Generator().manual_seed(3)
-    shape, width = (4, 1536, 1, 16), 64
-    assert T._cf_tokens(4, 16, 4, device) == 16 and T._cf_shape(16, 1536, True)[0] == width
+    shape = (4, 1536, 1, 16) if op_name == "modulate" else (4, 1500, 1, 20)
+    width = 64  # the backward's chunk
+    assert T._cf_tokens(4, shape[3], 4, device) == 16
+    assert T._cf_shape(16, shape[1], True)[0] == width
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     if case == "large_mean":
         x += 1e4
@@ -485,19 +490,29 @@ def test_channels_first_statistics_hold_on_hard_inputs(case):
         x[:, :width] += 1.0
         x[:, width:] -= width / (shape[1] - width)  # the mean stays near 0
     zero = torch.zeros(shape[0], shape[1], dtype=torch.float64)
-    inputs = [x.float(), zero.float(), zero.float()]  # modulate: shift 0, scale 0
-    op = adaln._modulate
+    op, inputs = adaln._modulate, [x, zero, zero]  # shift 0, scale 0
+    if op_name == "gated":  # r = x + gate * y, close to x
+        y = torch.randn(shape, generator=gen, dtype=torch.float64)
+        gate = 0.01 * torch.randn(shape[:2], generator=gen, dtype=torch.float64)
+        op, inputs = adaln._gated, [x, y, gate, zero, zero]
+    inputs = [t.float() for t in inputs]
     got = op(*inputs, 1e-6, backend="triton")
     eager = op.reference(*inputs, 1e-6)
-    assert_close_to_reference(got, eager, op.reference(*(t.double() for t in inputs), 1e-6), case)
+    truth = op.reference(*(t.double() for t in inputs), 1e-6)
+    for g, e, tr in zip(*((o,) if op_name == "modulate" else o for o in (got, eager, truth))):
+        assert_close_to_reference(g, e, tr, f"{case} forward")
     dout = torch.randn(shape, generator=gen, dtype=torch.float64)
     if case == "dout_mean":
         dout = 1.0 + 0.01 * dout
-    grads = [dout.float()]
+    grads = [dout] if op_name == "modulate" else [torch.randn(shape, generator=gen), dout]
+    grads = [g.float() for g in grads]
     got = _kernel_backward(op, "triton", grads, inputs)
     eager = op._reference_backward(grads, [*inputs, 1e-6])
-    truth = op._reference_backward([dout], [t.double() for t in inputs] + [1e-6])
-    for name, g, e, tr in zip(("x", "shift", "scale"), got, eager, truth):
+    truth = op._reference_backward(
+        [g.double() for g in grads], [t.double() for t in inputs] + [1e-6]
+    )
+    names = [op.arg_names[i] for i in op.diff_index]
+    for name, g, e, tr in zip(names, got, eager, truth):
         assert_close_to_reference(g, e, tr, f"{case} d {name}")
 
 

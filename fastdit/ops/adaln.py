@@ -26,10 +26,10 @@ Ops:
 
 Backends (bottom of this file): ``cuda`` and ``triton`` run both ops forward and backward in one
 pass over the rows each way (channels-first images in Triton: two passes over each tile of
-tokens, the second mostly from L2); the backward recomputes the row statistics (and r) from the
-inputs and sums over tokens in a fixed order (deterministic). ``cuda`` takes tokens and
-channels-last images (D <= 8192) and declines channels-first images, which ``auto`` then serves
-with ``triton``; float64 goes to ``torch``.
+tokens, the second expected from L2 where the tiles fit); the backward recomputes the row
+statistics (and r) from the inputs and sums over tokens in a fixed order (deterministic).
+``cuda`` takes tokens and channels-last images (D <= 8192) and declines channels-first images,
+which ``auto`` then serves with ``triton``; float64 goes to ``torch``.
 """
 
 from __future__ import annotations

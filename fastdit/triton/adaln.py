@@ -43,7 +43,7 @@ Verified here without a GPU: results under TRITON_INTERPRET=1 (tests/test_adaln.
 compilation for sm_90 with Triton's bundled ptxas, specialised as the launcher specialises
 (tests/test_triton_compile.py; registers per thread at the DiT and U-DiT widths): whole rows
 32-55 forward, 40-72 backward, no spills up to D = 4096 but 2 stores in the gated backward at
-4096; channels-first 40-128, no spills at any D.
+4096; channels-first 48-128, no spills at any D.
 
 Expected on an H100 (HBM3 3.35 TB/s; a device-to-device copy measures about 2.6-3.0 TB/s), not
 measured yet: forward 85-90 % of the copy bandwidth at the DiT-XL/2 and channels-last U-DiT
@@ -239,8 +239,8 @@ def _sum_splits_kernel(
 ):  # fmt: skip
     """O_k[b, :] = the sum over s of PART[k][b][s][:], rounded once to O_k's dtype: STEP splits
     at a time (a tile summed in a fixed tree), the steps in order. The channels-first backward
-    leaves a partial row per tile (128 per sample at 64 x 64 tokens): loading STEP rows per
-    step keeps the chain of dependent loads short."""
+    leaves a partial row per tile (128 per sample at 64 x 64 tokens in 16-bit dtypes, 256 in
+    float32): loading STEP rows per step keeps the chain of dependent loads short."""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     rows = tl.arange(0, STEP)
@@ -282,15 +282,16 @@ def _sum_splits_kernel(
 # against 2, 4, 3 and 6 N e.
 #
 # The statistics take one pass, merged chunk by chunk (Chan, Golub and LeVeque's pairwise update,
-# per token): each chunk's deviations are taken from the chunk's own mean and summed element-wise
-# across the chunks, and the chunk means are merged into a running mean, with the sum of squares
-# between them (delta^2 * seen * width / (seen + width) per chunk). Every difference is thus
-# taken from a mean of the values it is compared with, as in the two-pass formula, whatever the
-# mean or how it varies over the channels. The backward's sum of g (x' - mean) is merged alike
-# (the co-moment of g and x': within each chunk from both chunk means, plus delta * delta_g *
-# seen * width / (seen + width)). A shift by the first chunk's mean alone, the first version,
-# lost up to a factor D / CHUNK of precision (24 at D = 1536 in float32: over the tolerance rule
-# on data whose first channels sit apart).
+# per token) on values shifted by the first chunk's mean: each chunk's deviations are taken from
+# the chunk's own mean and summed element-wise across the chunks, and the chunk means are merged
+# into a running mean, with the sum of squares between them (delta^2 * seen * width /
+# (seen + width) per chunk). The backward's sum of g (x' - mean) is merged alike (the co-moment
+# of g and x': within each chunk from both chunk means, plus delta * delta_g * seen * width /
+# (seen + width)), g shifted by its own first-chunk mean. Each part covers one failure: without
+# the merge, a shift alone loses up to a factor D / CHUNK of precision where the first chunk sits
+# apart from the rest (24 at D = 1536 in float32: over the tolerance rule, the first version);
+# without the shift, each chunk mean is rounded at the scale of a large common mean (1e4: errors
+# 3-15 times larger, near the rule's bound). tests/test_adaln.py has both inputs.
 #
 # The sums over tokens (d shift, d scale, d gate) are one partial row per tile, added in tile
 # order by _sum_splits_kernel: deterministic.
@@ -356,10 +357,12 @@ def _cf_statistics(
     CHUNK: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):  # fmt: skip
     """The first pass over a tile's channels: per token, (mean, rstd) of x' (r stored if
-    STORE_R) and, if GRAD, (mean(g), mean(g n)) with g = dout * (1 + scale). Deviations are
-    taken within each chunk from the chunk's means, and the chunks merged as they come (see the
-    section's comment)."""
-    mean = tl.zeros([TOKENS], dtype=tl.float32)
+    STORE_R) and, if GRAD, (mean(g), mean(g n)) with g = dout * (1 + scale). The values are
+    shifted by the first chunk's means, deviations taken within each chunk from the chunk's
+    means, and the chunks merged as they come (see the section's comment)."""
+    shift = tl.zeros([TOKENS], dtype=tl.float32)  # the first chunk's means of x' and of g
+    shift_g = tl.zeros([TOKENS], dtype=tl.float32)
+    mean = tl.zeros([TOKENS], dtype=tl.float32)  # of the shifted values, merged so far
     mean_g = tl.zeros([TOKENS], dtype=tl.float32)
     between = tl.zeros([TOKENS], dtype=tl.float32)  # sum of squares between the chunks' means
     between_g = tl.zeros([TOKENS], dtype=tl.float32)  # and the co-moment with g's
@@ -377,6 +380,9 @@ def _cf_statistics(
         width = tl.minimum(D - c0, CHUNK).to(tl.float32)  # channels in this chunk
         seen = c0.to(tl.float32)  # channels merged before it (every earlier chunk is full)
         weight = seen * width / (seen + width)
+        if c0 == 0:
+            shift = tl.sum(x, axis=1) / width
+        x = tl.where(mask, x - shift[:, None], 0.0)
         chunk_mean = tl.sum(x, axis=1) / width
         u = tl.where(mask, x - chunk_mean[:, None], 0.0)
         within += u * u
@@ -387,6 +393,9 @@ def _cf_statistics(
             dh, g = _cf_dout(
                 DH, SCALE, b, row0, c0, rl, cols, col_ok, mask, sdh_b, sdh_l, sdh_d, ssc_b, ssc_d
             )
+            if c0 == 0:
+                shift_g = tl.sum(g, axis=1) / width
+            g = tl.where(mask, g - shift_g[:, None], 0.0)
             chunk_mean_g = tl.sum(g, axis=1) / width
             within_g += u * tl.where(mask, g - chunk_mean_g[:, None], 0.0)
             delta_g = chunk_mean_g - mean_g
@@ -396,7 +405,7 @@ def _cf_statistics(
     var = (tl.sum(within, axis=1) + between) / D
     rstd = 1.0 / tl.sqrt_rn(var + eps)
     mean_gn = rstd * (tl.sum(within_g, axis=1) + between_g) / D
-    return mean, rstd, mean_g, mean_gn
+    return shift + mean, rstd, shift_g + mean_g, mean_gn
 
 
 @triton.jit
@@ -638,10 +647,10 @@ def _cf_tokens(batch: int, length: int, elem: int, device: torch.device) -> int:
 
 def _cf_shape(tokens: int, dim: int, backward: bool) -> tuple[int, int]:
     """(CHUNK, num_warps) of the channels-first kernels: tiles of TOKENS by CHUNK channels, about
-    2048 elements in the forward (16 a thread) and 1024 in the backward (8 a thread: four sums are
-    carried across the chunks). CHUNK is the largest power of two up to that which divides D
-    (U-DiT's widths are multiples of 32 and need no masked chunk), else the whole bound with the
-    last chunk masked."""
+    2048 elements in the forward (16 a thread) and 1024 in the backward (8 a thread: two sums and
+    the loaded tiles are live across the chunks). CHUNK is the largest power of two up to that
+    which divides D (U-DiT's widths are multiples of 32 and need no masked chunk), else the
+    whole bound with the last chunk masked."""
     most = (1024 if backward else 2048) // tokens
     chunk = most
     while chunk > 16 and dim % chunk:
