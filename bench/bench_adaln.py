@@ -2,8 +2,9 @@
 
 Shapes: DiT-XL/2 tokens (B 32 and 256, N 256, D 1152) and the U-DiT-B stages (B 32; widths 192,
 384, 768 on 32x32, 16x16, 8x8 latents), each in U-DiT's default channels-first memory ("cf":
-only the Triton kernels serve it) and channels-last ("cl"). Variants: eager PyTorch (the
-reference), torch.compile of the reference, and each kernel backend that can run here.
+both kernel backends run their tile-of-tokens kernels on it) and channels-last ("cl").
+Variants: eager PyTorch (the reference), torch.compile of the reference, and each kernel
+backend that can run here.
 
 Floor (bytes that must move; N = B*L*D elements, elem = bytes per element):
   adaln_modulate fwd:      read x; write out                       2 N  (+ 2 B*D: shift, scale)
@@ -16,9 +17,9 @@ Floor (bytes that must move; N = B*L*D elements, elem = bytes per element):
   recomputes the row statistics (and r) from the inputs: nothing is saved but the inputs. The
   kernels' fp32 partial sums (B * splits * D per gradient, written and read once, mostly in L2)
   and the harness's torch.ones_like cotangents are not in the floor, so they count against the
-  kernels' GB/s. On channels-first images the Triton kernels read each tile twice (statistics,
-  then outputs; the second read hits L2 when the resident tiles fit there): the floor counts it
-  once, so a second read from memory shows as lost bandwidth.
+  kernels' GB/s. On channels-first images the kernels (CUDA and Triton) read each tile twice
+  (statistics, then outputs; the second read hits L2 when the resident tiles fit there): the
+  floor counts it once, so a second read from memory shows as lost bandwidth.
 
 Mixed precision (the "gated_adaln autocast" rows, DiT shapes): a float32 residual x with a
 bf16 branch y and bf16 gate, shift, scale, as under torch.autocast; r and out are float32, d y

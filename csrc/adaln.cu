@@ -5,6 +5,9 @@
 //
 // Rows: x, y, r, out and the gradients are B * L rows of D contiguous elements: (B, L, D)
 // tokens, or channels-last (B, D, H, W) images (L = H * W), which are the same in memory.
+// Contiguous channels-first (B, D, H, W) images have their own kernels, which take a tile of
+// tokens and any D (the section "Channels-first images"); everything below them holds for them
+// too but the kernel shapes, the statistics' method and the splits.
 // shift, scale, gate and their gradients: (B, D) contiguous. Dtypes: the rows x, r, out and
 // their gradients in T (float, __half or __nv_bfloat16); y, gate, shift, scale and their
 // gradients (dy included) in C, which is T or, with float rows, __half or __nv_bfloat16: what
@@ -52,7 +55,9 @@
 // registers, no spills (sm_80: 8 bytes in three warp-per-row kernels, where ptxas stops at
 // 32-48 registers); backward 32-128, spills only in the gated backward at D > 2048: 8-16 bytes
 // of stack for fp32 on the vector path, 104-232 on the scalar path (misaligned pointers, or
-// D * sizeof(T) not a multiple of 16; correct, not the fast path).
+// D * sizeof(T) not a multiple of 16; correct, not the fast path). Channels-first kernels:
+// forward 39-64, backward 40-98, no spills (sm_90: 2 backward blocks of 256 threads per SM at
+// 4 tokens a thread, 4 forward blocks).
 //
 // Forward kernel shapes, by the number of vectors per row (nvec = D / V, V elements per access):
 //   nvec <= 256          one warp per row, 4 rows per 128-thread block, ITERS = ceil(nvec / 32)
@@ -73,6 +78,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "common.cuh"
@@ -589,6 +595,391 @@ __global__ void adaln_sum_splits_kernel(const float* __restrict__ partial, T* __
 }
 
 // ---------------------------------------------------------------------------------------------
+// Channels-first images
+//
+// A contiguous (B, D, H, W) image puts a token's D values L = H * W elements apart: each channel
+// is a plane of L consecutive tokens. Block (b, tile) takes kCfTokens consecutive tokens of
+// sample b and all D channels, with kCfThreads threads:
+// - a thread holds V consecutive tokens (V = 4 when L % 4 == 0 and every pointer takes
+//   4-element vectors, else 1); token lane tl < TL = kCfTokens / V picks them, so one load
+//   instruction of a warp reads CL = 32 / TL channel planes, kCfTokens * sizeof(T) bytes of each
+//   (128 fp32, 64 16-bit: whole 32-byte sectors);
+// - the S = CL * (warps) channel slots of the block split the channels: slot s takes
+//   s, s + S, s + 2 S, ...
+// Two passes over the tile: its statistics (and, gated forward, r stored), then its outputs or
+// gradients. The second pass re-reads 32 * D * sizeof(T) bytes per input (96 KB at D 1536 bf16),
+// expected from L2 (not measured), so the traffic is that of the token layout plus what misses.
+// Statistics in one pass, accurate for any D and any common mean:
+// - the values are shifted by their mean over the first chunk of channels [0, kCfGroup * S)
+//   (so a common mean far above the spread cancels, exactly where x' is near the shift);
+// - each thread takes its channels kCfGroup at a time: the group's mean and sum of squared
+//   deviations from it, merged into the thread's running ones (Chan, Golub and LeVeque);
+// - one thread per token merges the S slots' in slot order, for every thread of the token:
+//   the same bits everywhere;
+// - n = ((x' - shift) - mean) * rstd, the shift taken off first.
+// The backward's mean(g) and co-moment of x' and g = dout * (1 + scale) go the same way.
+// Its sums over tokens: one partial row per tile and plane (the tile's tokens added within a
+// thread, then over its TL lanes by shuffles), added in tile order by adaln_sum_splits_kernel:
+// splits = tiles = ceil(L / kCfTokens) on every GPU, so the gradients are deterministic (for
+// the same inputs: 1 and 4 tokens a thread add in different orders).
+// Bytes: the floor of the rows (above), plus the partials (2 or 3 planes of B * tiles * D fp32,
+// written and read once: 8 bytes a plane per 32 tokens of a channel, against 32 e per row
+// tensor: 6 % more traffic in the gated backward in bf16, 8 % in modulate's, half that in
+// fp32), plus whatever of the second pass misses L2. Resident tiles at once: 4 forward blocks per SM (2 backward) x 132 SMs x
+// 32 * D * e bytes per input; at U-DiT-B's stages with B 32 a whole tensor is at most 12.6 MB
+// (bf16), so the second pass should hit L2 (50 MB on an H100). Expected (not measured): close
+// to the row kernels' share of the copy bandwidth there; U-DiT's last stage at 256 px has 2
+// tiles per sample (64 blocks at B 32 on 132 SMs) and about 1.6 MB, so it is latency-bound.
+
+constexpr int kCfTokens = 32;
+constexpr int kCfThreads = 256;
+constexpr int kCfGroup = 4;  // channels a thread loads at once (per tensor: kCfGroup * V values)
+
+template <typename T, typename C>
+struct CfParams {
+  const T* x;
+  const C* y;      // gated
+  const C* gate;   // gated
+  const C* shift;  // forward
+  const C* scale;
+  T* r;            // gated forward
+  T* out;          // forward
+  const T* dr;     // gated backward
+  const T* dh;     // backward: the cotangent of out
+  T* dx;           // backward
+  C* dy;           // gated backward
+  float* partial;  // backward: planes x [B][tiles][D]
+  int64_t plane;   // B * tiles * D
+  uint32_t L;
+  uint32_t tiles;  // ceil(L / kCfTokens)
+  int D;
+  float eps;
+};
+
+// Where a thread of the block works: V tokens, one channel slot.
+template <int V>
+struct CfLayout {
+  static constexpr int kTL = kCfTokens / V;                 // token lanes
+  static constexpr int kCL = kWarp / kTL;                   // channel planes per warp load
+  static constexpr int kSlots = kCfThreads / kWarp * kCL;  // S
+  static constexpr int kSmemFloats = 4 * kSlots * kCfTokens + 6 * kCfTokens;
+
+  int tl;         // token lane
+  int t0;         // first token of the thread in the tile
+  int slot;       // channel slot
+  int warp_slot;  // the warp's first slot (a bound uniform over the warp)
+  int64_t b;
+  uint32_t tile;
+  bool active;    // the thread's tokens are inside the image
+  int64_t base;   // element offset of (b, channel 0, first token)
+
+  __device__ __forceinline__ CfLayout(uint32_t L, uint32_t tiles, int D) {
+    const int lane = static_cast<int>(threadIdx.x) % kWarp;
+    tl = lane % kTL;
+    t0 = tl * V;
+    warp_slot = static_cast<int>(threadIdx.x) / kWarp * kCL;
+    slot = warp_slot + lane / kTL;
+    b = blockIdx.x / tiles;
+    tile = blockIdx.x % tiles;
+    const uint32_t token = tile * kCfTokens + t0;  // < tiles * 32 <= L + 31 < 2^32
+    active = token < L;
+    base = b * D * static_cast<int64_t>(L) + (active ? token : 0);
+  }
+};
+
+// x' at one channel (element offset `off`) for the thread's V tokens: x, or with GATED
+// r = x + gate * y rounded to T (y returned too); zeros where `load` is false.
+template <typename T, typename C, int V, bool GATED>
+__device__ __forceinline__ void cf_rows(const CfParams<T, C>& p, int64_t off, float gate,
+                                        bool load, float (&v)[V], float (&yv)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = yv[j] = 0.f;
+  if (!load) return;
+  load_float<T, V>(p.x + off, v);
+  if constexpr (GATED) {
+    load_float<C, V>(p.y + off, yv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = round_to<T>(fmaf(gate, yv[j], v[j]));
+  }
+}
+
+// Chan, Golub and LeVeque: merges a part of `count` values with mean m and sum of squared
+// deviations q (and mean mg of g, co-moment cq) into the running (n, mean, m2, mean_g, co).
+template <bool GRAD>
+__device__ __forceinline__ void chan_merge(float n, float count, float m, float q, float mg,
+                                           float cq, float& mean, float& m2, float& mean_g,
+                                           float& co) {
+  const float f = count / (n + count);
+  const float w = n * f;
+  const float delta = m - mean;
+  mean = fmaf(delta, f, mean);
+  m2 += q + delta * delta * w;
+  if constexpr (GRAD) {
+    const float delta_g = mg - mean_g;
+    mean_g = fmaf(delta_g, f, mean_g);
+    co += cq + delta * delta_g * w;
+  }
+}
+
+// The statistics of this thread's V tokens (pass 1), left in `stats` of the block's shared
+// memory: [0] shift, [1] mean of x' - shift, [2] rstd, [3] shift of g, [4] mean of g - that
+// shift, [5] mean_D(g n) (GRAD: the backward's), kCfTokens floats each. Gated forward: stores r.
+template <typename T, typename C, int V, bool GATED, bool GRAD>
+__device__ __forceinline__ void cf_statistics(const CfParams<T, C>& p, const CfLayout<V>& at,
+                                              float* smem) {
+  constexpr int S = CfLayout<V>::kSlots;
+  constexpr int kPart = S * kCfTokens;
+  float* part0 = smem;
+  float* part1 = smem + kPart;
+  float* part2 = smem + 2 * kPart;
+  float* part3 = smem + 3 * kPart;
+  float* stats = smem + 4 * kPart;
+  const int D = p.D;
+  const int64_t L = p.L;
+  const C* __restrict__ gate = GATED ? p.gate + at.b * D : nullptr;
+  const C* __restrict__ scale = p.scale + at.b * D;
+  const int own = at.slot * kCfTokens + at.t0;  // this thread's first entry in a part array
+
+  // The shifts: means over the first chunk of channels.
+  {
+    float sum[V] = {}, sum_g[V] = {};
+#pragma unroll
+    for (int k = 0; k < kCfGroup; ++k) {
+      const int c = k * S + at.slot;
+      if (c < D) {
+        const int64_t off = at.base + c * L;
+        float v[V], yv[V];
+        cf_rows<T, C, V, GATED>(p, off, GATED ? to_float(gate[c]) : 0.f, at.active, v, yv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) sum[j] += v[j];
+        if constexpr (GRAD) {
+          float dh[V] = {};
+          if (at.active) load_float<T, V>(p.dh + off, dh);
+          const float sc = 1.f + to_float(scale[c]);
+#pragma unroll
+          for (int j = 0; j < V; ++j) sum_g[j] += dh[j] * sc;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      part0[own + j] = sum[j];
+      if constexpr (GRAD) part1[own + j] = sum_g[j];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kCfTokens) {
+    const int t = static_cast<int>(threadIdx.x);
+    const float width = static_cast<float>(min(D, kCfGroup * S));
+    float total = 0.f, total_g = 0.f;
+    for (int s = 0; s < S; ++s) {
+      total += part0[s * kCfTokens + t];
+      if constexpr (GRAD) total_g += part1[s * kCfTokens + t];
+    }
+    stats[t] = total / width;
+    if constexpr (GRAD) stats[3 * kCfTokens + t] = total_g / width;
+  }
+  __syncthreads();
+
+  float shift[V], shift_g[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    shift[j] = stats[at.t0 + j];
+    shift_g[j] = GRAD ? stats[3 * kCfTokens + at.t0 + j] : 0.f;
+  }
+
+  // This thread's channels, kCfGroup at a time (the valid ones a prefix of each group).
+  float n = 0.f;
+  float mean[V] = {}, m2[V] = {}, mean_g[V] = {}, co[V] = {};
+  for (int j0 = 0; j0 * S + at.slot < D; j0 += kCfGroup) {
+    float a[kCfGroup][V], g[GRAD ? kCfGroup : 1][V];
+    int count = 0;
+#pragma unroll
+    for (int k = 0; k < kCfGroup; ++k) {
+      const int c = (j0 + k) * S + at.slot;
+      const bool ok = c < D;
+      count += ok;
+      const int64_t off = at.base + (ok ? c : 0) * L;
+      float yv[V];
+      cf_rows<T, C, V, GATED>(p, off, GATED && ok ? to_float(gate[c]) : 0.f, ok && at.active,
+                              a[k], yv);
+      if constexpr (GATED && !GRAD) {
+        if (ok && at.active) store_float<T, V>(p.r + off, a[k]);
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) a[k][j] -= shift[j];
+      if constexpr (GRAD) {
+        float dh[V] = {};
+        if (ok && at.active) load_float<T, V>(p.dh + off, dh);
+        const float sc = ok ? 1.f + to_float(scale[c]) : 0.f;
+#pragma unroll
+        for (int j = 0; j < V; ++j) g[k][j] = dh[j] * sc - shift_g[j];
+      }
+    }
+    const float cnt = static_cast<float>(count);
+    const float inv = __frcp_rn(cnt);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float s = 0.f, sg = 0.f;
+#pragma unroll
+      for (int k = 0; k < kCfGroup; ++k) {
+        if (k < count) {
+          s += a[k][j];
+          if constexpr (GRAD) sg += g[k][j];
+        }
+      }
+      const float m = divide(s, cnt, inv);
+      const float mg = GRAD ? divide(sg, cnt, inv) : 0.f;
+      float q = 0.f, cq = 0.f;
+#pragma unroll
+      for (int k = 0; k < kCfGroup; ++k) {
+        if (k < count) {
+          const float u = a[k][j] - m;
+          q += u * u;
+          if constexpr (GRAD) cq += u * (g[k][j] - mg);
+        }
+      }
+      chan_merge<GRAD>(n, cnt, m, q, mg, cq, mean[j], m2[j], mean_g[j], co[j]);
+    }
+    n += cnt;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    part0[own + j] = mean[j];
+    part1[own + j] = m2[j];
+    if constexpr (GRAD) {
+      part2[own + j] = mean_g[j];
+      part3[own + j] = co[j];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kCfTokens) {
+    const int t = static_cast<int>(threadIdx.x);
+    float total = 0.f, m = 0.f, q = 0.f, mg = 0.f, cq = 0.f;
+    for (int s = 0; s < S && s < D; ++s) {
+      const float count = static_cast<float>((D - 1 - s) / S + 1);  // channels of slot s
+      const int e = s * kCfTokens + t;
+      chan_merge<GRAD>(total, count, part0[e], part1[e], GRAD ? part2[e] : 0.f,
+                       GRAD ? part3[e] : 0.f, m, q, mg, cq);
+      total += count;
+    }
+    const float d_f = static_cast<float>(D);
+    const float rstd = __frsqrt_rn(q / d_f + p.eps);
+    stats[kCfTokens + t] = m;
+    stats[2 * kCfTokens + t] = rstd;
+    if constexpr (GRAD) {
+      stats[4 * kCfTokens + t] = mg;
+      stats[5 * kCfTokens + t] = rstd * (cq / d_f);
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T, typename C, int V, bool GATED>
+__global__ void __launch_bounds__(kCfThreads) adaln_cf_fwd_kernel(const CfParams<T, C> p) {
+  FD_DYNAMIC_SMEM(smem);  // CfLayout<V>::kSmemFloats
+  const CfLayout<V> at(p.L, p.tiles, p.D);
+  cf_statistics<T, C, V, GATED, false>(p, at, smem);
+  const float* stats = smem + 4 * CfLayout<V>::kSlots * kCfTokens;
+  float shift[V], mean[V], rstd[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    shift[j] = stats[at.t0 + j];
+    mean[j] = stats[kCfTokens + at.t0 + j];
+    rstd[j] = stats[2 * kCfTokens + at.t0 + j];
+  }
+  if (!at.active) return;  // no barrier below
+  const int D = p.D;
+  const int64_t L = p.L;
+  const C* __restrict__ gate = GATED ? p.gate + at.b * D : nullptr;
+  const C* __restrict__ sh = p.shift + at.b * D;
+  const C* __restrict__ sc = p.scale + at.b * D;
+  // r is recomputed bit for bit (not re-read): x and y come back from the caches either way.
+#pragma unroll 2
+  for (int c = at.slot; c < D; c += CfLayout<V>::kSlots) {
+    const int64_t off = at.base + c * L;
+    float v[V], yv[V], o[V];
+    cf_rows<T, C, V, GATED>(p, off, GATED ? to_float(gate[c]) : 0.f, true, v, yv);
+    const float shv = to_float(sh[c]);
+    const float scv = 1.f + to_float(sc[c]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = (((v[j] - shift[j]) - mean[j]) * rstd[j]) * scv + shv;
+    store_float<T, V>(p.out + off, o);
+  }
+}
+
+template <typename T, typename C, int V, bool GATED>
+__global__ void __launch_bounds__(kCfThreads) adaln_cf_bwd_kernel(const CfParams<T, C> p) {
+  FD_DYNAMIC_SMEM(smem);  // CfLayout<V>::kSmemFloats
+  using Layout = CfLayout<V>;
+  const Layout at(p.L, p.tiles, p.D);
+  cf_statistics<T, C, V, GATED, true>(p, at, smem);
+  const float* stats = smem + 4 * Layout::kSlots * kCfTokens;
+  float shift[V], mean[V], rstd[V], shift_g[V], mean_g[V], mean_gn[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    shift[j] = stats[at.t0 + j];
+    mean[j] = stats[kCfTokens + at.t0 + j];
+    rstd[j] = stats[2 * kCfTokens + at.t0 + j];
+    shift_g[j] = stats[3 * kCfTokens + at.t0 + j];
+    mean_g[j] = stats[4 * kCfTokens + at.t0 + j];
+    mean_gn[j] = stats[5 * kCfTokens + at.t0 + j];
+  }
+  const int D = p.D;
+  const int64_t L = p.L;
+  const C* __restrict__ gate = GATED ? p.gate + at.b * D : nullptr;
+  const C* __restrict__ sc = p.scale + at.b * D;
+  float* partial = p.partial + (at.b * p.tiles + at.tile) * D;
+  // Every lane runs every step (the bound is the warp's), for the shuffles.
+#pragma unroll 2
+  for (int c0 = at.warp_slot; c0 < D; c0 += Layout::kSlots) {
+    const int c = c0 + (at.slot - at.warp_slot);
+    const bool ok = c < D && at.active;
+    const int64_t off = at.base + (c < D ? c : 0) * L;
+    const float gv = GATED && c < D ? to_float(gate[c]) : 0.f;
+    float v[V], yv[V], dh[V] = {}, dr[V] = {}, dx[V], dy[V];
+    cf_rows<T, C, V, GATED>(p, off, gv, ok, v, yv);
+    if (ok) {
+      load_float<T, V>(p.dh + off, dh);
+      if constexpr (GATED) load_float<T, V>(p.dr + off, dr);
+    }
+    const float scv = 1.f + (c < D ? to_float(sc[c]) : 0.f);
+    float sum_dh = 0.f, sum_dhn = 0.f, sum_dxy = 0.f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float n = ((v[j] - shift[j]) - mean[j]) * rstd[j];
+      const float g = dh[j] * scv;
+      dx[j] = rstd[j] * (((g - shift_g[j]) - mean_g[j]) - n * mean_gn[j]);
+      if constexpr (GATED) {
+        dx[j] += dr[j];
+        dy[j] = gv * dx[j];
+        sum_dxy += dx[j] * yv[j];
+      }
+      sum_dh += dh[j];
+      sum_dhn += dh[j] * n;
+    }
+    if (ok) {
+      store_float<T, V>(p.dx + off, dx);
+      if constexpr (GATED) store_float<C, V>(p.dy + off, dy);
+    } else {  // tokens past the image: rstd may be inf there (eps 0), n NaN
+      sum_dh = sum_dhn = sum_dxy = 0.f;
+    }
+    // The tile's sums for channel c: over the TL lanes of the slot (xor stays within them).
+#pragma unroll
+    for (int offset = 1; offset < Layout::kTL; offset <<= 1) {
+      sum_dh += __shfl_xor_sync(0xffffffffu, sum_dh, offset);
+      sum_dhn += __shfl_xor_sync(0xffffffffu, sum_dhn, offset);
+      if constexpr (GATED) sum_dxy += __shfl_xor_sync(0xffffffffu, sum_dxy, offset);
+    }
+    if (c < D && at.tl == 0) {
+      partial[c] = sum_dh;
+      partial[p.plane + c] = sum_dhn;
+      if constexpr (GATED) partial[2 * p.plane + c] = sum_dxy;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers
 
 struct FwdArgs {
@@ -810,6 +1201,19 @@ BwdPlan bwd_plan_typed(int D, bool vec) {
   return vec ? bwd_plan_vec<T, C, kVec16<T>, GATED>(D) : bwd_plan_vec<T, C, 1, GATED>(D);
 }
 
+// Adds each sample's `splits` partial rows of every plane in split order, rounds once to C.
+template <typename C, bool GATED>
+void launch_sum_splits(const BwdArgs& a) {
+  if (cudaPeekAtLastError() != cudaSuccess) return;  // the caller's cudaGetLastError() reports it
+  const int64_t count = a.B * a.D;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65536);
+  const auto sum_splits = adaln_sum_splits_kernel<C>;
+  FD_LAUNCH(sum_splits, static_cast<unsigned>(blocks), kThreads, 0, a.stream)(
+      a.partial, static_cast<C*>(a.dshift), static_cast<C*>(a.dscale), static_cast<C*>(a.dgate),
+      GATED ? 3 : 2, a.B * a.splits * a.D, static_cast<uint32_t>(a.splits), a.D, count);
+}
+
 template <typename T, typename C, bool GATED>
 void launch_bwd_typed(const BwdArgs& a) {
   constexpr std::size_t kC = kCondVecBytes<T, C>;
@@ -839,14 +1243,77 @@ void launch_bwd_typed(const BwdArgs& a) {
                     a.eps};
   plan.launch(&p, dim3(static_cast<unsigned>(a.B * a.splits)), dim3(plan.threads), plan.smem,
               a.stream);
-  if (cudaPeekAtLastError() != cudaSuccess) return;  // the caller's cudaGetLastError() reports it
-  const int64_t count = a.B * a.D;
-  constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>((count + kThreads - 1) / kThreads, 65536);
-  const auto sum_splits = adaln_sum_splits_kernel<C>;
-  FD_LAUNCH(sum_splits, static_cast<unsigned>(blocks), kThreads, 0, a.stream)(
-      a.partial, static_cast<C*>(a.dshift), static_cast<C*>(a.dscale), static_cast<C*>(a.dgate),
-      GATED ? 3 : 2, a.B * a.splits * a.D, static_cast<uint32_t>(a.splits), a.D, count);
+  launch_sum_splits<C, GATED>(a);
+}
+
+// Channels-first images: one block per (sample, tile of kCfTokens tokens); V = 4 tokens per
+// thread when L % 4 == 0 and every row pointer takes 4-element vectors (y and dy of C).
+template <typename T, typename C, bool GATED>
+bool cf_vectors(int64_t L, std::initializer_list<const void*> rows,
+                std::initializer_list<const void*> conds) {
+  if (L % 4 != 0) return false;
+  for (const void* p : rows) {
+    if (!is_aligned(p, 4 * sizeof(T))) return false;
+  }
+  for (const void* p : conds) {
+    if (!is_aligned(p, 4 * sizeof(C))) return false;
+  }
+  return true;
+}
+
+template <typename T, typename C, int V, bool GATED, bool BACKWARD>
+void launch_cf(const CfParams<T, C>& p, int64_t B, cudaStream_t stream) {
+  const auto kernel = BACKWARD ? adaln_cf_bwd_kernel<T, C, V, GATED>
+                               : adaln_cf_fwd_kernel<T, C, V, GATED>;
+  const size_t smem = CfLayout<V>::kSmemFloats * sizeof(float);
+  FD_LAUNCH(kernel, static_cast<unsigned>(B * p.tiles), kCfThreads, smem, stream)(p);
+}
+
+template <typename T, typename C, bool GATED>
+void launch_cf_fwd_typed(const FwdArgs& a, int64_t B, int64_t L) {
+  CfParams<T, C> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.y = static_cast<const C*>(a.y);
+  p.gate = static_cast<const C*>(a.gate);
+  p.shift = static_cast<const C*>(a.shift);
+  p.scale = static_cast<const C*>(a.scale);
+  p.r = static_cast<T*>(a.r);
+  p.out = static_cast<T*>(a.out);
+  p.L = static_cast<uint32_t>(L);
+  p.tiles = static_cast<uint32_t>((L + kCfTokens - 1) / kCfTokens);
+  p.D = a.D;
+  p.eps = a.eps;
+  const bool vec = GATED ? cf_vectors<T, C, GATED>(L, {a.x, a.r, a.out}, {a.y})
+                         : cf_vectors<T, C, GATED>(L, {a.x, a.out}, {});
+  if (vec) return launch_cf<T, C, 4, GATED, false>(p, B, a.stream);
+  launch_cf<T, C, 1, GATED, false>(p, B, a.stream);
+}
+
+template <typename T, typename C, bool GATED>
+void launch_cf_bwd_typed(const BwdArgs& a) {
+  CfParams<T, C> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.y = static_cast<const C*>(a.y);
+  p.gate = static_cast<const C*>(a.gate);
+  p.scale = static_cast<const C*>(a.scale);
+  p.dr = static_cast<const T*>(a.dr);
+  p.dh = static_cast<const T*>(a.dh);
+  p.dx = static_cast<T*>(a.dx);
+  p.dy = static_cast<C*>(a.dy);
+  p.partial = a.partial;
+  p.plane = a.B * a.splits * a.D;
+  p.L = static_cast<uint32_t>(a.L);
+  p.tiles = static_cast<uint32_t>(a.splits);  // = ceil(L / kCfTokens), checked by the caller
+  p.D = a.D;
+  p.eps = a.eps;
+  const bool vec = GATED ? cf_vectors<T, C, GATED>(a.L, {a.x, a.dr, a.dh, a.dx}, {a.y, a.dy})
+                         : cf_vectors<T, C, GATED>(a.L, {a.x, a.dh, a.dx}, {});
+  if (vec) {
+    launch_cf<T, C, 4, GATED, true>(p, a.B, a.stream);
+  } else {
+    launch_cf<T, C, 1, GATED, true>(p, a.B, a.stream);
+  }
+  launch_sum_splits<C, GATED>(a);
 }
 
 // Calls f(TypeTag<T>{}, TypeTag<C>{}) for the pairs of dtype codes (rows T; y, the conditioning
@@ -873,17 +1340,22 @@ void dispatch_pair(int dtype, int cond_dtype, const char* op, F&& f) {
 
 // Enqueue the kernel(s) on `stream` on the current device and return cudaGetLastError(). Sizes
 // and pointers are validated by the caller (bindings.cpp): B, L >= 0, 1 <= D <= INT_MAX,
-// B * L * D in int64; for the backward also D <= kBwdMaxD, L < 2^31, 1 <= splits <= L and
-// B * splits < 2^31.
+// B * L * D in int64; for the backward also L < 2^31, 1 <= splits <= L and B * splits < 2^31,
+// and D <= kBwdMaxD (rows). channels_first: the rows are a contiguous (B, D, L) image, with
+// L < 2^31 and B * adaln_cf_tiles(L) < 2^31, and the backward's splits = adaln_cf_tiles(L).
 
 cudaError_t adaln_modulate_fwd_launch(const void* x, const void* shift, const void* scale,
                                       void* out, int64_t B, int64_t L, int64_t D, float eps,
-                                      int dtype, int cond_dtype, cudaStream_t stream) {
+                                      int dtype, int cond_dtype, bool channels_first,
+                                      cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const FwdArgs a{x,       nullptr, nullptr, shift, scale, nullptr, out, 0, 0,
                   static_cast<int>(D), eps, stream};
   dispatch_pair(dtype, cond_dtype, "adaln_modulate_fwd", [&](auto t, auto c) {
-    launch_fwd_typed<typename decltype(t)::type, typename decltype(c)::type, false>(a, B, L);
+    using T = typename decltype(t)::type;
+    using C = typename decltype(c)::type;
+    channels_first ? launch_cf_fwd_typed<T, C, false>(a, B, L)
+                   : launch_fwd_typed<T, C, false>(a, B, L);
   });
   return cudaGetLastError();
 }
@@ -891,11 +1363,14 @@ cudaError_t adaln_modulate_fwd_launch(const void* x, const void* shift, const vo
 cudaError_t adaln_gated_fwd_launch(const void* x, const void* y, const void* gate,
                                    const void* shift, const void* scale, void* r, void* out,
                                    int64_t B, int64_t L, int64_t D, float eps, int dtype,
-                                   int cond_dtype, cudaStream_t stream) {
+                                   int cond_dtype, bool channels_first, cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const FwdArgs a{x, y, gate, shift, scale, r, out, 0, 0, static_cast<int>(D), eps, stream};
   dispatch_pair(dtype, cond_dtype, "adaln_gated_fwd", [&](auto t, auto c) {
-    launch_fwd_typed<typename decltype(t)::type, typename decltype(c)::type, true>(a, B, L);
+    using T = typename decltype(t)::type;
+    using C = typename decltype(c)::type;
+    channels_first ? launch_cf_fwd_typed<T, C, true>(a, B, L)
+                   : launch_fwd_typed<T, C, true>(a, B, L);
   });
   return cudaGetLastError();
 }
@@ -903,14 +1378,17 @@ cudaError_t adaln_gated_fwd_launch(const void* x, const void* y, const void* gat
 cudaError_t adaln_modulate_bwd_launch(const void* x, const void* scale, const void* dout,
                                       void* dx, void* dshift, void* dscale, void* partial,
                                       int64_t B, int64_t L, int64_t D, int64_t splits, float eps,
-                                      int dtype, int cond_dtype, cudaStream_t stream) {
+                                      int dtype, int cond_dtype, bool channels_first,
+                                      cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const BwdArgs a{x,       nullptr, nullptr, scale,  nullptr,
                   dout,    dx,      nullptr, nullptr, dshift,
                   dscale,  static_cast<float*>(partial),
                   B,       L,       static_cast<int>(D), splits, eps, stream};
   dispatch_pair(dtype, cond_dtype, "adaln_modulate_bwd", [&](auto t, auto c) {
-    launch_bwd_typed<typename decltype(t)::type, typename decltype(c)::type, false>(a);
+    using T = typename decltype(t)::type;
+    using C = typename decltype(c)::type;
+    channels_first ? launch_cf_bwd_typed<T, C, false>(a) : launch_bwd_typed<T, C, false>(a);
   });
   return cudaGetLastError();
 }
@@ -920,18 +1398,24 @@ cudaError_t adaln_gated_bwd_launch(const void* x, const void* y, const void* gat
                                    void* dy, void* dgate, void* dshift, void* dscale,
                                    void* partial, int64_t B, int64_t L, int64_t D,
                                    int64_t splits, float eps, int dtype, int cond_dtype,
-                                   cudaStream_t stream) {
+                                   bool channels_first, cudaStream_t stream) {
   if (B == 0 || L == 0) return cudaSuccess;
   const BwdArgs a{x,  y,     gate,   scale,  dr,     dout,
                   dx, dy,    dgate,  dshift, dscale, static_cast<float*>(partial),
                   B,  L,     static_cast<int>(D),    splits, eps, stream};
   dispatch_pair(dtype, cond_dtype, "adaln_gated_bwd", [&](auto t, auto c) {
-    launch_bwd_typed<typename decltype(t)::type, typename decltype(c)::type, true>(a);
+    using T = typename decltype(t)::type;
+    using C = typename decltype(c)::type;
+    channels_first ? launch_cf_bwd_typed<T, C, true>(a) : launch_bwd_typed<T, C, true>(a);
   });
   return cudaGetLastError();
 }
 
 int64_t adaln_bwd_max_d() { return kBwdMaxD; }
+
+// The tiles of kCfTokens tokens a channels-first sample of L tokens is cut into: the blocks per
+// sample of both channels-first kernels, and the backward's splits.
+int64_t adaln_cf_tiles(int64_t L) { return (L + kCfTokens - 1) / kCfTokens; }
 
 // The backward's `splits` for this shape on the current device: as many (sample, split) blocks
 // as the backward kernel (16-byte path, all of dtype T) can keep resident in one wave, at

@@ -32,22 +32,25 @@ namespace fastdit {
 // adaln.cu
 cudaError_t adaln_modulate_fwd_launch(const void* x, const void* shift, const void* scale,
                                       void* out, int64_t B, int64_t L, int64_t D, float eps,
-                                      int dtype, int cond_dtype, cudaStream_t stream);
+                                      int dtype, int cond_dtype, bool channels_first,
+                                      cudaStream_t stream);
 cudaError_t adaln_gated_fwd_launch(const void* x, const void* y, const void* gate,
                                    const void* shift, const void* scale, void* r, void* out,
                                    int64_t B, int64_t L, int64_t D, float eps, int dtype,
-                                   int cond_dtype, cudaStream_t stream);
+                                   int cond_dtype, bool channels_first, cudaStream_t stream);
 cudaError_t adaln_modulate_bwd_launch(const void* x, const void* scale, const void* dout,
                                       void* dx, void* dshift, void* dscale, void* partial,
                                       int64_t B, int64_t L, int64_t D, int64_t splits, float eps,
-                                      int dtype, int cond_dtype, cudaStream_t stream);
+                                      int dtype, int cond_dtype, bool channels_first,
+                                      cudaStream_t stream);
 cudaError_t adaln_gated_bwd_launch(const void* x, const void* y, const void* gate,
                                    const void* scale, const void* dr, const void* dout, void* dx,
                                    void* dy, void* dgate, void* dshift, void* dscale,
                                    void* partial, int64_t B, int64_t L, int64_t D,
                                    int64_t splits, float eps, int dtype, int cond_dtype,
-                                   cudaStream_t stream);
+                                   bool channels_first, cudaStream_t stream);
 int64_t adaln_bwd_max_d();
+int64_t adaln_cf_tiles(int64_t L);
 cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool gated, int device,
                              int64_t* splits);
 const void* adaln_probe_kernel();
@@ -187,9 +190,30 @@ void check_pointers(const char* op, std::initializer_list<std::uintptr_t> ptrs,
   }
 }
 
+// Channels-first images: 32-bit token indices, and the (sample, tile) blocks of one launch.
+void check_channels_first(const char* op, int64_t B, int64_t L) {
+  if (L >= (int64_t{1} << 31)) {
+    throw invalid_argument(op, "L must be < 2^31, got " + std::to_string(L));
+  }
+  if (B > 0 && L > 0 && B > INT_MAX / adaln_cf_tiles(L)) {
+    throw invalid_argument(op, "B * ceil(L / 32) must be < 2^31 (channels-first blocks), got B=" +
+                                   std::to_string(B) + ", L=" + std::to_string(L));
+  }
+}
+
 // The backward's extra limits: D held in registers, 32-bit row indices within a sample, and
-// the (sample, split) blocks of one launch.
-void check_backward(const char* op, int64_t B, int64_t L, int64_t D, int64_t splits) {
+// the (sample, split) blocks of one launch. Channels-first: any D, and splits = the tiles.
+void check_backward(const char* op, int64_t B, int64_t L, int64_t D, int64_t splits,
+                    bool channels_first) {
+  if (channels_first) {
+    check_channels_first(op, B, L);
+    if (B > 0 && L > 0 && splits != adaln_cf_tiles(L)) {
+      throw invalid_argument(op, "channels-first splits must be ceil(L / 32) = " +
+                                     std::to_string(adaln_cf_tiles(L)) + " (adaln_bwd_splits), got " +
+                                     std::to_string(splits));
+    }
+    return;
+  }
   if (D > adaln_bwd_max_d()) {
     throw invalid_argument(op, "D must be <= " + std::to_string(adaln_bwd_max_d()) +
                                    " (a row is held in registers), got " + std::to_string(D));
@@ -218,45 +242,49 @@ void* mptr(P p) {
 
 void adaln_modulate_fwd(std::uintptr_t x, std::uintptr_t shift, std::uintptr_t scale,
                         std::uintptr_t out, int64_t B, int64_t L, int64_t D, double eps, int dtype,
-                        int cond_dtype, int device, std::uintptr_t stream) {
+                        int cond_dtype, int device, std::uintptr_t stream, bool channels_first) {
   constexpr const char* op = "adaln_modulate_fwd";
   if (!check_adaln(op, B, L, D, eps, dtype, cond_dtype, device)) return;
+  if (channels_first) check_channels_first(op, B, L);
   check_pointers(op, {x, shift, scale, out}, "x, shift, scale and out");
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_modulate_fwd_launch(
       cptr(x), cptr(shift), cptr(scale), mptr(out), B, L, D, static_cast<float>(eps), dtype,
-      cond_dtype, reinterpret_cast<cudaStream_t>(stream));
+      cond_dtype, channels_first, reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
 
 void adaln_gated_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
                      std::uintptr_t shift, std::uintptr_t scale, std::uintptr_t r,
                      std::uintptr_t out, int64_t B, int64_t L, int64_t D, double eps, int dtype,
-                     int cond_dtype, int device, std::uintptr_t stream) {
+                     int cond_dtype, int device, std::uintptr_t stream, bool channels_first) {
   constexpr const char* op = "adaln_gated_fwd";
   if (!check_adaln(op, B, L, D, eps, dtype, cond_dtype, device)) return;
+  if (channels_first) check_channels_first(op, B, L);
   check_pointers(op, {x, y, gate, shift, scale, r, out}, "x, y, gate, shift, scale, r and out");
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_gated_fwd_launch(
       cptr(x), cptr(y), cptr(gate), cptr(shift), cptr(scale), mptr(r), mptr(out), B, L, D,
-      static_cast<float>(eps), dtype, cond_dtype, reinterpret_cast<cudaStream_t>(stream));
+      static_cast<float>(eps), dtype, cond_dtype, channels_first,
+      reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
 
 void adaln_modulate_bwd(std::uintptr_t x, std::uintptr_t scale, std::uintptr_t dout,
                         std::uintptr_t dx, std::uintptr_t dshift, std::uintptr_t dscale,
                         std::uintptr_t partial, int64_t B, int64_t L, int64_t D, int64_t splits,
-                        double eps, int dtype, int cond_dtype, int device, std::uintptr_t stream) {
+                        double eps, int dtype, int cond_dtype, int device, std::uintptr_t stream,
+                        bool channels_first) {
   constexpr const char* op = "adaln_modulate_bwd";
   const bool work = check_adaln(op, B, L, D, eps, dtype, cond_dtype, device);
-  check_backward(op, B, L, D, splits);
+  check_backward(op, B, L, D, splits, channels_first);
   if (!work) return;
   check_pointers(op, {x, scale, dout, dx, dshift, dscale, partial},
                  "x, scale, dout, dx, dshift, dscale and partial");
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_modulate_bwd_launch(
       cptr(x), cptr(scale), cptr(dout), mptr(dx), mptr(dshift), mptr(dscale), mptr(partial), B,
-      L, D, splits, static_cast<float>(eps), dtype, cond_dtype,
+      L, D, splits, static_cast<float>(eps), dtype, cond_dtype, channels_first,
       reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
@@ -266,10 +294,10 @@ void adaln_gated_bwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
                      std::uintptr_t dx, std::uintptr_t dy, std::uintptr_t dgate,
                      std::uintptr_t dshift, std::uintptr_t dscale, std::uintptr_t partial,
                      int64_t B, int64_t L, int64_t D, int64_t splits, double eps, int dtype,
-                     int cond_dtype, int device, std::uintptr_t stream) {
+                     int cond_dtype, int device, std::uintptr_t stream, bool channels_first) {
   constexpr const char* op = "adaln_gated_bwd";
   const bool work = check_adaln(op, B, L, D, eps, dtype, cond_dtype, device);
-  check_backward(op, B, L, D, splits);
+  check_backward(op, B, L, D, splits, channels_first);
   if (!work) return;
   check_pointers(op, {x, y, gate, scale, dr, dout, dx, dy, dgate, dshift, dscale, partial},
                  "x, y, gate, scale, dr, dout, dx, dy, dgate, dshift, dscale and partial");
@@ -277,18 +305,23 @@ void adaln_gated_bwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
   const cudaError_t err = adaln_gated_bwd_launch(
       cptr(x), cptr(y), cptr(gate), cptr(scale), cptr(dr), cptr(dout), mptr(dx), mptr(dy),
       mptr(dgate), mptr(dshift), mptr(dscale), mptr(partial), B, L, D, splits,
-      static_cast<float>(eps), dtype, cond_dtype, reinterpret_cast<cudaStream_t>(stream));
+      static_cast<float>(eps), dtype, cond_dtype, channels_first,
+      reinterpret_cast<cudaStream_t>(stream));
   FASTDIT_CUDA_CHECK(op, err);
 }
 
 int64_t adaln_bwd_splits_py(int64_t B, int64_t L, int64_t D, int dtype, bool gated,
-                            int device) {
+                            int device, bool channels_first) {
   constexpr const char* op = "adaln_bwd_splits";
   if (!check_adaln(op, B, L, D, 0.0, dtype, dtype, device)) {
     throw invalid_argument(op, "B and L must be >= 1, got B=" + std::to_string(B) +
                                    ", L=" + std::to_string(L));
   }
-  check_backward(op, B, L, D, 1);
+  if (channels_first) {
+    check_channels_first(op, B, L);
+    return adaln_cf_tiles(L);
+  }
+  check_backward(op, B, L, D, 1, false);
   DeviceGuard guard(device, op);
   int64_t splits = 1;
   FASTDIT_CUDA_CHECK(op, adaln_bwd_splits(B, L, D, dtype, gated, device, &splits));
@@ -948,43 +981,51 @@ PYBIND11_MODULE(_C, m) {
   m.def("adaln_modulate_fwd", &fastdit::adaln_modulate_fwd, py::arg("x_ptr"),
         py::arg("shift_ptr"), py::arg("scale_ptr"), py::arg("out_ptr"), py::arg("B"),
         py::arg("L"), py::arg("D"), py::arg("eps"), py::arg("dtype"), py::arg("cond_dtype"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("device"), py::arg("stream"), py::arg("channels_first") = false,
         "out = LayerNorm(x) * (1 + scale[:, None]) + shift[:, None] for contiguous x, out of "
         "shape (B, L, D) in `dtype` (0=float32, 1=float16, 2=bfloat16) and shift, scale of "
         "shape (B, D) in `cond_dtype` (= dtype, or 1 or 2 with dtype 0), enqueued on `stream` "
-        "of `device`. Raises ValueError for bad arguments and RuntimeError for a CUDA error.");
+        "of `device`. channels_first: x and out are contiguous (B, D, L) images instead (the "
+        "norm still over D; L < 2^31). Raises ValueError for bad arguments and RuntimeError "
+        "for a CUDA error.");
   m.def("adaln_gated_fwd", &fastdit::adaln_gated_fwd, py::arg("x_ptr"), py::arg("y_ptr"),
         py::arg("gate_ptr"), py::arg("shift_ptr"), py::arg("scale_ptr"), py::arg("r_ptr"),
         py::arg("out_ptr"), py::arg("B"), py::arg("L"), py::arg("D"), py::arg("eps"),
         py::arg("dtype"), py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("channels_first") = false,
         "r = x + gate[:, None] * y (rounded to the dtype) and out = LayerNorm(r) * "
-        "(1 + scale[:, None]) + shift[:, None]; x, y, r, out: (B, L, D) contiguous, gate, "
-        "shift, scale: (B, D) contiguous; x, r, out in `dtype`, y, gate, shift, scale in "
-        "`cond_dtype`, as for adaln_modulate_fwd.");
+        "(1 + scale[:, None]) + shift[:, None]; x, y, r, out: (B, L, D) contiguous (or, "
+        "channels_first, (B, D, L)), gate, shift, scale: (B, D) contiguous; x, r, out in "
+        "`dtype`, y, gate, shift, scale in `cond_dtype`, as for adaln_modulate_fwd.");
   m.def("adaln_modulate_bwd", &fastdit::adaln_modulate_bwd, py::arg("x_ptr"),
         py::arg("scale_ptr"), py::arg("dout_ptr"), py::arg("dx_ptr"), py::arg("dshift_ptr"),
         py::arg("dscale_ptr"), py::arg("partial_ptr"), py::arg("B"), py::arg("L"),
         py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"),
         py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("channels_first") = false,
         "Gradients of adaln_modulate_fwd for the cotangent dout: dx (B, L, D), dshift and "
         "dscale (B, D), each in its input's dtype. partial: caller-allocated float32 scratch "
         "of 2 * B * splits * D elements; each sample's L rows are cut into `splits` "
         "(1 <= splits <= L) blocks whose partial sums are added in a fixed order "
-        "(deterministic). D <= ADALN_BWD_MAX_D.");
+        "(deterministic). D <= ADALN_BWD_MAX_D. channels_first: (B, D, L) images, any D, and "
+        "splits = ceil(L / 32), the tiles (adaln_bwd_splits with channels_first=True).");
   m.def("adaln_gated_bwd", &fastdit::adaln_gated_bwd, py::arg("x_ptr"), py::arg("y_ptr"),
         py::arg("gate_ptr"), py::arg("scale_ptr"), py::arg("dr_ptr"), py::arg("dout_ptr"),
         py::arg("dx_ptr"), py::arg("dy_ptr"), py::arg("dgate_ptr"), py::arg("dshift_ptr"),
         py::arg("dscale_ptr"), py::arg("partial_ptr"), py::arg("B"), py::arg("L"),
         py::arg("D"), py::arg("splits"), py::arg("eps"), py::arg("dtype"),
         py::arg("cond_dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("channels_first") = false,
         "Gradients of adaln_gated_fwd for the cotangents dr (of r) and dout (of out): dx, dy "
         "(B, L, D), dgate, dshift, dscale (B, D), each in its input's dtype. partial: float32 "
         "scratch of 3 * B * splits * D elements, as for adaln_modulate_bwd.");
   m.def("adaln_bwd_splits", &fastdit::adaln_bwd_splits_py, py::arg("B"), py::arg("L"),
         py::arg("D"), py::arg("dtype"), py::arg("gated"), py::arg("device"),
+        py::arg("channels_first") = false,
         "The `splits` to pass to adaln_modulate_bwd / adaln_gated_bwd (gated=True) for this "
         "shape on `device`: one wave of resident (sample, split) blocks, >= 16 rows each. "
-        "`dtype` is the rows'; a call with another cond_dtype takes the same splits.");
+        "`dtype` is the rows'; a call with another cond_dtype takes the same splits. "
+        "channels_first: ceil(L / 32), the tiles of 32 tokens, on every GPU.");
   m.attr("ADALN_BWD_MAX_D") = fastdit::adaln_bwd_max_d();
 
   // The patchify family. order: 0 = "cpq" (c, row, column in the patch), 1 = "pqc".

@@ -578,10 +578,19 @@ def test_compile_fullgraph_through_a_dit_block():
 def test_cuda_declines_with_reasons():
     """What the cuda backend leaves to triton/torch under auto, and why (checked on CPU)."""
     x, y, gate, shift, scale = _gated_inputs((2, 8, 3, 4), torch.float32, "cpu")
-    reason = adaln._cuda_supports_gated(x, y, gate, shift, scale, 1e-6)
-    assert "channels-first images go to the triton kernel" in reason
+    assert adaln._cuda_channels_first(x)
+    assert adaln._cuda_supports_gated(x, y, gate, shift, scale, 1e-6) == ""
     cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, y)]
     assert adaln._cuda_supports_gated(*cl, gate, shift, scale, 1e-6) == ""
+    # the rows in one memory format, x's
+    reason = adaln._cuda_supports_gated(x, cl[1], gate, shift, scale, 1e-6)
+    assert "channels-first x with contiguous (B, D, H, W) images (y is not)" in reason
+    reason = adaln._cuda_supports_gated(cl[0], y, gate, shift, scale, 1e-6)
+    assert "channels-last x with channels-last (B, D, H, W) images (y is not)" in reason
+    assert "(x is not)" in adaln._cuda_supports_modulate(x[..., ::2], shift, scale, 1e-6)
+    # any D channels-first (tiles of tokens), D <= 8192 for rows
+    wide, vec = torch.randn(1, 8193, 2, 3), torch.zeros(1, 8193)
+    assert adaln._cuda_supports_modulate(wide, vec, vec, 1e-6) == ""
     tokens = torch.randn(2, 4, 8)
     assert "contiguous (B, L, D) tokens" in adaln._cuda_supports_modulate(
         tokens.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6
@@ -610,6 +619,8 @@ def test_row_counts_past_32_bits_are_declined():
         ((2**31, 1, 4), False, False),  # B = 2^31
         ((2, 2**29, 4), True, False),  # B * L = 2^30: past triton's bound only
         ((2, 2**29 - 1, 4), True, True),
+        ((2**26, 4, 32, 32), False, False),  # channels-first: 2^31 blocks of 32 tokens
+        ((2**26 - 1, 4, 32, 32), True, False),
     ]:
         x = torch.empty(shape, device="meta", dtype=torch.bfloat16)
         d = shape[-1] if x.dim() == 3 else shape[1]
@@ -692,7 +703,22 @@ def test_extension_validates_the_adaln_entries():
         if C.device_count() == 0:
             with pytest.raises(RuntimeError, match=rf"^fastdit\._C\.{name}: "):
                 fn(**good)
+    # channels-first: any D, splits = ceil(L / 32), B * ceil(L / 32) blocks < 2^31
+    for name, good, bad in [
+        ("adaln_gated_fwd", gated_fwd, [dict(B=2**31, L=3)]),
+        ("adaln_modulate_bwd", mod_bwd, [dict(splits=2), dict(L=33, splits=1), dict(L=2**31)]),
+        ("adaln_gated_bwd", gated_bwd, [dict(splits=3), dict(L=65, splits=2)]),
+    ]:
+        fn = getattr(C, name)
+        good = {**good, "channels_first": True, **({"splits": 1} if "splits" in good else {})}
+        for change in bad:
+            with pytest.raises(ValueError, match=rf"fastdit\._C\.{name}"):
+                fn(**{**good, **change})
+        if C.device_count() == 0:  # D past the row kernels' bound is valid here
+            with pytest.raises(RuntimeError, match=rf"^fastdit\._C\.{name}: "):
+                fn(**{**good, "D": 8193})
     good = dict(B=2, L=3, D=8, dtype=0, gated=True, device=0)
+    assert C.adaln_bwd_splits(**{**good, "D": 8193, "L": 65}, channels_first=True) == 3
     for change in [dict(B=0), dict(L=0), dict(D=8193), dict(dtype=5), dict(device=-1)]:
         with pytest.raises(ValueError, match=r"fastdit\._C\.adaln_bwd_splits"):
             C.adaln_bwd_splits(**{**good, **change})

@@ -9,8 +9,9 @@ bookkeeping are checked here on every machine with a C++ compiler and the CUDA h
 - the entries called directly on NaN-poisoned outputs (and a NaN-poisoned partial-sum scratch),
   forward and backward of both ops, float32 / float16 / bfloat16, (B, L, D) tokens and
   channels-last (B, D, H, W) images, D from 1 to 8192 (every forward and backward kernel shape
-  the launchers pick), against the float64 reference under the tolerance rule (DESIGN.md,
-  Tests; tests/tolerance.py: error <= 2 x eager's in the same dtype + a tiny floor);
+  the launchers pick), and channels-first images (tiles of 32 tokens, 1 or 4 per thread, any D),
+  against the float64 reference under the tolerance rule (DESIGN.md, Tests; tests/tolerance.py:
+  error <= 2 x eager's in the same dtype + a tiny floor);
 - the backward with several split counts (1, counts that do not divide L, empty splits, one row
   per split), bitwise identical when run again in another thread and block order;
 - misaligned pointers (the scalar path) and rows longer than the register kernels hold;
@@ -75,6 +76,10 @@ def _rows_like(B, L, D, layout, dtype, g, scale=1.0, offset=0.0):
     if layout == "tokens":
         return t
     h, w = _image_hw(L)
+    if layout == "channels_first":  # a contiguous (B, D, H, W) image
+        image = t.reshape(B, h, w, D).permute(0, 3, 1, 2).contiguous()
+        assert A._cuda_channels_first(image)
+        return image
     # (B, H*W, D) rows in memory, seen as a channels-last (B, D, H, W) image
     image = t.reshape(B, h, w, D).permute(0, 3, 1, 2)
     assert image.is_contiguous(memory_format=torch.channels_last)
@@ -104,7 +109,8 @@ def _p(t: torch.Tensor) -> int:
 def _forward(C, gated, inputs):
     """The forward entry on NaN-filled outputs: out, or (r, out)."""
     x, eps = inputs[0], inputs[-1]
-    sizes = (*A._rows_of(x), eps, CODES[x.dtype], CODES[inputs[1].dtype], None, 0)
+    sizes = (*A._rows_of(x), eps, CODES[x.dtype], CODES[inputs[1].dtype], None, 0,
+             A._cuda_channels_first(x))  # fmt: skip
     if gated:
         x, y, gate, shift, scale, _ = inputs
         r, out = torch.full_like(x, NAN), torch.full_like(x, NAN)
@@ -120,7 +126,8 @@ def _backward(C, gated, inputs, cots, splits):
     """The backward entry on NaN-filled gradients and scratch: (gradients, partial)."""
     x, eps = inputs[0], inputs[-1]
     B, L, D = A._rows_of(x)
-    sizes = (B, L, D, splits, eps, CODES[x.dtype], CODES[inputs[1].dtype], None, 0)
+    sizes = (B, L, D, splits, eps, CODES[x.dtype], CODES[inputs[1].dtype], None, 0,
+             A._cuda_channels_first(x))  # fmt: skip
     diff = [inputs[i] for i in OPS[gated].diff_index]
     grads = [torch.full_like(t, NAN) for t in diff]
     partial = torch.full(((3 if gated else 2) * B * splits * D,), NAN, dtype=torch.float32)
@@ -231,6 +238,90 @@ def test_emulated_long_rows(kernels, gated, dtype, B, L, layout, D):
     _case(kernels, gated, B, L, D, layout, dtype, _splits(L))
 
 
+def _tiles(L: int) -> int:
+    """The channels-first backward's splits: its tiles of 32 tokens."""
+    return -(-L // 32)
+
+
+# (B, L, D): L = 32 and 36 (4 tokens a thread: 32 channel slots; a second tile of one vector),
+# L = 15 (1 token a thread: 8 slots), D below, at and past the first chunk of 4 channels a slot
+# (D = 33: one slot with a fifth channel), U-DiT's widths 96 to 1536, and 8200 (past the row
+# kernels' 8192: any D).
+CF_SHAPES = [(2, 32, 96), (1, 36, 100), (3, 15, 33), (1, 64, 384), (2, 20, 1536)]
+
+
+@GATED
+@DTYPE
+@pytest.mark.parametrize("B, L, D", CF_SHAPES)
+def test_emulated_channels_first(kernels, gated, dtype, B, L, D):
+    _case(kernels, gated, B, L, D, "channels_first", dtype, _tiles(L))
+
+
+@GATED
+def test_emulated_channels_first_takes_any_d(kernels, gated):
+    _case(kernels, gated, 1, 8, 8200, "channels_first", torch.float32, 1)
+
+
+def _hard_inputs(case: str, gated: bool, shape, gen):
+    """float32 inputs (shift and scale 0) and cotangents that break the statistics' shortcuts:
+    see test_emulated_channels_first_statistics_hold_on_hard_inputs."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    first = 128  # the first chunk: 4 channels of each of the 32 slots (4 tokens a thread)
+    if case == "large_mean":
+        x += 1e4
+    else:
+        x *= 0.05
+        x[:, :first] += 1.0
+        x[:, first:] -= first / (shape[1] - first)  # the mean stays near 0
+    zero = torch.zeros(shape[:2], dtype=torch.float64)
+    inputs = [x, zero, zero]
+    if gated:  # r = x + gate * y, close to x
+        y = torch.randn(shape, generator=gen, dtype=torch.float64)
+        gate = 0.01 * torch.randn(shape[:2], generator=gen, dtype=torch.float64)
+        inputs = [x, y, gate, zero, zero]
+    dout = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if case == "dout_mean":
+        dout = 1.0 + 0.01 * dout
+    cots = [torch.randn(shape, generator=gen), dout] if gated else [dout]
+    return [t.float() for t in inputs] + [1e-6], [c.float() for c in cots]
+
+
+@GATED
+@pytest.mark.parametrize("case", ["large_mean", "chunks_apart", "dout_mean"])
+def test_emulated_channels_first_statistics_hold_on_hard_inputs(kernels, gated, case):
+    """The channels-first kernels take each token's statistics in one pass: values shifted by
+    the first chunk's mean (128 channels), groups of 4 channels merged into each thread's
+    running mean and sum of squares, the 32 slots merged in order. float32, D = 1536 (U-DiT-L)
+    and, gated, 1500 on 36 tokens (a short second tile). Within the tolerance rule on a mean of
+    1e4 (E[x^2] - mean^2 keeps no digit; without the shift the merged means are rounded at 1e4
+    and modulate's forward fails), a mean near 0 with the first chunk 20 standard deviations
+    from the rest (shifted sums without the merge lose digits), and a cotangent whose mean is
+    100 times its spread (mean(g n) as a difference of large sums cancels)."""
+    shape = (2, 1500, 6, 6) if gated else (2, 1536, 4, 4)
+    inputs, cots = _hard_inputs(case, gated, shape, torch.Generator().manual_seed(3))
+    what = f"{case} {'gated' if gated else 'modulate'}"
+    _check_forward(gated, _forward(kernels, gated, inputs), inputs, what)
+    grads, partial = _backward(kernels, gated, inputs, cots, _tiles(shape[2] * shape[3]))
+    assert torch.isfinite(partial).all()
+    _check_backward(gated, grads, inputs, cots, what)
+
+
+@GATED
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_channels_first_misaligned_takes_one_token_a_thread(kernels, gated, dtype):
+    """L % 4 == 0 but x and the cotangents one element off 8/16-byte alignment: 1 token a
+    thread, 8 channel slots."""
+    B, L, D = 2, 36, 100
+    inputs, cots = _inputs(gated, B, L, D, "channels_first", dtype, 17)
+    inputs[0] = _misaligned(inputs[0])
+    cots = [_misaligned(c) for c in cots]
+    what = f"misaligned channels-first {'gated' if gated else 'modulate'} {dtype}"
+    _check_forward(gated, _forward(kernels, gated, inputs), inputs, what)
+    grads, partial = _backward(kernels, gated, inputs, cots, _tiles(L))
+    assert torch.isfinite(partial).all()
+    _check_backward(gated, grads, inputs, cots, what)
+
+
 # ----------------------------------------------------------------------------------------------
 # Splits, orders, alignment, long rows
 
@@ -319,6 +410,9 @@ def test_emulated_splits_helper(kernels):
     assert kernels.adaln_bwd_splits(1, 7, 96, 1, False, None) == 1
     kernels.configure(order=2, sms=64, seed=1)
     assert kernels.adaln_bwd_splits(2, 4096, 1152, 2, True, None) == 64  # 128 resident // 2
+    # channels-first: the tiles of 32 tokens, whatever the device
+    for L, tiles in ((1, 1), (32, 1), (33, 2), (1024, 32)):
+        assert kernels.adaln_bwd_splits(2, L, 96, 0, True, None, channels_first=True) == tiles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,14 +438,18 @@ def cuda_on_cpu(kernels, monkeypatch):
 @GATED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "B, L, D, layout", [(1, 37, 96, "tokens"), (3, 6, 1152, "channels_last"), (2, 1, 1, "tokens")]
-)
+    "B, L, D, layout",
+    [(1, 37, 96, "tokens"), (3, 6, 1152, "channels_last"), (2, 1, 1, "tokens"),
+     (2, 35, 100, "channels_first")],
+)  # fmt: skip
 def test_emulated_ops(cuda_on_cpu, gated, dtype, B, L, D, layout):
     op = OPS[gated]
     fn = fastdit.gated_adaln if gated else fastdit.adaln_modulate
     inputs, cots = _inputs(gated, B, L, D, layout, dtype, 5 + D)
     if layout == "channels_last":
         cots = [c.contiguous() for c in cots]  # the glue makes the cotangents row-major
+    elif layout == "channels_first":  # and channels-first ones contiguous
+        cots = [c.contiguous(memory_format=torch.channels_last) for c in cots]
     leaves = [
         t.detach().requires_grad_(i in op.diff_index) if isinstance(t, torch.Tensor) else t
         for i, t in enumerate(inputs)
@@ -386,6 +484,8 @@ def test_emulated_ops(cuda_on_cpu, gated, dtype, B, L, D, layout):
         (2, 5, 97, "tokens", 0),  # D * 4 bytes not a multiple of 16: scalar accesses
         (2, 5, 96, "tokens", 1),  # the branch 2-byte aligned: scalar accesses
         (2, 5, 96, "tokens", 4),  # the branch 8-byte aligned: the vector path still
+        (2, 36, 100, "channels_first", 0),  # 4 tokens a thread: the branch in 8-byte vectors
+        (1, 36, 96, "channels_first", 1),  # the branch 2-byte aligned: 1 token a thread
     ],
 )
 def test_emulated_mixed_dtypes_give_the_cast_inputs_bits(
@@ -402,8 +502,9 @@ def test_emulated_mixed_dtypes_give_the_cast_inputs_bits(
     got, want = _forward(kernels, gated, mixed), _forward(kernels, gated, cast)
     for g, w in zip(*((o if gated else (o,)) for o in (got, want))):
         assert g.dtype == torch.float32 and torch.equal(g, w)
-    grads, partial = _backward(kernels, gated, mixed, cots, 2)
-    want_grads, want_partial = _backward(kernels, gated, cast, cots, 2)
+    splits = _tiles(L) if layout == "channels_first" else 2
+    grads, partial = _backward(kernels, gated, mixed, cots, splits)
+    want_grads, want_partial = _backward(kernels, gated, cast, cots, splits)
     assert torch.equal(partial, want_partial)
     for i, g, w in zip(OPS[gated].diff_index, grads, want_grads):
         assert g.dtype == mixed[i].dtype and torch.equal(g, w.to(g.dtype)), OPS[gated].arg_names[i]

@@ -43,7 +43,7 @@ from fastdit.ops import _autocast
 DEVICE = kernel_device()
 BACKENDS = ["torch", *kernel_backends(DEVICE)]
 # The models: the torch backend, and auto where kernels exist (each call on the first backend
-# that serves it: a named backend refuses what it does not take, e.g. cuda channels-first adaLN)
+# that serves it: a named backend refuses what it does not take, e.g. cuda strided tokens)
 MODEL_BACKENDS = ["torch", "auto"] if kernel_backends(DEVICE) else ["torch"]
 AUTOCAST = [torch.bfloat16, torch.float16]
 LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}

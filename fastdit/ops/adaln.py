@@ -28,8 +28,8 @@ Backends (bottom of this file): ``cuda`` and ``triton`` run both ops forward and
 pass over the rows each way (channels-first images in Triton: two passes over each tile of
 tokens, the second expected from L2 where the tiles fit); the backward recomputes the row
 statistics (and r) from the inputs and sums over tokens in a fixed order (deterministic).
-``cuda`` takes tokens and channels-last images (D <= 8192) and declines channels-first images,
-which ``auto`` then serves with ``triton``; float64 goes to ``torch``.
+``cuda`` takes tokens and channels-last images (D <= 8192) and contiguous channels-first images
+(any D: tiles of 32 tokens, two passes, as the Triton kernels); float64 goes to ``torch``.
 """
 
 from __future__ import annotations
@@ -189,11 +189,12 @@ def gated_adaln(
 # channels in chunks); float64 is declined (auto: torch).
 #
 # cuda (csrc/adaln.cu through fastdit._C): forward and backward of both ops for contiguous
-# (B, L, D) tokens and channels-last (B, D, H, W) images, with contiguous (B, D) conditioning
-# vectors, D <= 8192 (the backward holds a row in registers); y and the vectors in x's dtype, or
-# all float16 or all bfloat16 next to float32 x (the kernels are built for those pairs). Other
-# calls (channels-first images, strided tokens, other dtype mixes) are declined with the
-# reason, so auto serves them with triton (or torch).
+# (B, L, D) tokens and channels-last (B, D, H, W) images, D <= 8192 (the backward holds a row in
+# registers), and contiguous channels-first images, any D (tiles of 32 tokens); contiguous
+# (B, D) conditioning vectors; y and the vectors in x's dtype, or all float16 or all bfloat16
+# next to float32 x (the kernels are built for those pairs). Other calls (strided tokens or
+# images, rows in mixed memory formats, other dtype mixes) are declined with the reason, so
+# auto serves them with triton (or torch).
 #
 # Both backwards recompute the row statistics (and r) from the saved inputs, and reduce over
 # tokens deterministically: fixed-order partial sums per (sample, split) in a float32 scratch
@@ -214,7 +215,14 @@ _gated.register(
     supports=lazy(_TRITON, "supports_gated"),
 )
 
-CUDA_MAX_D = 8192  # fastdit._C.ADALN_BWD_MAX_D
+CUDA_MAX_D = 8192  # fastdit._C.ADALN_BWD_MAX_D, rows (tokens, channels-last images)
+CUDA_CF_TOKENS = 32  # the tokens of a channels-first tile (csrc/adaln.cu, kCfTokens)
+
+
+def _cuda_channels_first(x: torch.Tensor) -> bool:
+    """Whether the cuda kernels read x as a channels-first image: 4-D and not channels-last in
+    memory (where H * W == 1 or D == 1 the two orders are one, and x is read as rows)."""
+    return x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _cuda_reason(
@@ -234,19 +242,38 @@ def _cuda_reason(
             f"float32 x, float16 or bfloat16; got {got}"
         )
     dim = x.shape[-1] if x.dim() == 3 else x.shape[1]
-    if dim > CUDA_MAX_D:
-        return f"the cuda kernels keep a row in registers and take D <= {CUDA_MAX_D}, got {dim}"
+    channels_first = _cuda_channels_first(x)
+    if dim > CUDA_MAX_D and not channels_first:
+        return (
+            f"the cuda kernels keep a row in registers and take D <= {CUDA_MAX_D} for tokens "
+            f"and channels-last images, got {dim}"
+        )
     length = x.numel() // max(1, x.shape[0] * dim)
     if x.shape[0] >= 2**31 or length >= 2**31:
         return (
             "the cuda backward counts samples and the rows of a sample in 32 bits and takes "
             f"B < 2^31 and L < 2^31, got B={x.shape[0]}, L={length}"
         )
+    tiles = -(-length // CUDA_CF_TOKENS)
+    if channels_first and x.shape[0] * tiles >= 2**31:
+        return (
+            "the cuda channels-first kernels run a block per 32 tokens and take "
+            f"B * ceil(L / 32) < 2^31, got B={x.shape[0]}, L={length}"
+        )
     for name, t in rows.items():
-        if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+        if t.dim() == 4 and channels_first and not t.is_contiguous():
             return (
-                f"the cuda kernel takes channels-last (B, D, H, W) images ({name} is not): "
-                "channels-first images go to the triton kernel"
+                f"the cuda kernel takes a channels-first x with contiguous (B, D, H, W) images "
+                f"({name} is not)"
+            )
+        if (
+            t.dim() == 4
+            and not channels_first
+            and not t.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return (
+                f"the cuda kernel takes a channels-last x with channels-last (B, D, H, W) "
+                f"images ({name} is not)"
             )
         if t.dim() == 3 and not t.is_contiguous():
             return f"the cuda kernel takes contiguous (B, L, D) tokens ({name} is strided)"
@@ -280,22 +307,26 @@ def _rows_of(x: torch.Tensor) -> tuple[int, int, int]:
     return batch, x.numel() // (batch * dim), dim
 
 
-def _row_major(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` (a cotangent) with the memory order of ``like``, rows of D (copied if needed)."""
-    fmt = torch.channels_last if like.dim() == 4 else torch.contiguous_format
-    return t.contiguous(memory_format=fmt)
+def _cuda_memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (a cotangent) in the memory order the cuda kernels read ``like`` in (copied if
+    needed): rows of D, or a contiguous channels-first image."""
+    rows = like.dim() == 4 and not _cuda_channels_first(like)
+    return t.contiguous(memory_format=torch.channels_last if rows else torch.contiguous_format)
 
 
 @functools.lru_cache(maxsize=256)
-def _cuda_splits(batch: int, length: int, dim: int, dtype: int, gated: bool, index: int) -> int:
-    """Blocks per sample in the backward: fastdit._C sizes one wave of resident blocks from the
-    occupancy of the kernel whose tensors all have the rows' dtype on this GPU (each block >= 16
-    rows). A narrower y and vectors take the same count, hence the same order of the sums over
-    tokens: the gradients of the inputs widened, rounded once."""
+def _cuda_splits(
+    batch: int, length: int, dim: int, dtype: int, gated: bool, index: int, channels_first: bool
+) -> int:
+    """Blocks per sample in the backward. Rows: fastdit._C sizes one wave of resident blocks
+    from the occupancy of the kernel whose tensors all have the rows' dtype on this GPU (each
+    block >= 16 rows). A narrower y and vectors take the same count, hence the same order of the
+    sums over tokens: the gradients of the inputs widened, rounded once. Channels-first: the
+    tiles of 32 tokens, ceil(L / 32), on every GPU."""
     from .. import _ext
 
     C, _ = _ext.load()
-    return C.adaln_bwd_splits(batch, length, dim, dtype, gated, index)
+    return C.adaln_bwd_splits(batch, length, dim, dtype, gated, index, channels_first)
 
 
 def _cuda_modulate(
@@ -308,6 +339,7 @@ def _cuda_modulate(
     C.adaln_modulate_fwd(
         x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(), *_rows_of(x), eps,
         _ext.dtype_code(x), _ext.dtype_code(shift), x.device.index, _ext.stream_of(x),
+        _cuda_channels_first(x),
     )  # fmt: skip
     return out
 
@@ -328,6 +360,7 @@ def _cuda_gated(
         x.data_ptr(), y.data_ptr(), gate.data_ptr(), shift.data_ptr(), scale.data_ptr(),
         residual.data_ptr(), out.data_ptr(), *_rows_of(x), eps,
         _ext.dtype_code(x), _ext.dtype_code(y), x.device.index, _ext.stream_of(x),
+        _cuda_channels_first(x),
     )  # fmt: skip
     return residual, out
 
@@ -337,17 +370,18 @@ def _cuda_modulate_backward(grads, inputs) -> list[torch.Tensor]:
 
     C, _ = _ext.load()
     x, shift, scale, eps = inputs
-    dout = _row_major(grads[0], x)
+    dout = _cuda_memory_order(grads[0], x)
     batch, length, dim = _rows_of(x)
     codes = _ext.dtype_code(x), _ext.dtype_code(scale)
-    splits = _cuda_splits(batch, length, dim, codes[0], False, x.device.index)
+    channels_first = _cuda_channels_first(x)
+    splits = _cuda_splits(batch, length, dim, codes[0], False, x.device.index, channels_first)
     dx = torch.empty_like(x)  # x's own memory order: what the fake backward promises
     dshift, dscale = torch.empty_like(shift), torch.empty_like(scale)
     partial = torch.empty(2 * batch * splits * dim, dtype=torch.float32, device=x.device)
     C.adaln_modulate_bwd(
         x.data_ptr(), scale.data_ptr(), dout.data_ptr(), dx.data_ptr(), dshift.data_ptr(),
         dscale.data_ptr(), partial.data_ptr(), batch, length, dim, splits, eps,
-        *codes, x.device.index, _ext.stream_of(x),
+        *codes, x.device.index, _ext.stream_of(x), channels_first,
     )  # fmt: skip
     return [dx, dshift, dscale]
 
@@ -357,10 +391,11 @@ def _cuda_gated_backward(grads, inputs) -> list[torch.Tensor]:
 
     C, _ = _ext.load()
     x, y, gate, shift, scale, eps = inputs
-    dres, dout = _row_major(grads[0], x), _row_major(grads[1], x)
+    dres, dout = _cuda_memory_order(grads[0], x), _cuda_memory_order(grads[1], x)
     batch, length, dim = _rows_of(x)
     codes = _ext.dtype_code(x), _ext.dtype_code(y)
-    splits = _cuda_splits(batch, length, dim, codes[0], True, x.device.index)
+    channels_first = _cuda_channels_first(x)
+    splits = _cuda_splits(batch, length, dim, codes[0], True, x.device.index, channels_first)
     dx, dy = torch.empty_like(x), torch.empty_like(y)
     dgate, dshift, dscale = (torch.empty_like(t) for t in (gate, shift, scale))
     partial = torch.empty(3 * batch * splits * dim, dtype=torch.float32, device=x.device)
@@ -368,7 +403,7 @@ def _cuda_gated_backward(grads, inputs) -> list[torch.Tensor]:
         x.data_ptr(), y.data_ptr(), gate.data_ptr(), scale.data_ptr(), dres.data_ptr(),
         dout.data_ptr(), dx.data_ptr(), dy.data_ptr(), dgate.data_ptr(), dshift.data_ptr(),
         dscale.data_ptr(), partial.data_ptr(), batch, length, dim, splits, eps,
-        *codes, x.device.index, _ext.stream_of(x),
+        *codes, x.device.index, _ext.stream_of(x), channels_first,
     )  # fmt: skip
     return [dx, dy, dgate, dshift, dscale]
 
