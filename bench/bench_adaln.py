@@ -51,25 +51,25 @@ import common  # noqa: E402
 from fastdit.ops import adaln  # noqa: E402
 
 
-def _shapes(quick: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """(label, shape): tokens, and U-DiT's (B, D, H, W) images in both memory layouts (its
-    default channels-first, served by the Triton kernels with token tiles; and channels-last,
-    rows of D like tokens). Labels of images end in "cf" or "cl"."""
+def _shapes(quick: bool) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(label, shape, channels_last): tokens, and U-DiT's (B, D, H, W) images in both memory
+    layouts (its default channels-first, which the kernels take in tiles of tokens; and
+    channels-last, rows of D like tokens). Labels of images end in "cf" or "cl"."""
     if quick:
-        return [
-            ("DiT-XL/2 B2", (2, 256, 1152)),
-            ("U-DiT-B stage1 B2 cf", (2, 192, 32, 32)),
-            ("U-DiT-B stage1 B2 cl", (2, 192, 32, 32)),
+        images = [("U-DiT-B stage1 B2", (2, 192, 32, 32))]
+        tokens = [("DiT-XL/2 B2", (2, 256, 1152), False)]
+    else:
+        images = [
+            ("U-DiT-B 192x32x32 B32", (32, 192, 32, 32)),
+            ("U-DiT-B 384x16x16 B32", (32, 384, 16, 16)),
+            ("U-DiT-B 768x8x8 B32", (32, 768, 8, 8)),
         ]
-    images = [
-        ("U-DiT-B 192x32x32 B32", (32, 192, 32, 32)),
-        ("U-DiT-B 384x16x16 B32", (32, 384, 16, 16)),
-        ("U-DiT-B 768x8x8 B32", (32, 768, 8, 8)),
-    ]
-    return [
-        ("DiT-XL/2 B32", (32, 256, 1152)),
-        ("DiT-XL/2 B256", (256, 256, 1152)),
-        *((f"{label} {layout}", shape) for label, shape in images for layout in ("cf", "cl")),
+        tokens = [("DiT-XL/2 B32", (32, 256, 1152), False),
+                  ("DiT-XL/2 B256", (256, 256, 1152), False)]  # fmt: skip
+    return tokens + [
+        (f"{label} {'cl' if last else 'cf'}", shape, last)
+        for label, shape in images
+        for last in (False, True)
     ]
 
 
@@ -82,14 +82,12 @@ def run(ctx: common.Context) -> list[common.Row]:
                 print(f"  {name}: {backend} not benchmarked here: {reason}")
     for dtype in ctx.dtypes:
         elem = torch.finfo(dtype).bits // 8
-        for label, shape in _shapes(ctx.quick):
+        for label, shape, last in _shapes(ctx.quick):
             batch = shape[0]
             dim = shape[-1] if len(shape) == 3 else shape[1]
             numel = 1
             for s in shape:
                 numel *= s
-
-            last = label.endswith(" cl")
 
             def make(n_tensors, shape=shape, batch=batch, dim=dim, dtype=dtype, last=last):
                 def inputs():
@@ -133,7 +131,7 @@ def run(ctx: common.Context) -> list[common.Row]:
                     )  # fmt: skip
                     common.check_backward_backend(rows[before:], op, variants, make(n_x))
     if torch.bfloat16 in ctx.dtypes:
-        for label, shape in _shapes(ctx.quick):
+        for label, shape, _ in _shapes(ctx.quick):
             if len(shape) == 3:
                 _autocast_case(rows, ctx, label, shape)
     return rows
