@@ -1,10 +1,10 @@
 """Benchmark of the adaln family: adaln_modulate and gated_adaln, forward and forward+backward.
 
 Shapes: DiT-XL/2 tokens (B 32 and 256, N 256, D 1152) and the U-DiT-B stages (B 32; widths 192,
-384, 768 on 32x32, 16x16, 8x8 latents), each in U-DiT's default channels-first memory ("cf":
-both kernel backends run their tile-of-tokens kernels on it) and channels-last ("cl").
-Variants: eager PyTorch (the reference), torch.compile of the reference, and each kernel
-backend that can run here.
+384, 768 on 32x32, 16x16, 8x8 latents, and the decoder's 384 on 32x32, the largest tensor),
+each in U-DiT's default channels-first memory ("cf": both kernel backends run their
+tile-of-tokens kernels on it) and channels-last ("cl"). Variants: eager PyTorch (the
+reference), torch.compile of the reference, and each kernel backend that can run here.
 
 Floor (bytes that must move; N = B*L*D elements, elem = bytes per element):
   adaln_modulate fwd:      read x; write out                       2 N  (+ 2 B*D: shift, scale)
@@ -63,6 +63,7 @@ def _shapes(quick: bool) -> list[tuple[str, tuple[int, ...], bool]]:
             ("U-DiT-B 192x32x32 B32", (32, 192, 32, 32)),
             ("U-DiT-B 384x16x16 B32", (32, 384, 16, 16)),
             ("U-DiT-B 768x8x8 B32", (32, 768, 8, 8)),
+            ("U-DiT-B 384x32x32 B32", (32, 384, 32, 32)),  # decoder_level_1
         ]
         tokens = [("DiT-XL/2 B32", (32, 256, 1152), False),
                   ("DiT-XL/2 B256", (256, 256, 1152), False)]  # fmt: skip

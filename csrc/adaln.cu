@@ -575,6 +575,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
   if constexpr (GATED) write_plane(acc_gate, 2);
 }
 
+constexpr uint32_t kSumRun = 32;
+
 // out_k[b, e] = sum over s in order of partial[k][b][s][e], rounded once; k < planes.
 template <typename T>
 __global__ void adaln_sum_splits_kernel(const float* __restrict__ partial, T* __restrict__ out0,
@@ -586,8 +588,16 @@ __global__ void adaln_sum_splits_kernel(const float* __restrict__ partial, T* __
     const int64_t e = idx - b * D;
     const float* src = partial + b * splits * D + e;
     for (int k = 0; k < planes; ++k) {
+      // In runs of kSumRun splits, then the runs' totals: a rounding error that grows with
+      // kSumRun + splits / kSumRun terms, not splits (thousands of channels-first tiles).
       float total = 0.f;
-      for (uint32_t s = 0; s < splits; ++s) total += src[k * plane + static_cast<int64_t>(s) * D];
+      for (uint32_t s0 = 0; s0 < splits; s0 += kSumRun) {
+        const uint32_t s1 = min(splits, s0 + kSumRun);
+        float run = 0.f;
+#pragma unroll 8
+        for (uint32_t s = s0; s < s1; ++s) run += src[k * plane + static_cast<int64_t>(s) * D];
+        total += run;
+      }
       T* out = k == 0 ? out0 : (k == 1 ? out1 : out2);
       out[idx] = from_float<T>(total);
     }
@@ -609,7 +619,9 @@ __global__ void adaln_sum_splits_kernel(const float* __restrict__ partial, T* __
 // Two passes over the tile: its statistics (and, gated forward, r stored), then its outputs or
 // gradients. The second pass re-reads 32 * D * sizeof(T) bytes per input (96 KB at D 1536 bf16),
 // expected from L2 (not measured), so the traffic is that of the token layout plus what misses.
-// Statistics in one pass, accurate for any D and any common mean:
+// Statistics in one pass, within the tolerance rule for any common mean (checked in fp32 up to
+// D 16384 with outlier channels; with 1 token a thread an outlier channel 1e5 away from the
+// rest breaks it from D ~ 65536, where each thread's running mean takes 2048 updates):
 // - the values are shifted by their mean over the first chunk of channels [0, kCfGroup * S)
 //   (so a common mean far above the spread cancels, exactly where x' is near the shift);
 // - each thread takes its channels kCfGroup at a time: the group's mean and sum of squared
@@ -625,11 +637,16 @@ __global__ void adaln_sum_splits_kernel(const float* __restrict__ partial, T* __
 // Bytes: the floor of the rows (above), plus the partials (2 or 3 planes of B * tiles * D fp32,
 // written and read once: 8 bytes a plane per 32 tokens of a channel, against 32 e per row
 // tensor: 6 % more traffic in the gated backward in bf16, 8 % in modulate's, half that in
-// fp32), plus whatever of the second pass misses L2. Resident tiles at once: 4 forward blocks per SM (2 backward) x 132 SMs x
-// 32 * D * e bytes per input; at U-DiT-B's stages with B 32 a whole tensor is at most 12.6 MB
-// (bf16), so the second pass should hit L2 (50 MB on an H100). Expected (not measured): close
-// to the row kernels' share of the copy bandwidth there; U-DiT's last stage at 256 px has 2
-// tiles per sample (64 blocks at B 32 on 132 SMs) and about 1.6 MB, so it is latency-bound.
+// fp32), plus whatever of the second pass misses L2. Resident tiles at once: 4 forward blocks
+// per SM (2 backward) x 132 SMs x 32 * D * e bytes per input: 13 MB at D 384 in bf16 (U-DiT-B's
+// widest full-grid stage, decoder_level_1, a 25.2 MB tensor at B 32), 26 MB at D 768 (U-DiT-L's),
+// so the gated forward's x and y there (52 MB) may not all stay in the H100's 50 MB L2.
+// Expected (not measured): close to the row kernels' share of the copy bandwidth at U-DiT-B's
+// shapes. Risks to measure on a GPU (estimates from a review): the sum over the splits is
+// B * D threads each adding ceil(L / 32) rows in order (24 blocks at U-DiT-B's first stage,
+// maybe 5-15 us against the main kernel's ~27); the slot merge is 32 dependent steps with a
+// division each, on one warp while seven wait; U-DiT-B's latent stage at 256 px (768 x 8 x 8,
+// 3.1 MB at B 32) is 2 tiles per sample, 64 blocks on 132 SMs: latency-bound.
 
 constexpr int kCfTokens = 32;
 constexpr int kCfThreads = 256;

@@ -190,8 +190,12 @@ void check_pointers(const char* op, std::initializer_list<std::uintptr_t> ptrs,
   }
 }
 
-// Channels-first images: 32-bit token indices, and the (sample, tile) blocks of one launch.
-void check_channels_first(const char* op, int64_t B, int64_t L) {
+// Channels-first images: 32-bit token indices, the (sample, tile) blocks of one launch, and
+// channel counters of 32 bits that run up to 127 past D.
+void check_channels_first(const char* op, int64_t B, int64_t L, int64_t D) {
+  if (D > INT_MAX - 128) {
+    throw invalid_argument(op, "channels-first D must be <= 2^31 - 129, got " + std::to_string(D));
+  }
   if (L >= (int64_t{1} << 31)) {
     throw invalid_argument(op, "L must be < 2^31, got " + std::to_string(L));
   }
@@ -206,7 +210,7 @@ void check_channels_first(const char* op, int64_t B, int64_t L) {
 void check_backward(const char* op, int64_t B, int64_t L, int64_t D, int64_t splits,
                     bool channels_first) {
   if (channels_first) {
-    check_channels_first(op, B, L);
+    check_channels_first(op, B, L, D);
     if (B > 0 && L > 0 && splits != adaln_cf_tiles(L)) {
       throw invalid_argument(op, "channels-first splits must be ceil(L / 32) = " +
                                      std::to_string(adaln_cf_tiles(L)) + " (adaln_bwd_splits), got " +
@@ -245,7 +249,7 @@ void adaln_modulate_fwd(std::uintptr_t x, std::uintptr_t shift, std::uintptr_t s
                         int cond_dtype, int device, std::uintptr_t stream, bool channels_first) {
   constexpr const char* op = "adaln_modulate_fwd";
   if (!check_adaln(op, B, L, D, eps, dtype, cond_dtype, device)) return;
-  if (channels_first) check_channels_first(op, B, L);
+  if (channels_first) check_channels_first(op, B, L, D);
   check_pointers(op, {x, shift, scale, out}, "x, shift, scale and out");
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_modulate_fwd_launch(
@@ -260,7 +264,7 @@ void adaln_gated_fwd(std::uintptr_t x, std::uintptr_t y, std::uintptr_t gate,
                      int cond_dtype, int device, std::uintptr_t stream, bool channels_first) {
   constexpr const char* op = "adaln_gated_fwd";
   if (!check_adaln(op, B, L, D, eps, dtype, cond_dtype, device)) return;
-  if (channels_first) check_channels_first(op, B, L);
+  if (channels_first) check_channels_first(op, B, L, D);
   check_pointers(op, {x, y, gate, shift, scale, r, out}, "x, y, gate, shift, scale, r and out");
   DeviceGuard guard(device, op);
   const cudaError_t err = adaln_gated_fwd_launch(
@@ -318,7 +322,7 @@ int64_t adaln_bwd_splits_py(int64_t B, int64_t L, int64_t D, int dtype, bool gat
                                    ", L=" + std::to_string(L));
   }
   if (channels_first) {
-    check_channels_first(op, B, L);
+    check_channels_first(op, B, L, D);
     return adaln_cf_tiles(L);
   }
   check_backward(op, B, L, D, 1, false);

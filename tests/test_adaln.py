@@ -591,6 +591,8 @@ def test_cuda_declines_with_reasons():
     # any D channels-first (tiles of tokens), D <= 8192 for rows
     wide, vec = torch.randn(1, 8193, 2, 3), torch.zeros(1, 8193)
     assert adaln._cuda_supports_modulate(wide, vec, vec, 1e-6) == ""
+    huge, vec = torch.empty(1, 2**31 - 128, 1, 2, device="meta"), torch.empty(1, 2**31 - 128)
+    assert "D <= 2^31 - 129" in adaln._cuda_supports_modulate(huge, vec, vec, 1e-6)
     tokens = torch.randn(2, 4, 8)
     assert "contiguous (B, L, D) tokens" in adaln._cuda_supports_modulate(
         tokens.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6
@@ -705,7 +707,7 @@ def test_extension_validates_the_adaln_entries():
                 fn(**good)
     # channels-first: any D, splits = ceil(L / 32), B * ceil(L / 32) blocks < 2^31
     for name, good, bad in [
-        ("adaln_gated_fwd", gated_fwd, [dict(B=2**31, L=3)]),
+        ("adaln_gated_fwd", gated_fwd, [dict(B=2**31, L=3), dict(D=2**31 - 128)]),
         ("adaln_modulate_bwd", mod_bwd, [dict(splits=2), dict(L=33, splits=1), dict(L=2**31)]),
         ("adaln_gated_bwd", gated_bwd, [dict(splits=3), dict(L=65, splits=2)]),
     ]:

@@ -262,11 +262,11 @@ def test_emulated_channels_first_takes_any_d(kernels, gated):
     _case(kernels, gated, 1, 8, 8200, "channels_first", torch.float32, 1)
 
 
-def _hard_inputs(case: str, gated: bool, shape, gen):
-    """float32 inputs (shift and scale 0) and cotangents that break the statistics' shortcuts:
-    see test_emulated_channels_first_statistics_hold_on_hard_inputs."""
+def _hard_inputs(case: str, gated: bool, shape, first: int, gen):
+    """float32 inputs (shift and scale 0) and cotangents that break the statistics' shortcuts
+    (``first``: the channels of the first chunk): see
+    test_emulated_channels_first_statistics_hold_on_hard_inputs."""
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
-    first = 128  # the first chunk: 4 channels of each of the 32 slots (4 tokens a thread)
     if case == "large_mean":
         x += 1e4
     else:
@@ -288,22 +288,40 @@ def _hard_inputs(case: str, gated: bool, shape, gen):
 
 @GATED
 @pytest.mark.parametrize("case", ["large_mean", "chunks_apart", "dout_mean"])
-def test_emulated_channels_first_statistics_hold_on_hard_inputs(kernels, gated, case):
+@pytest.mark.parametrize("per_thread", [4, 1], ids=["4_tokens", "1_token"])
+def test_emulated_channels_first_statistics_hold_on_hard_inputs(kernels, gated, case, per_thread):
     """The channels-first kernels take each token's statistics in one pass: values shifted by
-    the first chunk's mean (128 channels), groups of 4 channels merged into each thread's
-    running mean and sum of squares, the 32 slots merged in order. float32, D = 1536 (U-DiT-L)
-    and, gated, 1500 on 36 tokens (a short second tile). Within the tolerance rule on a mean of
+    the first chunk's mean (4 channels of each slot: 128 channels with 4 tokens a thread and 32
+    slots, 32 with 1 token and 8 slots), groups of 4 channels merged into each thread's running
+    mean and sum of squares, the slots merged in order. float32, D = 1536 (U-DiT-L) and, gated,
+    1500 (a short second tile with 4 tokens a thread). Within the tolerance rule on a mean of
     1e4 (E[x^2] - mean^2 keeps no digit; without the shift the merged means are rounded at 1e4
     and modulate's forward fails), a mean near 0 with the first chunk 20 standard deviations
-    from the rest (shifted sums without the merge lose digits), and a cotangent whose mean is
-    100 times its spread (mean(g n) as a difference of large sums cancels)."""
-    shape = (2, 1500, 6, 6) if gated else (2, 1536, 4, 4)
-    inputs, cots = _hard_inputs(case, gated, shape, torch.Generator().manual_seed(3))
+    from the rest (with 1 token a thread, 192 channels each, shifted sums without the group
+    merge fail at 7 times the bound), and a cotangent whose mean is 100 times its spread
+    (mean(g n) as a difference of large sums cancels)."""
+    if per_thread == 4:
+        shape, first = ((2, 1500, 6, 6) if gated else (2, 1536, 4, 4)), 128
+    else:  # L % 4 != 0
+        shape, first = ((2, 1500, 5, 7) if gated else (2, 1536, 5, 5)), 32
+    gen = torch.Generator().manual_seed(3)
+    inputs, cots = _hard_inputs(case, gated, shape, first, gen)
     what = f"{case} {'gated' if gated else 'modulate'}"
     _check_forward(gated, _forward(kernels, gated, inputs), inputs, what)
     grads, partial = _backward(kernels, gated, inputs, cots, _tiles(shape[2] * shape[3]))
     assert torch.isfinite(partial).all()
     _check_backward(gated, grads, inputs, cots, what)
+
+
+def test_emulated_channels_first_long_images_sum_their_tiles_accurately(kernels):
+    """A 256 x 256 image is 2048 tiles, so d shift and d scale add 2048 partial rows: one long
+    fp32 sum of them went past the tolerance rule (1.3 x the bound on d scale here, 0.7-1.0 at
+    other seeds), runs of 32 and then the runs' totals stay under 0.25 of it."""
+    L, D = 65536, 64
+    inputs, cots = _inputs(False, 1, L, D, "channels_first", torch.float32, 0)
+    grads, partial = _backward(kernels, False, inputs, cots, _tiles(L))
+    assert torch.isfinite(partial).all()
+    _check_backward(False, grads, inputs, cots, f"modulate L={L} D={D}")
 
 
 @GATED
@@ -413,6 +431,7 @@ def test_emulated_splits_helper(kernels):
     # channels-first: the tiles of 32 tokens, whatever the device
     for L, tiles in ((1, 1), (32, 1), (33, 2), (1024, 32)):
         assert kernels.adaln_bwd_splits(2, L, 96, 0, True, None, channels_first=True) == tiles
+        assert tiles == -(-L // A.CUDA_CF_TOKENS)  # the glue's copy of the tile size
 
 
 # ----------------------------------------------------------------------------------------------

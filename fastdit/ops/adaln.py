@@ -255,6 +255,8 @@ def _cuda_reason(
             f"B < 2^31 and L < 2^31, got B={x.shape[0]}, L={length}"
         )
     tiles = -(-length // CUDA_CF_TOKENS)
+    if channels_first and dim > 2**31 - 129:
+        return f"the cuda channels-first kernels take D <= 2^31 - 129, got {dim}"
     if channels_first and x.shape[0] * tiles >= 2**31:
         return (
             "the cuda channels-first kernels run a block per 32 tokens and take "
