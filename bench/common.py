@@ -17,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,11 +297,23 @@ class Context:
     suite: str = ""
     deadline: float | None = None  # time.monotonic() after which no case starts
     head: dict[str, str] = field(default_factory=dict)
+    # (shard, shards): time nothing, only fill torch.compile's on-disk caches by calling each
+    # compiled variant of this shard's cases once (see _warm_compiled)
+    warm: tuple[int, int] | None = None
 
     def start_suite(self, suite: str, budget_s: float | None = None) -> None:
         """Name the suite whose rows the next cases write, and give it ``budget_s`` seconds."""
         self.suite = suite
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def owns(self, bench: str, shape: str, dtype: torch.dtype) -> bool:
+        """When warming the compile caches: does this shard compile that case? Cases are dealt
+        to shards by a hash of their key, so every shard decides alike without counting."""
+        if self.warm is None:
+            return True
+        shard, shards = self.warm
+        key = f"{self.suite}|{bench}|{shape}|{_dt(dtype)}"
+        return zlib.crc32(key.encode()) % shards == shard
 
     def checkpoint(self, rows: list[Row]) -> None:
         """Write the rows so far, so that a suite stopped from outside keeps what it measured."""
@@ -338,37 +351,23 @@ def bench_case(
 ) -> None:
     """Time every variant (name -> fn over the inputs) on one case and append its rows.
 
-    With ``backward``, each call runs the forward and the backward of ``out.float().sum()``-like
-    loss through a fixed random cotangent, with the inputs requiring gradients.
+    With ``backward``, each call runs the forward and then the backward of every output with a
+    cotangent of ones, the inputs requiring gradients. When warming the compile caches
+    (``ctx.warm``), only this shard's cases run, each compiled variant once, and no row is kept.
     """
     label = f"{bench} {'fwd+bwd' if backward else 'fwd'}"
+    if ctx.warm is not None:
+        if ctx.owns(bench, shape, dtype):
+            _warm_compiled(ctx, label, shape, make_inputs, variants, backward)
+        return
     if ctx.deadline is not None and time.monotonic() > ctx.deadline:
         rows.append(Row(label, shape, _dt(dtype), ", ".join(variants), float("nan"),
                         note="not run: the suite's time budget was spent"))  # fmt: skip
         ctx.checkpoint(rows)
         return
+    make = _with_grad(make_inputs) if backward else make_inputs
     for name, fn in variants.items():
-        call = fn
-        if backward:
-
-            def call(*inputs, fn=fn):
-                # A training step starts with no gradients (zero_grad(set_to_none=True)); else
-                # every call after the first would also time AccumulateGrad's in-place adds.
-                params = fn.parameters() if hasattr(fn, "parameters") else ()
-                for t in (*inputs, *params):
-                    t.grad = None
-                out = fn(*inputs)
-                outs = out if isinstance(out, tuple) else (out,)
-                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-
-            def make(make_inputs=make_inputs):
-                return [
-                    t.detach().requires_grad_() if t.is_floating_point() else t
-                    for t in make_inputs()
-                ]
-
-        else:
-            make = make_inputs
+        call = _step(fn) if backward else fn
         try:
             with contextlib.nullcontext() if backward else torch.no_grad():
                 t = time_call(call, make, ctx.device, bytes_per_call=bytes_moved)
@@ -387,6 +386,62 @@ def bench_case(
         row.of_limit = max(shares) if shares else None  # the limit this row comes closer to
         rows.append(row)
     ctx.checkpoint(rows)
+
+
+def _step(fn: Callable[..., object]) -> Callable[..., None]:
+    """One training step through ``fn``: the forward, then the backward of every output with a
+    cotangent of ones."""
+
+    def call(*inputs):
+        # A training step starts with no gradients (zero_grad(set_to_none=True)); else every
+        # call after the first would also time AccumulateGrad's in-place adds.
+        params = fn.parameters() if hasattr(fn, "parameters") else ()
+        for t in (*inputs, *params):
+            t.grad = None
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    return call
+
+
+def _with_grad(make_inputs: Callable[[], Sequence[object]]) -> Callable[[], list[object]]:
+    """``make_inputs`` whose floating-point tensors require gradients."""
+
+    def make():
+        return [t.detach().requires_grad_() if t.is_floating_point() else t for t in make_inputs()]
+
+    return make
+
+
+def is_compiled(variant: str) -> bool:
+    """A variant that runs torch.compile's code ("compile", "fastdit+compile", ...)."""
+    return "compile" in variant
+
+
+def _warm_compiled(
+    ctx: Context,
+    label: str,
+    shape: str,
+    make_inputs: Callable[[], Sequence[object]],
+    variants: dict[str, Callable[..., object]],
+    backward: bool,
+) -> None:
+    """Call each torch.compile variant of one case once, as bench_case would (same inputs, same
+    grad mode), so its compiled graphs land in Inductor's caches on disk; time nothing."""
+    make = _with_grad(make_inputs) if backward else make_inputs
+    for name, fn in variants.items():
+        if not is_compiled(name):
+            continue
+        start = time.perf_counter()
+        try:
+            with contextlib.nullcontext() if backward else torch.no_grad():
+                (_step(fn) if backward else fn)(*make())
+            synchronize(ctx.device)
+            result = f"{time.perf_counter() - start:.1f} s"
+        except Exception as e:  # noqa: BLE001  (the timed run will report it)
+            result = f"failed: {type(e).__name__}: {e}"
+        print(f"warm {ctx.suite}: {label} {shape} {name}: {result}", flush=True)
 
 
 def check_backward_backend(rows: list[Row], op, variants, make_inputs) -> None:
@@ -424,7 +479,24 @@ def parser(doc: str | None):
         "--budget", type=float, metavar="SECONDS",
         help="per suite: cases that would start later are listed as not run",
     )  # fmt: skip
+    p.add_argument(
+        "--warm-compiles", type=_shard, metavar="I/N",
+        help="time nothing: compile the torch.compile variants of shard I of N (0-based) of the\n"
+        "cases, filling Inductor's caches on disk for a later timed run with the same arguments",
+    )  # fmt: skip
     return p
+
+
+def _shard(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        shard, shards = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/4; got {text!r}") from None
+    if not 0 <= shard < shards:
+        raise argparse.ArgumentTypeError(f"shard I must be in 0..N-1; got {text!r}")
+    return shard, shards
 
 
 def context_from(args) -> Context:
@@ -432,6 +504,11 @@ def context_from(args) -> Context:
     quick = args.quick or (device.type == "cpu" and not args.full)
     default = ("bf16",) if device.type == "cuda" else ("fp32",)
     dtypes = tuple(DTYPES[d] for d in (args.dtype or default))
+    warm = getattr(args, "warm_compiles", None)
+    if warm is not None:  # nothing is timed: no limits, no results
+        print(f"device: {device_name(device)}; compiling shard {warm[0]} of {warm[1]}")
+        return Context(device, dtypes, quick, Limits(device_name(device), float("nan")),
+                       backward=not args.no_backward, warm=warm)  # fmt: skip
     print(f"device: {device_name(device)}; measuring copy bandwidth and matmul peak ...")
     limits = measure_limits(device, dtypes)
     peaks = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in limits.matmul_tflops.items())
@@ -450,6 +527,8 @@ def standalone_context(doc: str | None, suite: str) -> tuple[Context, Path | Non
 
 
 def report(rows: Sequence[Row], ctx: Context, name: str, out: Path | None) -> None:
+    if ctx.warm is not None:  # nothing was timed
+        return
     print_rows(rows)
     if out is not None:
         add_ratios(rows)

@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build fastdit for it, run every test (the GPU
 # ones included, Triton compiled for the GPU), run the benchmark suite, and write everything
-# under the folder given (default bench/results/<gpu>/<date>).
+# under the folder given (default bench/results/<gpu>/<date>), all within TOTAL_SECONDS.
 #
 #   bash bench/gpu_check.sh [OUT_DIR] [all|tests|bench] [SUITES]
 #
-# The second argument runs only the tests or only the benchmarks (after the build, which is
-# incremental on a second call), for machines that give one command 10 minutes: run "tests",
-# then "bench", with the same OUT_DIR. SUITES (comma-separated, default
+# TOTAL_SECONDS (default 540: one 10-minute command with a minute to spare) bounds the whole
+# run. What is left after the build goes to the tests (TEST_TIMEOUT: 45 % of it when the
+# benchmarks follow, all of it with "tests") and then to the benchmarks (BENCH_SECONDS: the
+# rest); either variable set by hand wins. The second argument runs only the tests or only the
+# benchmarks (the build is incremental on a second call with the same checkout): "tests", then
+# "bench", give each part a whole command. SUITES (comma-separated, default
 # adaln,patchify,downsampled_attention,models,overhead) picks benchmark suites; they share
-# BENCH_SECONDS (default 450) by weight, so "bench downsampled_attention,models" gives those two
-# more time.
+# BENCH_SECONDS by weight, so "bench downsampled_attention,models" gives those two more time.
 # Each suite writes its results after every case and stops starting cases when its share is
 # spent (the rest are listed as not run).
 #
 # Uses the Python on PATH (PY=... to choose) with its own torch; installs nothing from the
-# network (fastdit is built with --no-build-isolation --no-deps). Budget: about 12 minutes on
-# an H100.
+# network (fastdit is built with --no-build-isolation --no-deps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+begin=$(date +%s)
+END=$(( begin + ${TOTAL_SECONDS:-540} ))
+left() { echo $(( END - $(date +%s) )); }
 PY=${PY:-python}
+WARM_JOBS=${WARM_JOBS:-6}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' | tr -cd '[:alnum:]_-')
 OUT=${1:-bench/results/${gpu:-unknown_gpu}/$(date -u +%Y-%m-%d)}
 PART=${2:-all}
 SUITES=${3:-adaln,patchify,downsampled_attention,models,overhead}
 case "$PART" in all|tests|bench) ;; *) echo "second argument: all, tests or bench (got $PART)"; exit 2;; esac
+# Each suite's share of BENCH_SECONDS, and its arguments: bf16 is the default on a GPU; the adaln
+# and patchify families also run in fp32 (their issues' targets cover both).
+declare -A weight=([adaln]=3 [patchify]=2 [downsampled_attention]=3 [models]=3 [overhead]=1)
+declare -A extra=([adaln]="--dtype bf16 --dtype fp32" [patchify]="--dtype bf16 --dtype fp32")
+for suite in ${SUITES//,/ }; do
+  [ -n "${weight[$suite]:-}" ] || { echo "unknown suite $suite (choose from ${!weight[*]})"; exit 2; }
+done
 mkdir -p "$OUT"
 status=0
 step() { echo; echo "== $* =="; }
@@ -32,13 +44,47 @@ step() { echo; echo "== $* =="; }
 step "machine" | tee "$OUT/machine.txt"
 { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version | tail -n 2; git rev-parse HEAD; } 2>&1 | tee -a "$OUT/machine.txt"
 
+# torch.compile's baselines cost more than the timings: every case compiles the reference for
+# its own shapes (Inductor lowering, code generation, Triton builds: seconds each, over two
+# hundred graphs in the full suite). WARM_JOBS processes (default 6, each with one Inductor
+# compile thread) compile them in the background from here on, beside the build and the tests,
+# into Inductor's caches on disk; the timed run then loads each graph from there. They are
+# stopped before the first timing, whatever they have not reached is compiled by the timed run
+# as before. WARM_JOBS=0 turns this off.
+# A GPU in an exclusive compute mode takes one process at a time: no background compiles there.
+mode=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n1)
+case "$mode" in Exclusive*) echo "compute mode $mode: no background compiles"; WARM_JOBS=0;; esac
+warm_pids=()
+if [ "$PART" != tests ] && [ "$WARM_JOBS" -gt 0 ]; then
+  step "compiling the torch.compile baselines in the background ($WARM_JOBS jobs)"
+  rm -rf "$OUT/warm"; mkdir -p "$OUT/warm"
+  for (( i = 0; i < WARM_JOBS; i++ )); do
+    ( for suite in ${SUITES//,/ }; do
+        PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=1 $PY bench/run.py --only "$suite" \
+          ${extra[$suite]:-} --warm-compiles "$i/$WARM_JOBS"
+      done ) > "$OUT/warm/$i.txt" 2>&1 &
+    warm_pids+=($!)
+  done
+fi
+stop_warm() {  # let the compiles run until $1 (epoch seconds), then stop them
+  [ ${#warm_pids[@]} -gt 0 ] || return 0
+  while [ "$(date +%s)" -lt "$1" ] && kill -0 "${warm_pids[@]}" 2>/dev/null; do sleep 2; done
+  for pid in "${warm_pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null; kill "$pid" 2>/dev/null; done
+  wait "${warm_pids[@]}" 2>/dev/null
+  echo "compiled ahead: $(cat "$OUT"/warm/*.txt | grep -c ': [0-9.]* s$') graphs," \
+    "$(cat "$OUT"/warm/*.txt | grep -c ': failed') failed"
+  warm_pids=()
+}
+
 step "build (FASTDIT_BUILD_CUDA=1, archs: the GPU present)"
 start=$(date +%s)
 if ! FASTDIT_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; stop_warm 0; exit 1
 fi
 echo "built in $(( $(date +%s) - start )) s"
 $PY -m fastdit info 2>&1 | tee "$OUT/info.txt"
+if [ "$PART" = all ]; then tests_s=$(( $(left) * 45 / 100 )); else tests_s=$(( $(left) - 10 )); fi
+TEST_TIMEOUT=${TEST_TIMEOUT:-$tests_s}
 
 # One test file: its own pytest process, so that a kernel fault (a sticky CUDA error) or a hang
 # costs that file only, and TEST_JOBS files compile their Triton kernels at once. tests/<file>.txt
@@ -64,41 +110,45 @@ run_test_file() {
 if [ "$PART" != bench ]; then
   # The CPU-only checks (the CUDA emulator's tests, compile-and-count-spills, the sanitizers)
   # ran in CI; here the kernels run for real. Largest files first, TEST_JOBS (4) at a time, all
-  # within TEST_TIMEOUT (300 s). TEST_FILES="tests/a.py tests/b.py" runs only those;
+  # within TEST_TIMEOUT. TEST_FILES="tests/a.py tests/b.py" runs only those;
   # SANITIZER=memcheck (or racecheck, initcheck, synccheck) runs them under compute-sanitizer
   # (many times slower: pick a few files), a report failing the file.
-  step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI)"
+  step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI; ${TEST_TIMEOUT} s)"
   rm -rf "$OUT/tests"; mkdir -p "$OUT/tests"
   export -f run_test_file
   SANITIZER_BIN=$(command -v compute-sanitizer \
     || echo "$(dirname "$(command -v nvcc)")/compute-sanitizer")
-  export OUT PY SANITIZER SANITIZER_BIN DEADLINE=$(( $(date +%s) + ${TEST_TIMEOUT:-300} ))
+  export OUT PY SANITIZER SANITIZER_BIN DEADLINE=$(( $(date +%s) + TEST_TIMEOUT ))
   { if [ -n "${TEST_FILES:-}" ]; then printf '%s\n' $TEST_FILES; else ls -S tests/test_*.py; fi; } \
     | grep -v -e test_adaln_cuda_emu -e test_sanitized \
     | xargs -P "${TEST_JOBS:-4}" -I{} bash -c 'run_test_file {}' | tee "$OUT/tests.txt"
   [ "${PIPESTATUS[2]}" -eq 0 ] || status=1
   cat "$OUT"/tests/*.failures.txt 2>/dev/null | head -n 200
 fi
-[ "$PART" = tests ] && { echo; echo "results in $OUT (status $status)"; exit $status; }
+[ "$PART" = tests ] && { echo; echo "results in $OUT (status $status, $(( $(date +%s) - begin )) s)"; exit $status; }
 
 # Each suite under its own share of BENCH_SECONDS (by weight): --budget stops it starting cases
-# once its share is spent, and `timeout` (45 s later) stops a case that hangs. bf16 is the
-# default on a GPU; the adaln and patchify families also run in fp32 (their issues' targets
-# cover both). Worst case: BENCH_SECONDS of benchmarks, 5 minutes of tests, 1-2 of build.
+# once its share is spent, and `timeout` (45 s later) stops a case that hangs.
 step "benchmarks ($SUITES)"
-declare -A weight=([adaln]=3 [patchify]=2 [downsampled_attention]=3 [models]=3 [overhead]=1)
-declare -A extra=([adaln]="--dtype bf16 --dtype fp32" [patchify]="--dtype bf16 --dtype fp32")
+# The background compiles may run on for a fifth of the time left (WARM_SECONDS), no longer.
+stop_warm $(( $(date +%s) + ${WARM_SECONDS:-$(( $(left) / 5 ))} ))
 total=0
+nsuites=0
+for suite in ${SUITES//,/ }; do total=$(( total + weight[$suite] )); nsuites=$(( nsuites + 1 )); done
+# what is left, less each suite's start (limits measured, imports: ~15 s) and a last case's run
+BENCH_SECONDS=${BENCH_SECONDS:-$(( $(left) - 15 * nsuites - 30 ))}
+[ "$BENCH_SECONDS" -gt 0 ] || BENCH_SECONDS=30
+echo "benchmark budget: $BENCH_SECONDS s"
+# A suite that ends early leaves its time to the ones after it.
+bench_end=$(( $(date +%s) + BENCH_SECONDS ))
 for suite in ${SUITES//,/ }; do
-  [ -n "${weight[$suite]:-}" ] || { echo "unknown suite $suite"; exit 2; }
-  total=$(( total + weight[$suite] ))
-done
-for suite in ${SUITES//,/ }; do
-  share=$(( ${BENCH_SECONDS:-450} * weight[$suite] / total ))
+  share=$(( (bench_end - $(date +%s)) * weight[$suite] / total ))
+  total=$(( total - weight[$suite] ))
+  [ "$share" -ge 10 ] || share=10
   timeout $(( share + 45 )) $PY bench/run.py --only "$suite" ${extra[$suite]:-} --budget "$share" \
     --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "suite $suite failed or ran past its time"; status=1; }
 done
 
-echo; echo "results in $OUT (status $status)"
+echo; echo "results in $OUT (status $status, $(( $(date +%s) - begin )) s)"
 exit $status

@@ -7,10 +7,16 @@ few minutes on 2 cores. Each backend that cannot run here gets one line saying w
 
     python bench/run.py [--quick | --full] [--dtype bf16 ...] [--no-backward] [--out DIR]
                         [--only adaln,patchify,downsampled_attention,models,overhead] [--budget S]
+                        [--warm-compiles I/N]
 
 --budget gives each suite that many seconds: the cases that would start later are listed as
 not run. Results are rewritten after every case, so a suite stopped from outside keeps what it
 measured.
+
+--warm-compiles I/N times nothing: it compiles the torch.compile baselines of shard I of N of
+the cases (dealt by a hash of each case's name) into Inductor's on-disk caches, so that a timed
+run with the same arguments afterwards loads them instead of compiling; bench/gpu_check.sh runs
+N of these beside the build and the tests.
 """
 
 from __future__ import annotations

@@ -194,3 +194,124 @@ def test_overhead_suite_times_the_dispatch_on_a_stub_kernel(tmp_path, monkeypatc
         assert row.time_us > 0 and "failed" not in row.note, row
     assert [dict(op.kernels) for op in ops] == kernels
     assert backends.unavailable_reason is reason
+
+
+def _warm_context(shard: int, shards: int) -> common.Context:
+    ctx = _context(None)
+    ctx.warm = (shard, shards)
+    ctx.start_suite("demo")
+    return ctx
+
+
+def test_warm_compiles_each_compiled_variant_once_across_shards_and_times_nothing(monkeypatch):
+    """--warm-compiles I/N: the shards together call every case's compiled variants exactly once
+    (forward, or forward and backward as the timed run does), never the other variants, time
+    nothing and keep no row."""
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a warm run timed something")
+
+    monkeypatch.setattr(common, "time_call", no_timing)
+    calls: list[tuple[str, int, bool]] = []
+
+    def variant(name):
+        def fn(x):
+            calls.append((name, x.shape[0], torch.is_grad_enabled() and x.requires_grad))
+            return x * 2
+
+        return fn
+
+    variants = {v: variant(v) for v in ("eager", "compile", "fastdit+compile", "cuda")}
+    sizes = range(1, 41)
+    per_shard = []
+    for shard in range(3):
+        ctx = _warm_context(shard, 3)
+        rows: list[common.Row] = []
+        before = len(calls)
+        for n in sizes:
+            inputs = lambda n=n: [torch.randn(n)]  # noqa: E731
+            common.bench_case(rows, ctx, "demo op", f"({n},)", torch.float32, inputs, variants)
+            common.bench_case(rows, ctx, "demo op", f"({n},)", torch.float32, inputs, variants,
+                              backward=True)  # fmt: skip
+        assert rows == []
+        per_shard.append(len(calls) - before)
+    assert {name for name, _, _ in calls} == {"compile", "fastdit+compile"}
+    expected = {(v, n, grad) for v in ("compile", "fastdit+compile") for n in sizes
+                for grad in (False, True)}  # fmt: skip
+    assert sorted(calls) == sorted(expected)  # each exactly once, over all shards
+    assert all(count > 0 for count in per_shard), per_shard  # the hash spreads the cases
+
+
+def test_warm_models_suite_builds_only_the_models_its_shard_compiles(monkeypatch):
+    """In a warm run with the GPU's cases the models suite builds no U-DiT (none of its rows is
+    compiled), and builds DiT-XL/2 only in the shard that compiles it, which calls the compiled
+    model once (a DiT-S/2 stands in for it here)."""
+    import bench_models
+
+    import fastdit.models
+
+    built, compiled_calls = [], []
+    create = fastdit.models.create
+
+    def small_create(name, **kwargs):
+        built.append(name)
+        return create("DiT-S/2", **kwargs)
+
+    def fake_compiled(fn, backend="inductor"):
+        def run(*inputs):
+            compiled_calls.append(type(fn).__name__)
+            return fn(*inputs)
+
+        return run
+
+    monkeypatch.setattr(bench_models, "create", small_create)
+    monkeypatch.setattr(fastdit.models, "create", small_create)  # what the U-DiT cases call
+    monkeypatch.setattr(common, "compiled", fake_compiled)
+    monkeypatch.setenv("FASTDIT_BACKEND", "torch")
+    for shard in range(4):
+        ctx = _warm_context(shard, 4)
+        ctx.suite, ctx.quick = "models", False
+        assert bench_models.run(ctx) == []
+    assert built == ["DiT-XL/2"] and compiled_calls == ["DiT"]
+
+
+_CACHE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {bench!r})
+import common
+from torch._dynamo.utils import counters
+
+def reference(x):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],)) * 1.5 + 0.25
+
+warm = sys.argv[1] == "warm"
+ctx = common.Context(torch.device("cpu"), (torch.float32,), True, common.Limits("cpu", 1.0),
+                     warm=(0, 1) if warm else None)
+ctx.start_suite("demo")
+rows = []
+common.bench_case(rows, ctx, "ln", "(8, 96)", torch.float32, lambda: [torch.randn(8, 96)],
+                  {{"compile": common.compiled(reference)}})
+assert (rows == []) == warm, rows
+print("hits", counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+def test_a_warm_run_fills_the_cache_that_the_timed_run_reads(tmp_path):
+    """The point of --warm-compiles: a graph compiled by a warm process is loaded from
+    Inductor's on-disk cache by the timed process (a hit, not a second compilation)."""
+    import os
+    import subprocess
+
+    script = tmp_path / "cache.py"
+    script.write_text(_CACHE_SCRIPT.format(bench=str(Path(common.__file__).parent)))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env.pop("TRITON_INTERPRET", None)
+
+    def run(mode):
+        done = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split()[-1]
+
+    assert run("warm") == "0"  # compiled, nothing to hit yet
+    assert run("timed") == "1"  # the timed process loads the warm process's graph
