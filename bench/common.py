@@ -196,6 +196,8 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def _git_commit() -> str:
+    """The checkout's commit (short, "-dirty" with uncommitted changes to tracked files); where
+    the tree is a copy without git's metadata, FASTDIT_COMMIT as the sender set it."""
     with contextlib.suppress(Exception):
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -203,14 +205,15 @@ def _git_commit() -> str:
             text=True,
             cwd=Path(__file__).parent,
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    return "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    return os.environ.get("FASTDIT_COMMIT") or "unknown"
 
 
 def header(device: torch.device) -> dict[str, str]:

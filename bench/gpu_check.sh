@@ -42,7 +42,10 @@ status=0
 step() { echo; echo "== $* =="; }
 
 step "machine" | tee "$OUT/machine.txt"
-{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version | tail -n 2; git rev-parse HEAD; } 2>&1 | tee -a "$OUT/machine.txt"
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version | tail -n 2; } 2>&1 | tee -a "$OUT/machine.txt"
+# A tree copied without git's metadata (a lent machine) takes its commit from FASTDIT_COMMIT.
+commit=$(git rev-parse HEAD 2>/dev/null) || commit=${FASTDIT_COMMIT:-unknown}
+echo "commit $commit" | tee -a "$OUT/machine.txt"
 
 # torch.compile's baselines cost more than the timings: every case compiles the reference for
 # its own shapes (Inductor lowering, code generation, Triton builds: seconds each, over two

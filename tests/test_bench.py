@@ -315,3 +315,18 @@ def test_a_warm_run_fills_the_cache_that_the_timed_run_reads(tmp_path):
 
     assert run("warm") == "0"  # compiled, nothing to hit yet
     assert run("timed") == "1"  # the timed process loads the warm process's graph
+
+
+def test_results_name_the_commit_sent_where_the_tree_has_no_git(monkeypatch):
+    """A lent GPU machine gets a copy of the tree without .git: the results then carry
+    FASTDIT_COMMIT (what gpu_check.sh's caller sets), not an empty commit."""
+    import subprocess
+
+    def no_repository(args, **kwargs):
+        return subprocess.CompletedProcess(args, 128, "", "fatal: not a git repository")
+
+    monkeypatch.setattr(common.subprocess, "run", no_repository)
+    monkeypatch.setenv("FASTDIT_COMMIT", "0123abc")
+    assert common.header(torch.device("cpu"))["commit"] == "0123abc"
+    monkeypatch.delenv("FASTDIT_COMMIT")
+    assert common._git_commit() == "unknown"
