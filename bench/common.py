@@ -431,7 +431,16 @@ def _warm_compiled(
     backward: bool,
 ) -> None:
     """Call each torch.compile variant of one case once, as bench_case would (same inputs, same
-    grad mode), so its compiled graphs land in Inductor's caches on disk; time nothing."""
+    grad mode), so its compiled graphs land in Inductor's caches on disk; time nothing.
+
+    Inductor also picks each generated kernel's launch configuration by timing the candidates
+    at its first call, and by default keeps the winner beside the kernel. Here that timing
+    shares the GPU with other warm processes and the tests, so its winners are not kept: the
+    flag is written into each kernel's code (and is not part of the graph cache's key), so the
+    timed run's first calls time the candidates again, alone on the GPU."""
+    import torch._inductor.config as inductor
+
+    inductor.autotune_local_cache = False
     make = _with_grad(make_inputs) if backward else make_inputs
     for name, fn in variants.items():
         if not is_compiled(name):

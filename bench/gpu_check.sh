@@ -61,23 +61,38 @@ warm_pids=()
 if [ "$PART" != tests ] && [ "$WARM_JOBS" -gt 0 ]; then
   step "compiling the torch.compile baselines in the background ($WARM_JOBS jobs)"
   rm -rf "$OUT/warm"; mkdir -p "$OUT/warm"
+  # each job in its own process group (setsid), so that stop_warm ends it and all it started
+  export PY PWD
   for (( i = 0; i < WARM_JOBS; i++ )); do
-    ( for suite in ${SUITES//,/ }; do
-        PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=1 $PY bench/run.py --only "$suite" \
-          ${extra[$suite]:-} --warm-compiles "$i/$WARM_JOBS"
-      done ) > "$OUT/warm/$i.txt" 2>&1 &
+    args=""
+    for suite in ${SUITES//,/ }; do args+="$suite:${extra[$suite]:-};"; done
+    setsid bash -c '
+      IFS=";" read -ra runs <<< "$1"
+      for run in "${runs[@]}"; do
+        PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=1 $PY bench/run.py --only "${run%%:*}" \
+          ${run#*:} --warm-compiles "$2"
+      done' warm "$args" "$i/$WARM_JOBS" > "$OUT/warm/$i.txt" 2>&1 < /dev/null &
     warm_pids+=($!)
   done
 fi
-stop_warm() {  # let the compiles run until $1 (epoch seconds), then stop them
+stop_warm() {  # let the compiles run until $1 (epoch seconds), then end them and their children
   [ ${#warm_pids[@]} -gt 0 ] || return 0
   while [ "$(date +%s)" -lt "$1" ] && kill -0 "${warm_pids[@]}" 2>/dev/null; do sleep 2; done
-  for pid in "${warm_pids[@]}"; do pkill -TERM -P "$pid" 2>/dev/null; kill "$pid" 2>/dev/null; done
-  wait "${warm_pids[@]}" 2>/dev/null
-  echo "compiled ahead: $(cat "$OUT"/warm/*.txt | grep -c ': [0-9.]* s$') graphs," \
-    "$(cat "$OUT"/warm/*.txt | grep -c ': failed') failed"
+  local pid waited=0
+  for pid in "${warm_pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+  # a group is gone when none of its processes is left (a killed compile can take a moment)
+  while [ $waited -lt 20 ]; do
+    for pid in "${warm_pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && break; pid=; done
+    [ -z "$pid" ] && break
+    sleep 1; waited=$(( waited + 1 ))
+  done
+  for pid in "${warm_pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+  wait 2>/dev/null
+  echo "compiled ahead: $(cat "$OUT"/warm/*.txt | grep -c ': [0-9.]* s$') compiled variants" \
+    "(forward or forward+backward of a case), $(cat "$OUT"/warm/*.txt | grep -c ': failed') failed"
   warm_pids=()
 }
+trap 'stop_warm 0' EXIT
 
 step "build (FASTDIT_BUILD_CUDA=1, archs: the GPU present)"
 start=$(date +%s)
@@ -136,18 +151,20 @@ step "benchmarks ($SUITES)"
 # The background compiles may run on for a fifth of the time left (WARM_SECONDS), no longer.
 stop_warm $(( $(date +%s) + ${WARM_SECONDS:-$(( $(left) / 5 ))} ))
 total=0
-nsuites=0
-for suite in ${SUITES//,/ }; do total=$(( total + weight[$suite] )); nsuites=$(( nsuites + 1 )); done
-# what is left, less each suite's start (limits measured, imports: ~15 s) and a last case's run
-BENCH_SECONDS=${BENCH_SECONDS:-$(( $(left) - 15 * nsuites - 30 ))}
-[ "$BENCH_SECONDS" -gt 0 ] || BENCH_SECONDS=30
+for suite in ${SUITES//,/ }; do total=$(( total + weight[$suite] )); done
+# What is left, less the start of one suite (limits measured, imports: ~15 s) and the overrun
+# of a last case (~30 s). Each suite's share is taken from the time left when it starts, so a
+# suite that ends early, or starts late, moves the others' shares with it.
+BENCH_SECONDS=${BENCH_SECONDS:-$(( $(left) - 45 ))}
 echo "benchmark budget: $BENCH_SECONDS s"
-# A suite that ends early leaves its time to the ones after it.
 bench_end=$(( $(date +%s) + BENCH_SECONDS ))
 for suite in ${SUITES//,/ }; do
-  share=$(( (bench_end - $(date +%s)) * weight[$suite] / total ))
+  share=$(( (bench_end - $(date +%s) - 15) * weight[$suite] / total ))
   total=$(( total - weight[$suite] ))
-  [ "$share" -ge 10 ] || share=10
+  if [ "$share" -lt 10 ]; then
+    echo "suite $suite: not run (the benchmark time is spent)" | tee -a "$OUT/bench.txt"
+    status=1; continue
+  fi
   timeout $(( share + 45 )) $PY bench/run.py --only "$suite" ${extra[$suite]:-} --budget "$share" \
     --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "suite $suite failed or ran past its time"; status=1; }
