@@ -431,16 +431,7 @@ def _warm_compiled(
     backward: bool,
 ) -> None:
     """Call each torch.compile variant of one case once, as bench_case would (same inputs, same
-    grad mode), so its compiled graphs land in Inductor's caches on disk; time nothing.
-
-    Inductor also picks each generated kernel's launch configuration by timing the candidates
-    at its first call, and by default keeps the winner beside the kernel. Here that timing
-    shares the GPU with other warm processes and the tests, so its winners are not kept: the
-    flag is written into each kernel's code (and is not part of the graph cache's key), so the
-    timed run's first calls time the candidates again, alone on the GPU."""
-    import torch._inductor.config as inductor
-
-    inductor.autotune_local_cache = False
+    grad mode), so its compiled graphs land in Inductor's caches on disk; time nothing."""
     make = _with_grad(make_inputs) if backward else make_inputs
     for name, fn in variants.items():
         if not is_compiled(name):
@@ -518,6 +509,14 @@ def context_from(args) -> Context:
     dtypes = tuple(DTYPES[d] for d in (args.dtype or default))
     warm = getattr(args, "warm_compiles", None)
     if warm is not None:  # nothing is timed: no limits, no results
+        # Inductor picks each generated kernel's launch configuration by timing the candidates
+        # at its first call, and by default keeps the winner beside the kernel. A warm process
+        # shares the GPU with the others and the tests, so its winners are not kept: the flag
+        # is written into each kernel's code (and is not part of the graph cache's key), so the
+        # timed run's first calls time the candidates again, alone on the GPU.
+        import torch._inductor.config as inductor
+
+        inductor.autotune_local_cache = False
         print(f"device: {device_name(device)}; compiling shard {warm[0]} of {warm[1]}")
         return Context(device, dtypes, quick, Limits(device_name(device), float("nan")),
                        backward=not args.no_backward, warm=warm)  # fmt: skip

@@ -62,31 +62,31 @@ if [ "$PART" != tests ] && [ "$WARM_JOBS" -gt 0 ]; then
   step "compiling the torch.compile baselines in the background ($WARM_JOBS jobs)"
   rm -rf "$OUT/warm"; mkdir -p "$OUT/warm"
   # each job in its own process group (setsid), so that stop_warm ends it and all it started
-  export PY PWD
+  export PY
+  runs=""  # "suite:its arguments;" for each suite
+  for suite in ${SUITES//,/ }; do runs+="$suite:${extra[$suite]:-};"; done
   for (( i = 0; i < WARM_JOBS; i++ )); do
-    args=""
-    for suite in ${SUITES//,/ }; do args+="$suite:${extra[$suite]:-};"; done
     setsid bash -c '
       IFS=";" read -ra runs <<< "$1"
       for run in "${runs[@]}"; do
         PYTHONPATH=$PWD TORCHINDUCTOR_COMPILE_THREADS=1 $PY bench/run.py --only "${run%%:*}" \
           ${run#*:} --warm-compiles "$2"
-      done' warm "$args" "$i/$WARM_JOBS" > "$OUT/warm/$i.txt" 2>&1 < /dev/null &
+      done' warm "$runs" "$i/$WARM_JOBS" > "$OUT/warm/$i.txt" 2>&1 < /dev/null &
     warm_pids+=($!)
   done
 fi
+warm_signal() {  # send $1 to every background compile's process group; fails if none is left
+  local pid alive=1
+  for pid in "${warm_pids[@]}"; do kill "$1" -- "-$pid" 2>/dev/null && alive=0; done
+  return $alive
+}
 stop_warm() {  # let the compiles run until $1 (epoch seconds), then end them and their children
   [ ${#warm_pids[@]} -gt 0 ] || return 0
-  while [ "$(date +%s)" -lt "$1" ] && kill -0 "${warm_pids[@]}" 2>/dev/null; do sleep 2; done
-  local pid waited=0
-  for pid in "${warm_pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
-  # a group is gone when none of its processes is left (a killed compile can take a moment)
-  while [ $waited -lt 20 ]; do
-    for pid in "${warm_pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && break; pid=; done
-    [ -z "$pid" ] && break
-    sleep 1; waited=$(( waited + 1 ))
-  done
-  for pid in "${warm_pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null; done
+  while [ "$(date +%s)" -lt "$1" ] && warm_signal -0; do sleep 2; done
+  warm_signal -TERM
+  # a killed compile can take a moment to go; then no one is spared
+  for _ in {1..20}; do warm_signal -0 || break; sleep 1; done
+  warm_signal -KILL
   wait 2>/dev/null
   echo "compiled ahead: $(cat "$OUT"/warm/*.txt | grep -c ': [0-9.]* s$') compiled variants" \
     "(forward or forward+backward of a case), $(cat "$OUT"/warm/*.txt | grep -c ': failed') failed"
