@@ -19,6 +19,9 @@ import torch  # noqa: E402
 # off on a GPU, and compiled and kernel paths disagree by that much.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
+# Tests compare gradients of repeated runs bitwise (the torch backend's convolutions included):
+# cuDNN may otherwise pick a weight-gradient algorithm that sums with atomics.
+torch.backends.cudnn.deterministic = True
 
 
 @pytest.fixture(autouse=True)

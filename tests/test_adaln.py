@@ -456,9 +456,13 @@ def test_each_layout_takes_its_triton_kernels(op_name, layout, monkeypatch):
     op(*inputs, 1e-6, backend="triton")
     _kernel_backward(op, "triton", _cotangents(op, inputs), inputs)
     chunked = layout == "contiguous"  # channels-first
-    # the chunked kernels: one program per tile of 16 float32 tokens (35 tokens: 3 per sample)
-    assert grids["_cf_fwd_kernel"] == ([(6,)] if chunked else [])
-    assert grids["_cf_bwd_kernel"] == ([(6,)] if chunked else [])
+    # the chunked kernels: one program per tile of tokens (35 tokens a sample: 3 tiles of 16
+    # float32 tokens under the interpreter; 5 of 8 on a GPU, whose many SMs halve the tile)
+    tokens = T._cf_tokens(2, 35, 4, device)
+    assert tokens == (16 if device.type == "cpu" else 8)
+    tiles = [(2 * -(-35 // tokens),)]
+    assert grids["_cf_fwd_kernel"] == (tiles if chunked else [])
+    assert grids["_cf_bwd_kernel"] == (tiles if chunked else [])
     assert len(grids["_fwd_kernel"]) == len(grids["_bwd_kernel"]) == (0 if chunked else 1)
 
 
@@ -478,7 +482,9 @@ def test_channels_first_statistics_hold_on_hard_inputs(case, op_name):
     from fastdit.triton import adaln as T
 
     gen = torch.Generator().manual_seed(3)
-    shape = (4, 1536, 1, 16) if op_name == "modulate" else (4, 1500, 1, 20)
+    # On a GPU, as many tiles again per SM, so that the tiles keep their 16 tokens (_cf_tokens)
+    reps = T._sm_count(device.index or 0) if device.type == "cuda" else 1
+    shape = (4, 1536, 1, 16 * reps) if op_name == "modulate" else (4, 1500, 1, 16 * reps + 4)
     width = 64  # the backward's chunk
     assert T._cf_tokens(4, shape[3], 4, device) == 16
     assert T._cf_shape(16, shape[1], True)[0] == width
@@ -495,7 +501,7 @@ def test_channels_first_statistics_hold_on_hard_inputs(case, op_name):
         y = torch.randn(shape, generator=gen, dtype=torch.float64)
         gate = 0.01 * torch.randn(shape[:2], generator=gen, dtype=torch.float64)
         op, inputs = adaln._gated, [x, y, gate, zero, zero]
-    inputs = [t.float() for t in inputs]
+    inputs = [t.to(device, torch.float32) for t in inputs]
     got = op(*inputs, 1e-6, backend="triton")
     eager = op.reference(*inputs, 1e-6)
     truth = op.reference(*(t.double() for t in inputs), 1e-6)
@@ -505,7 +511,7 @@ def test_channels_first_statistics_hold_on_hard_inputs(case, op_name):
     if case == "dout_mean":
         dout = 1.0 + 0.01 * dout
     grads = [dout] if op_name == "modulate" else [torch.randn(shape, generator=gen), dout]
-    grads = [g.float() for g in grads]
+    grads = [g.to(device, torch.float32) for g in grads]
     got = _kernel_backward(op, "triton", grads, inputs)
     eager = op._reference_backward(grads, [*inputs, 1e-6])
     truth = op._reference_backward(
