@@ -769,6 +769,27 @@ def test_attention_strided_views_backends(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+def test_attention_cotangent_whose_groups_do_not_merge(backend, monkeypatch):
+    """A (B, 4, heads, n, hd) cotangent whose (B, 4) dimensions cannot be viewed as one (a
+    transpose of them): the kernels must read it where it is. Same gradients, bitwise, as from
+    its contiguous copy (the cuda glue once read the original storage with the strides of that
+    copy: errors of 5 to 18)."""
+    device = _skip_unless(da._attention, backend, monkeypatch)
+    B, heads, n, hd = 2, 2, 16, 8
+    q, k, v = (t.to(device) for t in _qkv(B * 4, heads, n, hd, torch.float32))
+    q, k, v = (t.unflatten(0, (B, 4)) for t in (q, k, v))
+    ls = _logit_scale_for(heads, torch.float32, device)
+    grad = torch.randn(4, B, heads, n, hd, device=device).transpose(0, 1)
+    assert grad.reshape(-1, heads, n, hd).data_ptr() != grad.data_ptr()  # no view: a copy
+    inputs = [q, k, v, ls, True]
+    got = da._attention._bwd(grad, *inputs, backend)
+    assert da._attention.last_backward_backend == backend
+    expected = da._attention._bwd(grad.contiguous(), *inputs, backend)
+    for i, a, b in zip(da._attention.diff_index, got, expected):
+        assert torch.equal(a, b), f"d {da._attention.arg_names[i]}"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_attention_1024_tokens_backends(dtype, backend, monkeypatch):
     """The largest group of a 512 px U-DiT: 32 x 32 = 1024 tokens (many key tiles for the

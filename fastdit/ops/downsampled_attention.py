@@ -833,15 +833,21 @@ class _CudaAttention:
         t = t.reshape(-1, *t.shape[-3:])
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    def _layout(self, t: torch.Tensor, gw: int) -> tuple[list[int], int, int]:
-        """(strides, merge, gw) of an output-shaped tensor: the (B, d, H, W) image of the layer
-        (gw > 0: the merge) or a (..., heads, n, hd) tensor."""
+    @staticmethod
+    def _layout(
+        t: torch.Tensor, gw: int, written: bool
+    ) -> tuple[torch.Tensor, list[int], int, int]:
+        """(the tensor the kernel addresses, its strides, merge, gw) of an output-shaped tensor:
+        the (B, d, H, W) image of the layer (gw > 0: the merge) or a (..., heads, n, hd) tensor
+        as (G, heads, n, hd). That view of a tensor the kernel reads may be a copy (leading
+        dimensions that do not merge); of one it writes it must be a view (else an error)."""
         if gw:
-            return list(t.stride()), 1, gw
-        return list(t.reshape(-1, *t.shape[-3:]).stride()), 0, 1
+            return t, list(t.stride()), 1, gw
+        t = t.view(-1, *t.shape[-3:]) if written else t.reshape(-1, *t.shape[-3:])
+        return t, list(t.stride()), 0, 1
 
     def forward(self, out: torch.Tensor, gw: int = 0) -> None:
-        strides, merge, gw = self._layout(out, gw)
+        out, strides, merge, gw = self._layout(out, gw, written=True)
         self.lib.downsampled_attention_fwd(
             self.qh.data_ptr(), self.kh.data_ptr(), self.v.data_ptr(), _rows(self.v),
             out.data_ptr(), strides, merge, gw, 0, 0, 0, True, False, *self.tail,
@@ -852,9 +858,11 @@ class _CudaAttention:
         given, ``out`` (recomputed; it must share dout's strides); returns d logit_scale (heads,)
         in fp32 before the clamp's mask."""
         dev = self.q.device
-        strides, merge, gw = self._layout(dout, gw)
-        if out is not None and self._layout(out, gw)[0] != strides:
-            raise AssertionError("o and d o share one set of strides")
+        dout, strides, merge, gw = self._layout(dout, gw, written=False)
+        if out is not None:
+            out, out_strides, _, _ = self._layout(out, gw if merge else 0, written=True)
+            if out_strides != strides:
+                raise AssertionError("o and d o share one set of strides")
         lse = torch.empty(self.G, self.heads, self.n, dtype=torch.float32, device=dev)
         delta, dlogit = torch.empty_like(lse), torch.empty_like(lse)
         self.lib.downsampled_attention_fwd(
@@ -863,7 +871,7 @@ class _CudaAttention:
             out is not None, True, *self.tail,
         )  # fmt: skip
         dqh, dkh = torch.empty_like(self.qh), torch.empty_like(self.kh)
-        dq, dk, dv = (t.reshape(-1, *t.shape[-3:]) for t in (dq, dk, dv))  # views
+        dq, dk, dv = (t.view(-1, *t.shape[-3:]) for t in (dq, dk, dv))  # written: views
         self.lib.downsampled_attention_bwd(
             self.qh.data_ptr(), self.kh.data_ptr(), self.v.data_ptr(), _rows(self.v),
             dout.data_ptr(), strides, merge, gw, lse.data_ptr(), delta.data_ptr(),
