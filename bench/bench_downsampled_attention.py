@@ -3,8 +3,9 @@
 Shapes: every attention layer shape of U-DiT-S, -B and -L (widths C, 2C, 4C on the full, half
 and quarter latent grid, and 2C on the full grid in the decoder) at 256 px (latent 32x32) and
 512 px (64x64). Variants: eager PyTorch (the reference layer), torch.compile of it, each kernel
-backend that can run here, and "sdpa core": PyTorch's scaled_dot_product_attention alone on
-already split, normalised q, k, v, the floor of the layer's attention core.
+backend that can run here, and "sdpa core" (bench "downsampled_attention core"): PyTorch's
+scaled_dot_product_attention alone on already split, normalised q, k, v, the floor of the
+layer's attention core; each layer row's note gives the share of its time that core takes.
 
 FLOP count (multiply-adds x 2): per token 25*d (depthwise 5x5) + 3*d^2 (to_qkv) + d^2 (to_out),
 plus 2 * n * d per token for the attention within its group of n = H*W/4 tokens.
@@ -90,16 +91,32 @@ def run(ctx: common.Context) -> list[common.Row]:
                     )
             shape = f"{label} d{d} h{heads} {side}x{side}"
             for backward in (False, True) if ctx.backward else (False,):
+                core = len(rows)
+                common.bench_case(
+                    rows, ctx, "downsampled_attention core", shape, dtype, core_inputs,
+                    {"sdpa core": sdpa_core}, flops=2 * batch * tokens * 2 * n * d
+                    * (3 if backward else 1), backward=backward,
+                )  # fmt: skip
+                layer = len(rows)
                 common.bench_case(
                     rows, ctx, "downsampled_attention", shape, dtype, layer_inputs, variants,
                     flops=flops * (3 if backward else 1), backward=backward,
                 )  # fmt: skip
-                common.bench_case(
-                    rows, ctx, "downsampled_attention", shape, dtype, core_inputs,
-                    {"sdpa core": sdpa_core}, flops=2 * batch * tokens * 2 * n * d
-                    * (3 if backward else 1), backward=backward,
-                )  # fmt: skip
+                _note_core_share(rows[core:layer], rows[layer:])
     return rows
+
+
+def _note_core_share(core: list[common.Row], layer: list[common.Row]) -> None:
+    """Notes on each layer row: the share of its time that SDPA alone takes on the same
+    attention problems, already split (the floor of the layer's attention core). The core's
+    rows have a bench name of their own, so that no ratio pairs them with the layer's eager and
+    compile rows."""
+    if len(core) != 1 or not math.isfinite(core[0].time_us):
+        return
+    for row in layer:
+        if math.isfinite(row.time_us):
+            share = f"sdpa core alone: {core[0].time_us / row.time_us:.0%} of this time"
+            row.note = f"{row.note}; {share}" if row.note else share
 
 
 if __name__ == "__main__":

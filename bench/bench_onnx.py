@@ -173,8 +173,9 @@ def _run(ctx, rows, work: Path, names, batch: int, compare: bool) -> None:
                         call = _ort_call(session, provider, inputs, ctx.device)
                         t = common.time_call(call, lambda: (), torch.device("cpu"))
                     except Exception as e:  # noqa: BLE001  (reported, not fatal)
+                        note = f"failed: {common.first_line(e)}"
                         rows.append(common.Row(label, shape, dt, f"ort {short} ({route})",
-                                               float("nan"), note=f"failed: {e}"))  # fmt: skip
+                                               float("nan"), note=note))  # fmt: skip
                         continue
                     note = (f"export {export_s:.0f} s, {_nodes(path)} nodes, rel. err vs "
                             f"torch fp32 {err:.1e}")  # fmt: skip

@@ -9,8 +9,8 @@ outputs per token, M = B*N tokens, I = B*C*H*W the latent image):
   patch_embed fwd:  read x (I), weight (D K), bias, pos (N D); write tokens (M D)
               bwd:  read d tokens (M D), x, weight; write d x (I), d weight, d bias, d pos
   final_layer fwd:  read x (M D), shift, scale (2 B D), weight (Q D), bias; write image (M Q)
-              bwd:  read d image (M Q), x, shift, scale, weight; write d x (M D), d shift,
-                    d scale, d weight, d bias
+              bwd:  read d image (M Q), x, shift, scale, weight (not the bias); write d x
+                    (M D), d shift, d scale, d weight, d bias
   patchify, unpatchify: read and write the image once each way (2 I)
 The fwd+bwd rows count both. FLOPs: 2 M D K (embedding), 2 M D Q (final layer), three times
 that forward+backward. "of limit" is the share of whichever limit measured in the same run
@@ -110,10 +110,10 @@ def run(ctx: common.Context) -> list[common.Row]:
             out_image = m * q
             cases = [  # name, op, reference, inputs, extra args, floor fwd / bwd (elements), FLOP
                 ("patch_embed", P._patch_embed, embed_ref, embed_inputs, (),
-                 image + small_embed + m * dim, m * dim + image + small_embed + dim * k,
+                 image + small_embed + m * dim, m * dim + 2 * image + small_embed + dim * k,
                  2 * m * dim * k),
                 ("final_layer", P._final_layer, final_ref, final_inputs, (p, grid, 1e-6),
-                 m * dim + small_final + out_image, out_image + m * dim + 2 * small_final,
+                 m * dim + small_final + out_image, out_image + 2 * m * dim + 2 * small_final - q,
                  2 * m * dim * q),
                 ("patchify", P._patchify, patchify_ref, image_inputs, (p, "cpq"),
                  2 * image, 2 * image, 0),

@@ -16,7 +16,9 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,20 +63,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def input_sets(make_inputs: Callable[[], Sequence[object]], rotate: bool) -> list[Sequence[object]]:
+    """One set of inputs, or with ``rotate`` as many as hold L2_FLUSH_BYTES in their tensors (at
+    most 64), so that no timed call finds its inputs in the L2 cache where an earlier call left
+    them. Counted from the inputs alone: the bytes a call writes or reads twice do not rotate."""
+    sets = [make_inputs()]
+    size = sum(t.nbytes for t in sets[0] if isinstance(t, torch.Tensor))
+    if rotate and size:
+        sets += [make_inputs() for _ in range(min(64, -(-L2_FLUSH_BYTES // size)) - 1)]
+    return sets
+
+
 def time_call(
     fn: Callable[..., object],
     make_inputs: Callable[[], Sequence[object]],
     device: torch.device,
     *,
-    bytes_per_call: int = 0,
     min_reps: int = 5,
     budget_s: float = 0.5,
 ) -> float:
-    """Median time of ``fn(*inputs)`` in microseconds."""
-    copies = 1
-    if device.type == "cuda" and bytes_per_call:
-        copies = max(1, min(64, -(-L2_FLUSH_BYTES // bytes_per_call)))
-    inputs = [make_inputs() for _ in range(copies)]
+    """Median time of ``fn(*inputs)`` in microseconds; on a GPU the calls rotate through
+    ``input_sets``."""
+    inputs = input_sets(make_inputs, rotate=device.type == "cuda")
+    copies = len(inputs)
     for i in range(2):  # warm-up (and compilation, for torch.compile)
         fn(*inputs[i % copies])
     synchronize(device)
@@ -369,13 +380,19 @@ def bench_case(
         ctx.checkpoint(rows)
         return
     make = _with_grad(make_inputs) if backward else make_inputs
-    for name, fn in variants.items():
+    # torch.compile's variants last: a cold compile can take a case's whole share of the time,
+    # and the rows timed before it are kept (written after each variant) if it is cut off
+    for name, fn in sorted(variants.items(), key=lambda item: "compile" in item[0]):
         call = _step(fn) if backward else fn
         try:
             with contextlib.nullcontext() if backward else torch.no_grad():
-                t = time_call(call, make, ctx.device, bytes_per_call=bytes_moved)
+                t = time_call(call, make, ctx.device)
         except Exception as e:  # noqa: BLE001  (a failing variant is reported, not fatal)
-            rows.append(Row(label, shape, _dt(dtype), name, float("nan"), note=f"failed: {e}"))
+            print(f"{label} {shape} {_dt(dtype)} {name} failed:", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)  # the whole story, in the run's log
+            note = f"failed: {first_line(e)}"
+            rows.append(Row(label, shape, _dt(dtype), name, float("nan"), note=note))
+            ctx.checkpoint(rows)
             continue
         row = Row(label, shape, _dt(dtype), name, t)
         shares = []
@@ -388,7 +405,12 @@ def bench_case(
             shares += [row.tflops / peak] if peak else []
         row.of_limit = max(shares) if shares else None  # the limit this row comes closer to
         rows.append(row)
-    ctx.checkpoint(rows)
+        ctx.checkpoint(rows)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line, for one row of a table."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _step(fn: Callable[..., object]) -> Callable[..., None]:
@@ -433,7 +455,9 @@ def _warm_compiled(
     """Call each torch.compile variant of one case once, as bench_case would (same inputs, same
     grad mode), so its compiled graphs land in Inductor's caches on disk; time nothing."""
     make = _with_grad(make_inputs) if backward else make_inputs
-    for name, fn in variants.items():
+    # torch.compile's variants last: a cold compile can take a case's whole share of the time,
+    # and the rows timed before it are kept (written after each variant) if it is cut off
+    for name, fn in sorted(variants.items(), key=lambda item: "compile" in item[0]):
         if not is_compiled(name):
             continue
         start = time.perf_counter()

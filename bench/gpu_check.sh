@@ -63,8 +63,11 @@ if [ "$PART" != tests ] && [ "$WARM_JOBS" -gt 0 ]; then
   rm -rf "$OUT/warm"; mkdir -p "$OUT/warm"
   # each job in its own process group (setsid), so that stop_warm ends it and all it started
   export PY
-  runs=""  # "suite:its arguments;" for each suite
-  for suite in ${SUITES//,/ }; do runs+="$suite:${extra[$suite]:-};"; done
+  runs=""  # "suite:its arguments;" for each suite; models first: its graph (DiT-XL/2's
+  # forward, 28 blocks) is the longest compile, and its shard would otherwise reach it last
+  for suite in ${SUITES//,/ }; do
+    if [ "$suite" = models ]; then runs="$suite:;$runs"; else runs+="$suite:${extra[$suite]:-};"; fi
+  done
   for (( i = 0; i < WARM_JOBS; i++ )); do
     setsid bash -c '
       IFS=";" read -ra runs <<< "$1"
@@ -127,8 +130,8 @@ run_test_file() {
 
 if [ "$PART" != bench ]; then
   # The CPU-only checks (the CUDA emulator's tests, compile-and-count-spills, the sanitizers)
-  # ran in CI; here the kernels run for real. Largest files first, TEST_JOBS (4) at a time, all
-  # within TEST_TIMEOUT. TEST_FILES="tests/a.py tests/b.py" runs only those;
+  # ran in CI; here the kernels run for real. TEST_JOBS (6) files at a time, all within
+  # TEST_TIMEOUT. TEST_FILES="tests/a.py tests/b.py" runs only those;
   # SANITIZER=memcheck (or racecheck, initcheck, synccheck) runs them under compute-sanitizer
   # (many times slower: pick a few files), a report failing the file.
   step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI; ${TEST_TIMEOUT} s)"
@@ -137,9 +140,13 @@ if [ "$PART" != bench ]; then
   SANITIZER_BIN=$(command -v compute-sanitizer \
     || echo "$(dirname "$(command -v nvcc)")/compute-sanitizer")
   export OUT PY SANITIZER SANITIZER_BIN DEADLINE=$(( $(date +%s) + TEST_TIMEOUT ))
-  { if [ -n "${TEST_FILES:-}" ]; then printf '%s\n' $TEST_FILES; else ls -S tests/test_*.py; fi; } \
+  # The files with GPU-only tests first (the kernels called directly, streams and graphs:
+  # nothing else runs them), then the rest, largest first.
+  gpu_files=$(grep -l "pytest.mark.gpu" tests/test_*.py)
+  { if [ -n "${TEST_FILES:-}" ]; then printf '%s\n' $TEST_FILES
+    else ls -S $gpu_files; ls -S tests/test_*.py | grep -vxF "$gpu_files"; fi; } \
     | grep -v -e test_adaln_cuda_emu -e test_sanitized \
-    | xargs -P "${TEST_JOBS:-4}" -I{} bash -c 'run_test_file {}' | tee "$OUT/tests.txt"
+    | xargs -P "${TEST_JOBS:-6}" -I{} bash -c 'run_test_file {}' | tee "$OUT/tests.txt"
   [ "${PIPESTATUS[2]}" -eq 0 ] || status=1
   cat "$OUT"/tests/*.failures.txt 2>/dev/null | head -n 200
 fi

@@ -55,6 +55,44 @@ def test_results_written_after_every_case_and_budget_stops_new_cases(tmp_path):
     assert "not run" in (tmp_path / "demo.md").read_text()
 
 
+def test_compiled_variants_run_last_and_a_failure_is_one_line(tmp_path, capsys):
+    """A cold torch.compile can take a case's whole share: the other variants are timed (and
+    written) before it. A failing variant's note is its message's first line (one table row),
+    its traceback goes to stderr."""
+    ctx = _context(tmp_path)
+    ctx.start_suite("demo", budget_s=60.0)
+    rows: list[common.Row] = []
+
+    def broken(x):
+        raise RuntimeError("first line\nsecond line")
+
+    variants = {"eager": torch.neg, "compile": torch.abs, "cuda": broken, "triton": torch.neg}
+    common.bench_case(rows, ctx, "demo op", "(64,)", torch.float32, lambda: [torch.ones(64)],
+                      variants)  # fmt: skip
+    assert [r.backend for r in rows] == ["eager", "cuda", "triton", "compile"]
+    assert rows[1].note == "failed: first line"
+    assert "second line" in capsys.readouterr().err
+    assert "second line" not in (tmp_path / "demo.md").read_text()
+
+
+def test_inputs_rotate_through_the_l2_flush_bytes_on_a_gpu():
+    made = []
+
+    def inputs(n):
+        def make():
+            made.append(1)
+            return [torch.empty(n, dtype=torch.uint8), 3, None]  # non-tensors count nothing
+
+        return make
+
+    assert len(common.input_sets(inputs(1 << 20), rotate=False)) == 1
+    assert len(common.input_sets(inputs(100 << 20), rotate=True)) == 3  # 256 MB / 100 MB
+    assert len(common.input_sets(inputs(1 << 20), rotate=True)) == 64  # at most 64
+    assert len(common.input_sets(inputs(1 << 30), rotate=True)) == 1
+    assert len(common.input_sets(lambda: (), rotate=True)) == 1
+    assert len(made) == 1 + 3 + 64 + 1
+
+
 def test_fwd_bwd_timing_starts_each_call_without_gradients(tmp_path):
     """Every timed training step starts from no gradients (as after zero_grad(set_to_none=True)):
     the parameters end with one call's gradient, not the sum over every call timed."""
