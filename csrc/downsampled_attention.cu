@@ -1355,7 +1355,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
       FD_UNROLL
       for (int i = 0; i < 4; ++i) {
         const bool ok = k0 + nt * 8 + 2 * tig + (i & 1) < n;
-        s[nt][i] = ok ? s[nt][i] * kLog2e : -INFINITY;
+        s[nt][i] = ok ? __fmul_rn(s[nt][i], kLog2e) : -INFINITY;  // rounded: as the backward
         mx[i / 2] = fmaxf(mx[i / 2], s[nt][i]);
       }
     }
@@ -1486,7 +1486,9 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
       FD_UNROLL
       for (int i = 0; i < 4; ++i) {
         const bool ok = k0 + nt * 8 + 2 * tig + (i & 1) < n;
-        const float pr = ok ? exp2f(s[nt][i] * kLog2e - lse[i / 2]) : 0.f;
+        // the logits rounded as the forward rounds them (__fmul_rn: nvcc would otherwise
+        // contract the product and the subtraction into one fma, which the emulator does not)
+        const float pr = ok ? exp2f(__fmul_rn(s[nt][i], kLog2e) - lse[i / 2]) : 0.f;
         // One key: softmax is constant 1, dS exactly 0 (dP - delta would leave TF32 noise).
         const float ds = n == 1 ? 0.f : pr * (dp[nt][i] - delta[i / 2]);
         if (i < 2) {  // d scale * scale, from the fp32 logits
@@ -1570,7 +1572,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
       FD_UNROLL
       for (int i = 0; i < 4; ++i) {
         const bool key_ok = k0 + w + g + 8 * (i / 2) < n;  // a padding key: P^T = 0, not inf
-        s[nt][i] = key_ok ? exp2f(s[nt][i] * kLog2e - sLse[nt * 8 + 2 * tig + (i & 1)]) : 0.f;
+        const float lse = sLse[nt * 8 + 2 * tig + (i & 1)];
+        s[nt][i] = key_ok ? exp2f(__fmul_rn(s[nt][i], kLog2e) - lse) : 0.f;  // as the forward
       }
     }
     store_rows<8>(sP, s, g, tig);
