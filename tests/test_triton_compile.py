@@ -79,6 +79,8 @@ def _cases():
                    dict(T.final_wgrad_tiles(K, D), **rtne))  # fmt: skip
         yield from _attention_cases(dtype)
         yield from _adaln_cases(dtype)
+    # float16's attention (and its depthwise conv): its own precisions (TF32x3 throughout)
+    yield from _attention_cases("fp16")
     # autocast's float32 residual with a bfloat16 branch and vectors, on DiT's tokens
     yield from _adaln_cases("fp32", branch="bf16", layouts=("tokens",))
 
@@ -137,15 +139,13 @@ def _attention_cases(dtype):
 
     ptrs = {n: dtype for n in ("Q", "K", "V", "LS", "OUT", "DO", "DQ", "DK", "DV")}
     ptrs.update(TABLE="fp32", STATS="fp32", DLS="fp32")
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     for hd, n in ATTENTION:
         for rope, cosine, merge in ((True, True, True), (False, False, False)):
             tiles = dict(
                 A.attention_tiles(n, hd, torch_dtype), ROPE=rope, COSINE=cosine, MERGE=merge,
                 HD=max(16, triton_next_pow2(hd)), HALF=max(16, triton_next_pow2(hd // 2)),
-                PRECISION="ieee" if dtype == "fp32" else "tf32x3",
-                FAST="ieee" if dtype == "fp32" else "tf32", RTNE_BF16=False,
-                INTERPRETED=False,
+                **A._precisions(torch_dtype), RTNE_BF16=False, INTERPRETED=False,
             )  # fmt: skip
             what = f"{dtype} hd={hd} n={n} rope={rope}"
             for backward in (False, True):
@@ -255,6 +255,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(usage):
     per_dtype = len(LAYOUT) * 4 + 3 * len(EMBED) + 3 * len(FINAL)
     per_dtype += 2 * 4 * len(ATTENTION) + 3 * len(DWCONV) + (2 * 2 * 2 + 2) * len(ADALN)
     mixed = (2 * 2 + 2) * len(ADALN)  # the fp32+bf16 adaLN cases, tokens only
+    mixed += 2 * 4 * len(ATTENTION) + 3 * len(DWCONV)  # float16's attention and dwconv
     assert len(usage) == len(DTYPES) * per_dtype + mixed
     failed = {name: u for name, u in usage.items() if "error" in u}
     assert not failed, failed

@@ -54,8 +54,14 @@ NORMALIZE_EPS_ = tl.constexpr(1e-12)
 
 @triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc + a @ b, fp32 operands, in PRECISION on the GPU (the interpreter: numpy fp32)."""
+    """acc + a @ b, fp32 operands, in PRECISION on the GPU. The interpreter computes in numpy
+    fp32; for "tf32" it first truncates the operands as the tensor cores read them (Triton
+    passes fp32 bits to mma.sync .tf32 unrounded, and the hardware drops the low 13), so that
+    CI sees TF32's error where a GPU would ("tf32x3" and "ieee" are fp32-accurate: numpy's)."""
     if INTERPRETED:
+        if PRECISION == "tf32":
+            a = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            b = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -537,11 +543,17 @@ def attention_tiles(n: int, hd: int, dtype: torch.dtype = torch.bfloat16) -> dic
 
 def _precisions(dtype: torch.dtype) -> dict:
     """PRECISION for the logits q^ . k^ (scaled by up to 100: they need fp32 accuracy), FAST for
-    the other products. float32 inputs: IEEE for all. fp16/bf16 inputs: TF32x3 for the logits;
-    TF32 for the rest, whose operands are either 16-bit values (exact in TF32) or
-    probabilities and their gradients, where TF32's 2^-11 stays under the output's rounding."""
+    the other products (p v, d o v^T, d s k^, p^T d o, d s^T q^). float32 inputs: IEEE for all.
+    bf16: TF32x3 for the logits, TF32 for the rest: their operands are 16-bit values (exact in
+    TF32) or fp32 probabilities, gradients and q^ / k^, whose truncation to TF32 (up to 2^-10,
+    biased toward zero) stays under bf16's rounding of the outputs (2^-9). float16 rounds its
+    outputs as finely as TF32 truncates (the same 10-bit mantissa): there TF32 products came to
+    up to 1.9x the tolerance bound on dq and dk (in a float64 model of the kernels), so float16
+    takes TF32x3 throughout."""
     if dtype == torch.float32:
         return dict(PRECISION="ieee", FAST="ieee")
+    if dtype == torch.float16:
+        return dict(PRECISION="tf32x3", FAST="tf32x3")
     return dict(PRECISION="tf32x3", FAST="tf32")
 
 
