@@ -382,7 +382,7 @@ def bench_case(
     make = _with_grad(make_inputs) if backward else make_inputs
     # torch.compile's variants last: a cold compile can take a case's whole share of the time,
     # and the rows timed before it are kept (written after each variant) if it is cut off
-    for name, fn in sorted(variants.items(), key=lambda item: "compile" in item[0]):
+    for name, fn in sorted(variants.items(), key=lambda item: is_compiled(item[0])):
         call = _step(fn) if backward else fn
         try:
             with contextlib.nullcontext() if backward else torch.no_grad():
@@ -455,9 +455,7 @@ def _warm_compiled(
     """Call each torch.compile variant of one case once, as bench_case would (same inputs, same
     grad mode), so its compiled graphs land in Inductor's caches on disk; time nothing."""
     make = _with_grad(make_inputs) if backward else make_inputs
-    # torch.compile's variants last: a cold compile can take a case's whole share of the time,
-    # and the rows timed before it are kept (written after each variant) if it is cut off
-    for name, fn in sorted(variants.items(), key=lambda item: "compile" in item[0]):
+    for name, fn in variants.items():
         if not is_compiled(name):
             continue
         start = time.perf_counter()

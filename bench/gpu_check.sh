@@ -66,7 +66,8 @@ if [ "$PART" != tests ] && [ "$WARM_JOBS" -gt 0 ]; then
   runs=""  # "suite:its arguments;" for each suite; models first: its graph (DiT-XL/2's
   # forward, 28 blocks) is the longest compile, and its shard would otherwise reach it last
   for suite in ${SUITES//,/ }; do
-    if [ "$suite" = models ]; then runs="$suite:;$runs"; else runs+="$suite:${extra[$suite]:-};"; fi
+    run="$suite:${extra[$suite]:-};"
+    if [ "$suite" = models ]; then runs="$run$runs"; else runs+=$run; fi
   done
   for (( i = 0; i < WARM_JOBS; i++ )); do
     setsid bash -c '

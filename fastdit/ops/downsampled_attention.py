@@ -858,11 +858,11 @@ class _CudaAttention:
         given, ``out`` (recomputed; it must share dout's strides); returns d logit_scale (heads,)
         in fp32 before the clamp's mask."""
         dev = self.q.device
-        dout, strides, merge, gw = self._layout(dout, gw, written=False)
         if out is not None:
-            out, out_strides, _, _ = self._layout(out, gw if merge else 0, written=True)
-            if out_strides != strides:
-                raise AssertionError("o and d o share one set of strides")
+            out, out_strides, _, _ = self._layout(out, gw, written=True)
+        dout, strides, merge, gw = self._layout(dout, gw, written=False)
+        if out is not None and out_strides != strides:
+            raise AssertionError("o and d o share one set of strides")
         lse = torch.empty(self.G, self.heads, self.n, dtype=torch.float32, device=dev)
         delta, dlogit = torch.empty_like(lse), torch.empty_like(lse)
         self.lib.downsampled_attention_fwd(
