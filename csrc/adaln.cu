@@ -41,9 +41,9 @@
 //   gated backward     N (4 e + 2 c) (read x, y, dr, dout; write dx, dy)
 // plus a few B * D for the conditioning vectors (re-read per row, from L1/L2) and, for the
 // backward, 2 or 3 partial planes of B * splits * D fp32 written once and read once.
-// adaln_bwd_splits picks splits from the backward kernel's occupancy: one wave of resident
-// blocks, >= 16 rows each, so the partials are a few percent of the traffic (and mostly stay in
-// L2); at B >= the number of resident blocks, one split per sample.
+// adaln_bwd_splits picks splits from the backward kernel's occupancy: the count whose blocks
+// fill the waves of resident blocks best (at most four waves), >= 16 rows each, so the partials
+// are a few percent of the traffic (and mostly stay in L2).
 // Under autocast (float rows, bf16 branch) the gated ops move 14 N and 20 N bytes; casting the
 // branch to float32 first would move 22 N and 30 N, counting the casts (read 2, write 4; and in
 // the backward the fp32 dy written, read and cast back).
@@ -1434,9 +1434,9 @@ int64_t adaln_bwd_max_d() { return kBwdMaxD; }
 // sample of both channels-first kernels, and the backward's splits.
 int64_t adaln_cf_tiles(int64_t L) { return (L + kCfTokens - 1) / kCfTokens; }
 
-// The backward's `splits` for this shape on the current device: as many (sample, split) blocks
-// as the backward kernel (16-byte path, all of dtype T) can keep resident in one wave, at
-// least kBwdMinSplitRows rows per split, one split per sample when B alone fills the GPU. A
+// The backward's `splits` for this shape on the current device: (sample, split) blocks that
+// fill the waves of the backward kernel's resident blocks (16-byte path, all of dtype T) best
+// (wave_splits, common.cuh), at least kBwdMinSplitRows rows per split. A
 // call with a narrower C uses the same count (its kernel's occupancy may differ): the order of
 // the partial sums, and so the bits of d gate, d shift, d scale, are those of the call on the
 // inputs widened to T. Sizes are validated by the caller (D <= kBwdMaxD, B, L >= 1).
@@ -1458,7 +1458,7 @@ cudaError_t adaln_bwd_splits(int64_t B, int64_t L, int64_t D, int dtype, bool ga
                                                       plan.smem);
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
-  *splits = std::max<int64_t>(1, std::min({resident / B, L / kBwdMinSplitRows, L}));
+  *splits = wave_splits(B, resident, std::min(L / kBwdMinSplitRows, L));
   return cudaSuccess;
 }
 

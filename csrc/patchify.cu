@@ -941,6 +941,10 @@ __global__ void __launch_bounds__(kThreads, VU > 1 ? 2 : 1) opr_kernel(const Opr
 constexpr int kFlMaxRows = 4;
 constexpr int kFlMaxWarps = 16;   // blockDim <= 512
 constexpr int kFlMaxRounds = 4;   // channel vectors per thread: D <= 4 * 512 * VD
+// Registers a thread: two blocks of 9 warps (DiT-XL/2's D = 1152 in 4-channel vectors) fit an
+// SM's 64 K registers at 112 (2 * 288 * 112 = 64512), and shared memory (fl_rows_plan). Uncapped,
+// ptxas took 124-128 (one block per SM, 9 warps); at 112 nothing spills (sm_80, sm_90).
+constexpr int kFlMaxRegisters = 112;
 
 struct FlLayout {  // dynamic shared memory, in floats (every piece 16-byte aligned)
   int64_t ys, g, red, stats, w, total;
@@ -976,7 +980,8 @@ struct FlRowsParams {
 };
 
 template <typename T, int VD>
-__global__ void __launch_bounds__(512, 1) fl_rows_kernel(const FlRowsParams<T> P) {
+__global__ void FD_MAX_REGISTERS(kFlMaxRegisters, 512, 1)
+    fl_rows_kernel(const FlRowsParams<T> P) {
   FD_DYNAMIC_SMEM(raw);
   const int D = P.D, K = P.K, TR = P.TR;
   const FlLayout L = fl_layout(D, K, TR, P.w_smem, sizeof(T));
@@ -1852,8 +1857,8 @@ cudaError_t final_layer_bwd_launch(const void* x, const void* shift, const void*
   return err;
 }
 
-// row_splits: blocks per sample of fl_rows_kernel (one wave of resident blocks over the batch,
-// at most one per 4-token tile); weight_splits: samples split of opr_kernel.
+// row_splits: blocks per sample of fl_rows_kernel (those that fill the waves of resident blocks
+// best, wave_splits, at most one per token tile); weight_splits: samples split of opr_kernel.
 cudaError_t final_layer_bwd_splits(int64_t B, int64_t N, int64_t D, int64_t K, int dtype,
                                    int device, int64_t* row_splits, int64_t* weight_splits) {
   cudaError_t err = cudaSuccess;
@@ -1873,7 +1878,7 @@ cudaError_t final_layer_bwd_splits(int64_t B, int64_t N, int64_t D, int64_t K, i
     if (err != cudaSuccess) return;
     const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
     const int64_t tiles = ceil_div(N, plan.rows);
-    *row_splits = std::max<int64_t>(1, std::min(tiles, resident / std::max<int64_t>(B, 1)));
+    *row_splits = wave_splits(B, resident, tiles);
     err = opr_splits<T, true>(B, N, D, K, device, weight_splits);
   });
   return err;

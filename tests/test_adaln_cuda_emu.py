@@ -428,6 +428,24 @@ def test_emulated_splits_helper(kernels):
     assert kernels.adaln_bwd_splits(1, 7, 96, 1, False, None) == 1
     kernels.configure(order=2, sms=64, seed=1)
     assert kernels.adaln_bwd_splits(2, 4096, 1152, 2, True, None) == 64  # 128 resident // 2
+    # the splits whose blocks fill the waves best, not resident // B: 80 samples over 128 slots
+    # fill 62.5 % of one wave at one split each (and at 2), 93.75 % of two at 3; at most four
+    # waves of blocks (6 splits here), the fewest splits among equal fills (3, not 6)
+    assert kernels.adaln_bwd_splits(80, 4096, 1152, 2, True, None) == 3
+    assert kernels.adaln_bwd_splits(128, 4096, 1152, 2, True, None) == 1  # one full wave
+    assert kernels.adaln_bwd_splits(100, 4096, 1152, 2, True, None) == 5  # 500 of 512 slots
+    # ... 1 to 4 splits fill 78 %: with at least 16 rows a split, 64 rows allow 4, so 1
+    assert kernels.adaln_bwd_splits(100, 64, 1152, 2, True, None) == 1
+    assert kernels.adaln_bwd_splits(600, 4096, 1152, 2, True, None) == 1  # past four waves
+
+    # the Triton kernels' copy of the rule (fastdit/triton/_common.py) agrees everywhere
+    pytest.importorskip("triton")
+    from fastdit.triton._common import wave_splits
+
+    for B in (1, 2, 3, 5, 7, 31, 64, 80, 100, 127, 129, 200, 255, 256, 300, 511, 513):
+        for L in (1, 15, 16, 33, 64, 100, 256, 1024, 4096):
+            got = kernels.adaln_bwd_splits(B, L, 1152, 2, True, None)
+            assert got == wave_splits(B, 128, min(L // 16, L)), (B, L)
     # channels-first: the tiles of 32 tokens, whatever the device
     for L, tiles in ((1, 1), (32, 1), (33, 2), (1024, 32)):
         assert kernels.adaln_bwd_splits(2, L, 96, 0, True, None, channels_first=True) == tiles

@@ -177,6 +177,10 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     assert {arch for _, arch, _ in usage} == {"sm_80", "sm_90"} and len(usage) > 100, len(usage)
     spilled = [(name, arch, u) for name, arch, u in usage if u[:3] != (0, 0, 0)]
     assert not spilled, spilled
+    # final_layer's backward rows: <= 112 registers, so that two DiT-XL/2 blocks (9 warps) fit
+    # an SM's 64 K registers, as its shared memory plan assumes (csrc/patchify.cu)
+    rows = [u[3] for name, _, u in usage if "fl_rows_kernel" in name]
+    assert len(rows) == 12 and max(rows) <= 112, rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +389,16 @@ def test_emulated_final_layer_with_little_shared_memory(glue_on_cpu, max_smem):
     cot = torch.randn(2, 8, 6, 6, generator=g).to(torch.bfloat16)
     grads = G._cuda_final_layer_backward([cot], inputs)
     _grads_rule(P._final_layer, grads, inputs, cot, f"final_layer, {max_smem} B of smem")
+
+
+def test_emulated_final_layer_row_splits(glue_on_cpu):
+    """The backward's blocks per sample fill the waves of resident blocks best (2 SMs x 2 blocks
+    emulated: 4 slots), at most one per tile of 4 tokens: 3 samples fill 75 % of the slots at
+    1 to 3 splits, all of them at 4 (resident // B, 1, would leave a slot idle)."""
+    assert glue_on_cpu.final_layer_bwd_plan(3, 8, 8, 8, 2, 64, 0, None)[0] == 4
+    assert glue_on_cpu.final_layer_bwd_plan(1, 8, 8, 8, 2, 64, 0, None)[0] == 4
+    assert glue_on_cpu.final_layer_bwd_plan(3, 8, 2, 2, 2, 64, 0, None)[0] == 1  # one tile
+    assert glue_on_cpu.final_layer_bwd_plan(4, 8, 8, 8, 2, 64, 0, None)[0] == 1  # a full wave
 
 
 def test_emulated_backward_is_deterministic_in_any_thread_order(glue_on_cpu):

@@ -320,11 +320,12 @@ def _cuda_memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _cuda_splits(
     batch: int, length: int, dim: int, dtype: int, gated: bool, index: int, channels_first: bool
 ) -> int:
-    """Blocks per sample in the backward. Rows: fastdit._C sizes one wave of resident blocks
-    from the occupancy of the kernel whose tensors all have the rows' dtype on this GPU (each
-    block >= 16 rows). A narrower y and vectors take the same count, hence the same order of the
-    sums over tokens: the gradients of the inputs widened, rounded once. Channels-first: the
-    tiles of 32 tokens, ceil(L / 32), on every GPU."""
+    """Blocks per sample in the backward. Rows: fastdit._C picks the count whose blocks fill
+    the waves of resident blocks best (at most four waves, each block >= 16 rows), from the
+    occupancy of the kernel whose tensors all have the rows' dtype on this GPU. A narrower y
+    and vectors take the same count, hence the same order of the sums over tokens: the
+    gradients of the inputs widened, rounded once. Channels-first: the tiles of 32 tokens,
+    ceil(L / 32), on every GPU."""
     from .. import _ext
 
     C, _ = _ext.load()

@@ -27,8 +27,8 @@ the (B, D) conditioning vectors add a few B*D more and are left out; a narrower 
 - ``_bwd_kernel`` (modulate):  read x, dout; write dx                    3 N e
 - ``_bwd_kernel`` (gated):     read x, y, dr, dh; write dx, dy           6 N e
   plus, for both, the per-(sample, split) partial sums: 2 or 3 planes of B * splits * D fp32,
-  written once and read once by ``_sum_splits_kernel``. splits fills one wave of programs
-  (_splits): at DiT-XL/2 B 32 on an H100 that is 8 per sample, 3.5 MB of partials against the
+  written once and read once by ``_sum_splits_kernel``. splits fills the waves of programs
+  best (_splits): at DiT-XL/2 B 32 on an H100 that is 8 per sample, 3.5 MB of partials against the
   113 MB (bf16) the gated backward must move, and they stay in the 50 MB L2; at B 256, one.
 
 The backward recomputes the row statistics (and, for gated, r = x + gate * y rounded to the
@@ -65,6 +65,7 @@ from ._common import RTNE_BF16 as _RTNE_BF16
 from ._common import _round, dtype_reason
 from ._common import device_context as _device_context
 from ._common import sm_count as _sm_count
+from ._common import wave_splits as _wave_splits
 
 
 @triton.jit
@@ -669,18 +670,18 @@ def _channels_first(dim: int, channel_stride: int) -> bool:
 def _splits(
     batch: int, length: int, rows: int, warps: int, device: torch.device
 ) -> tuple[int, int]:
-    """(splits, rows_per_split): each sample's rows cut into ``splits`` programs so that all
-    B * splits programs run in one wave (about 32 resident warps per SM: the backward uses
-    64-128 registers a thread), each with at least MIN_SPLIT_ROWS rows; one split per sample
-    when B alone fills the GPU. On the CPU (the interpreter): 4 programs, at least 2 rows each,
-    so that the tests see several splits."""
+    """(splits, rows_per_split): each sample's rows cut into ``splits`` programs whose B *
+    splits programs fill their waves best (wave_splits; about 32 resident warps per SM: the
+    backward uses 64-128 registers a thread), each with at least MIN_SPLIT_ROWS rows. On the
+    CPU (the interpreter): 4 program slots, at least 2 rows each, so that the tests see several
+    splits."""
     if device.type == "cuda":
         programs = _sm_count(device.index or 0) * max(1, 32 // warps)
         min_rows = MIN_SPLIT_ROWS
     else:
         programs, min_rows = 4, 2
     steps = triton.cdiv(length, rows)
-    splits = max(1, min(programs // batch, steps, length // min_rows))
+    splits = _wave_splits(batch, programs, min(steps, length // min_rows))
     rows_per_split = triton.cdiv(steps, splits) * rows
     return triton.cdiv(length, rows_per_split), rows_per_split
 
