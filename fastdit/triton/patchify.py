@@ -17,9 +17,10 @@ values per token for the embedding, p*p*C_out for the final layer, D the model w
 - ``_embed_dx_kernel`` (patch_embed backward, d x): d tokens @ weight, scattered into x's
   layout: M D e + M K e.
 - ``_embed_params_kernel`` (patch_embed backward, d weight, d bias, d pos_embed): program
-  (D-block, token split) walks its tokens for every sample, summing d pos_embed over the batch
-  in registers and d weight^T = patches^T @ d tokens on the tensor cores: M D e + M K e, plus
-  fp32 partials (splits x K x D) summed afterwards in a fixed order.
+  (D-block, sample split, token split) walks its tokens for each of its samples, summing
+  d pos_embed over them in registers and d weight^T = patches^T @ d tokens on the tensor cores:
+  M D e + M K e, plus fp32 partials (splits x K x D, sample splits x N x D) summed afterwards
+  in a fixed order.
   The backward reads d tokens twice (two kernels): one kernel would have to hold either a
   (K, D) or a (tokens, K) accumulator for a whole sweep, too large for registers; the second
   read is the price of keeping both reductions deterministic and in registers.
@@ -202,22 +203,27 @@ def _embed_dx_kernel(
 @triton.jit
 def _embed_params_kernel(
     X, DOUT, DPOS, DW,
-    B, N, w, C, K, D, tokens_per_split,
+    B, N, w, C, K, D, tokens_per_split, token_splits, samples_per_split,
     sx_b, sx_c, sx_h, sx_w, sg_b, sg_n, sg_d,
     P: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    """Program (D-block, split s, K-block): for the grid tokens of split s, over every sample:
-    DPOS[n, d] = sum_b d out[b, n, d] (fp32, written by K-block 0) and
-    DW[s, k, d] = sum_b sum_n patch[b, n, k] d out[b, n, d] (fp32 partial over the split)."""
+    """Program (D-block, split s, K-block), s = (sample split sb, token split sn): for the grid
+    tokens of sn and the samples of sb,
+    DPOS[sb, n, d] = sum_b d out[b, n, d] (fp32 partial, written by K-block 0) and
+    DW[s, k, d] = sum_b sum_n patch[b, n, k] d out[b, n, d] (fp32 partial)."""
     d = tl.program_id(0) * BD + tl.arange(0, BD).to(tl.int64)  # d * (a stride): 64-bit
     s = tl.program_id(1)
+    sb = (s // token_splits).to(tl.int64)
+    sn = s % token_splits
     k = tl.program_id(2) * BK + tl.arange(0, BK)
     d_ok = d < D
     k_ok = k < K
     dw = tl.zeros([BK, BD], dtype=tl.float32)
-    start = s * tokens_per_split
+    start = sn * tokens_per_split
     end = tl.minimum(start + tokens_per_split, N)
+    b_start = sb * samples_per_split  # b * N may pass 2^31: 64-bit
+    b_end = tl.minimum(b_start + samples_per_split, B)
     n0 = start
     while n0 < end:
         n = (n0 + tl.arange(0, BN)).to(tl.int64)
@@ -225,8 +231,8 @@ def _embed_params_kernel(
         n0 += BN
         mask = n_ok[:, None] & d_ok[None, :]
         dpos = tl.zeros([BN, BD], dtype=tl.float32)
-        b = tl.full((), 0, tl.int64)  # b * N may pass 2^31
-        while b < B:
+        b = b_start
+        while b < b_end:
             t = b * N + n
             b += 1
             g = tl.load(
@@ -242,7 +248,7 @@ def _embed_params_kernel(
             dpos += g.to(tl.float32)
             dw = _dot(tl.trans(a), g, dw, INTERPRETED)
         if tl.program_id(2) == 0:
-            tl.store(DPOS + n[:, None] * D + d[None, :], dpos, mask=mask)
+            tl.store(DPOS + (sb * N + n[:, None]) * D + d[None, :], dpos, mask=mask)
     tl.store(
         DW + (s.to(tl.int64) * K + k[:, None]) * D + d[None, :],
         dw,
@@ -548,6 +554,19 @@ def _split(steps: int, others: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(steps, per_split), per_split
 
 
+def _sample_splits(samples: int, others: int, device: torch.device) -> tuple[int, int]:
+    """(splits, samples per split) of a batch walked by ``others`` programs per sample split:
+    about four programs per SM on a GPU in all (the walk is a chain of dependent steps, one
+    tile of each sample, so programs, not tile size, hide the memory latency); 2 splits on the
+    CPU (the interpreter), so that the tests see the partial sums."""
+    if device.type == "cuda":
+        splits = triton.cdiv(4 * sm_count(device.index or 0), others)
+    else:
+        splits = 2
+    per_split = triton.cdiv(samples, max(1, min(samples, splits)))
+    return triton.cdiv(samples, per_split), per_split
+
+
 def _layout(image: torch.Tensor, tokens: torch.Tensor, p: int, w: int, order: str, to_tokens: bool):
     B, C = image.shape[:2]
     T, N, K = B * tokens.shape[1], tokens.shape[1], tokens.shape[2]
@@ -657,15 +676,17 @@ def patch_embed_backward(grads, inputs) -> list[torch.Tensor]:
         tiles = embed_params_tiles(K, D)
         d_blocks, k_blocks = triton.cdiv(D, tiles["BD"]), triton.cdiv(K, tiles["BK"])
         splits, per_split = _split(triton.cdiv(N, tiles["BN"]), d_blocks * k_blocks, x.device)
-        dpos = torch.empty(N, D, dtype=torch.float32, device=x.device)
-        dw = torch.empty(splits, K, D, dtype=torch.float32, device=x.device)
-        _embed_params_kernel[(d_blocks, splits, k_blocks)](
+        b_splits, per_b = _sample_splits(B, d_blocks * k_blocks * splits, x.device)
+        dpos = torch.empty(b_splits, N, D, dtype=torch.float32, device=x.device)
+        dw = torch.empty(b_splits * splits, K, D, dtype=torch.float32, device=x.device)
+        _embed_params_kernel[(d_blocks, b_splits * splits, k_blocks)](
             x, g, dpos, dw,
-            B, N, w, C, K, D, per_split * tiles["BN"],
+            B, N, w, C, K, D, per_split * tiles["BN"], splits, per_b,
             *x.stride(), *g.stride(),
             P=p, INTERPRETED=INTERPRETED, **tiles,
         )  # fmt: skip
     dweight = dw.sum(0).t().reshape(weight.shape).to(weight.dtype)  # splits summed in order
+    dpos = dpos.sum(0)  # over the sample splits, in order
     dbias = dpos.sum(0).to(bias.dtype)
     return [dx, dweight, dbias, dpos.to(pos_embed.dtype).reshape(pos_embed.shape)]
 
