@@ -16,14 +16,17 @@
 # Each suite writes its results after every case and stops starting cases when its share is
 # spent (the rest are listed as not run).
 #
-# Uses the Python on PATH (PY=... to choose) with its own torch; installs nothing from the
-# network (fastdit is built with --no-build-isolation --no-deps).
+# Uses python3 on PATH (else python; PY=... to choose) with its own torch; installs nothing
+# from the network (fastdit is built with --no-build-isolation --no-deps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 begin=$(date +%s)
 END=$(( begin + ${TOTAL_SECONDS:-540} ))
 left() { echo $(( END - $(date +%s) )); }
-PY=${PY:-python}
+# python3 first: on the lent machines it is the interpreter that holds PyTorch
+PY=${PY:-$(command -v python3 || command -v python || echo python)}
+# unbuffered: a suite or test stopped by `timeout` keeps what it printed in the logs
+export PYTHONUNBUFFERED=1
 WARM_JOBS=${WARM_JOBS:-6}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | tr ' ' '_' | tr -cd '[:alnum:]_-')
 OUT=${1:-bench/results/${gpu:-unknown_gpu}/$(date -u +%Y-%m-%d)}
@@ -118,7 +121,7 @@ run_test_file() {
   name=$(basename "$file" .py)
   left=$(( DEADLINE - $(date +%s) ))
   if [ "$left" -le 5 ]; then echo "$name: not run (TEST_TIMEOUT spent)"; return 1; fi
-  FASTDIT_TEST_TRITON_GPU=1 FASTDIT_TEST_FAILURES="$OUT/tests/$name.failures.txt" timeout "$left" \
+  FASTDIT_TEST_TRITON_GPU=1 FASTDIT_TEST_FAILURES="$OUT/tests/$name.failures.txt" timeout -k 10 "$left" \
     ${SANITIZER:+"$SANITIZER_BIN" --tool "$SANITIZER" --error-exitcode 86 --print-limit 20} \
     $PY -m pytest -v --no-header -p no:cacheprovider -o faulthandler_timeout=60 --durations=10 \
     -k "not emulated and not spills" --junitxml="$OUT/tests/$name.xml" "$file" \
@@ -173,7 +176,7 @@ for suite in ${SUITES//,/ }; do
     echo "suite $suite: not run (the benchmark time is spent)" | tee -a "$OUT/bench.txt"
     status=1; continue
   fi
-  timeout $(( share + 45 )) $PY bench/run.py --only "$suite" ${extra[$suite]:-} --budget "$share" \
+  timeout -k 10 $(( share + 45 )) $PY bench/run.py --only "$suite" ${extra[$suite]:-} --budget "$share" \
     --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "suite $suite failed or ran past its time"; status=1; }
 done
