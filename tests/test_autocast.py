@@ -312,10 +312,13 @@ def test_training_step_under_autocast(kind, backend):
     # this small, a bfloat16 residual stream stays within these bounds.)
     assert set(got_grads) == set(truth_grads)
     ratios = [_rel(got_grads[n], g) / _rel(eager_grads[n], g) for n, g in truth_grads.items()]
-    assert statistics.median(ratios) <= 1.5, statistics.median(ratios)
+    # (the failure messages carry every parameter's figures: the evidence to judge a first
+    # GPU run's failure by, these bounds having been fitted on the CPU)
+    by_name = sorted(zip(ratios, truth_grads), reverse=True)
+    assert statistics.median(ratios) <= 1.5, (statistics.median(ratios), by_name)
     worst_eager = max(_rel(eager_grads[n], g) for n, g in truth_grads.items())
     for name, g in truth_grads.items():
-        assert _rel(got_grads[name], g) <= 2 * worst_eager, name
+        assert _rel(got_grads[name], g) <= 2 * worst_eager, (name, worst_eager, by_name)
 
 
 @pytest.mark.parametrize("kind", ["DiT", "U-DiT"])
