@@ -53,7 +53,8 @@
 // ~125 us, gated forward ~245 us, gated backward ~430 us.
 // Register use (ptxas -v, nvcc 13.0; tests/test_adaln_cuda_emu.py checks it): forward 22-96
 // registers, no spills (sm_80: 8 bytes in three warp-per-row kernels, where ptxas stops at
-// 32-48 registers); backward 32-128, spills only in the gated backward at D > 2048: 8-16 bytes
+// 32-48 registers); backward 32-128 (the gated 16-bit kernels with one vector a thread capped
+// at 96: four DiT-XL/2 blocks per SM), spills only in the gated backward at D > 2048: 8-16 bytes
 // of stack for fp32 on the vector path, 104-232 on the scalar path (misaligned pointers, or
 // D * sizeof(T) not a multiple of 16; correct, not the fast path). Channels-first kernels:
 // forward 39-64, backward 40-98, no spills (sm_90: 2 backward blocks of 256 threads per SM at
@@ -97,6 +98,7 @@ constexpr int kBwdMaxThreads = 512;
 constexpr int kBwdMaxWarps = kBwdMaxThreads / kWarp;
 constexpr int kBwdBlockTarget = 256;  // threads per backward block when a row needs fewer
 constexpr int kBwdMaxElems = 16;      // row elements per thread per tensor in the backward
+constexpr int kBwdCapRegisters = 96;  // adaln_bwd_capped_kernel: 4 blocks of 5 warps an SM
 
 // a / d for d >= 1, given inv_d = 1 / d correctly rounded: one Newton correction of a * inv_d,
 // which gives the correctly rounded quotient (so it is exact when representable, e.g. the mean
@@ -368,8 +370,9 @@ __device__ __forceinline__ void group_sum2(float& a, float& b, float* smem_a, fl
 // Block (b, split): R row groups of G threads; group g takes rows begin + g, begin + g + R, ...
 // Thread t of a group owns vectors t, t + G, ... (ITERS of them) of every row, and adds its
 // columns' contributions to d shift, d scale (and d gate) in registers as the rows go by.
+// The body of both backward kernels below.
 template <typename T, typename C, int V, int ITERS, int SUB, bool GATED>
-__global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdParams<T, C> p) {
+__device__ __forceinline__ void adaln_bwd_rows(const BwdParams<T, C>& p) {
   FD_DYNAMIC_SMEM(combine);  // R * D floats, when R > 1
   __shared__ float sm_mean[kBwdMaxWarps];
   __shared__ float sm_var[kBwdMaxWarps];
@@ -573,6 +576,24 @@ __global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdPara
   write_plane(acc_shift, 0);
   write_plane(acc_scale, 1);
   if constexpr (GATED) write_plane(acc_gate, 2);
+}
+
+// The backward: registers as ptxas sees fit for blocks of up to 512 threads.
+template <typename T, typename C, int V, int ITERS, int SUB, bool GATED>
+__global__ void __launch_bounds__(kBwdMaxThreads) adaln_bwd_kernel(const BwdParams<T, C> p) {
+  adaln_bwd_rows<T, C, V, ITERS, SUB, GATED>(p);
+}
+
+// The gated backward on 16-bit rows in 16-byte vectors, one a thread (D <= 2048), capped at
+// kBwdCapRegisters a thread. Uncapped, ptxas gives these 97-100 registers: DiT-XL/2's bf16
+// kernel (160-thread blocks) then has three blocks per SM (15 warps, one row each in flight);
+// at 96, four (20 warps), without a spill (sm_80, sm_90; the ptxas test checks). Only these:
+// under the cap ptxas spends up to 96 on kernels it would otherwise give 40-64 (fewer blocks
+// per SM), and the kernels with more vectors a thread spill.
+template <typename T, typename C, int SUB>
+__global__ void FD_MAX_REGISTERS(kBwdCapRegisters, kBwdMaxThreads, 1)
+    adaln_bwd_capped_kernel(const BwdParams<T, C> p) {
+  adaln_bwd_rows<T, C, kVec16<T>, 1, SUB, true>(p);
 }
 
 constexpr uint32_t kSumRun = 32;
@@ -1172,10 +1193,20 @@ struct BwdPlan {
   size_t smem;  // R * D floats when R > 1
 };
 
+// The backward kernel of these template arguments: the capped one where it applies.
+template <typename T, typename C, int V, int ITERS, int SUB, bool GATED>
+constexpr auto bwd_kernel() {
+  if constexpr (GATED && sizeof(T) == 2 && V == kVec16<T> && ITERS == 1) {
+    return &adaln_bwd_capped_kernel<T, C, SUB>;
+  } else {
+    return &adaln_bwd_kernel<T, C, V, ITERS, SUB, GATED>;
+  }
+}
+
 template <typename T, typename C, int V, int ITERS, int SUB, bool GATED>
 void launch_bwd_kernel(const void* params, dim3 grid, dim3 block, size_t smem,
                        cudaStream_t stream) {
-  const auto kernel = adaln_bwd_kernel<T, C, V, ITERS, SUB, GATED>;
+  const auto kernel = bwd_kernel<T, C, V, ITERS, SUB, GATED>();
   FD_LAUNCH(kernel, grid, block, smem, stream)(*static_cast<const BwdParams<T, C>*>(params));
 }
 
@@ -1184,7 +1215,7 @@ BwdPlan bwd_plan(int group, int D) {
   const int rows_per_block = std::max(1, kBwdBlockTarget / group);
   const size_t smem =
       rows_per_block > 1 ? static_cast<size_t>(rows_per_block) * D * sizeof(float) : 0;
-  return BwdPlan{reinterpret_cast<const void*>(&adaln_bwd_kernel<T, C, V, ITERS, SUB, GATED>),
+  return BwdPlan{reinterpret_cast<const void*>(bwd_kernel<T, C, V, ITERS, SUB, GATED>()),
                  &launch_bwd_kernel<T, C, V, ITERS, SUB, GATED>, group, rows_per_block * group,
                  smem};
 }

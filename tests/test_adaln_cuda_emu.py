@@ -614,3 +614,8 @@ def test_kernels_compile_for_sm80_and_sm90_with_known_spills_only(tmp_path):
     assert not spilled, spilled
     seen = {(int(m[1]), int(m[2]), m[3] == "1") for n, _, _ in usage if (m := BWD_ARGS.search(n))}
     assert set(BWD_SPILLS) < seen, sorted(seen)  # the names parse, and the allowances bite
+    # the gated 16-bit backward with one vector a thread: <= 96 registers, so that four blocks
+    # of DiT-XL/2's 160 threads fit an SM (97, ptxas's own choice, allows three); two dtypes,
+    # three row-group widths, two architectures
+    capped = [u[3] for n, _, u in usage if "adaln_bwd_capped_kernel" in n]
+    assert len(capped) == 12 and max(capped) <= 96, capped
