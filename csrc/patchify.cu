@@ -941,10 +941,13 @@ __global__ void __launch_bounds__(kThreads, VU > 1 ? 2 : 1) opr_kernel(const Opr
 constexpr int kFlMaxRows = 4;
 constexpr int kFlMaxWarps = 16;   // blockDim <= 512
 constexpr int kFlMaxRounds = 4;   // channel vectors per thread: D <= 4 * 512 * VD
-// Registers a thread: two blocks of 9 warps (DiT-XL/2's D = 1152 in 4-channel vectors) fit an
-// SM's 64 K registers at 112 (2 * 288 * 112 = 64512), and shared memory (fl_rows_plan). Uncapped,
-// ptxas took 124-128 (one block per SM, 9 warps); at 112 nothing spills (sm_80, sm_90).
-constexpr int kFlMaxRegisters = 112;
+// Registers a thread, for two blocks of 9 warps per SM (DiT-XL/2's D = 1152 in 4-channel
+// vectors; shared memory allows two, fl_rows_plan). The 64 K registers of an SM are four
+// quarters of 16 K, each holding whole warps: 18 warps need 5 a quarter, <= 3276 registers a
+// warp, 96 a thread (at 104-128, 4 a quarter: one block). Uncapped, ptxas took 124-128; at 96
+// the 4-channel kernels spill 4-8 bytes (stored once, read back 8-12 bytes; sm_80, sm_90),
+// which two blocks' latency hiding outweighs.
+constexpr int kFlMaxRegisters = 96;
 
 struct FlLayout {  // dynamic shared memory, in floats (every piece 16-byte aligned)
   int64_t ys, g, red, stats, w, total;

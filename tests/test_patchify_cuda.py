@@ -18,6 +18,7 @@ PyTorch's in the same dtype + a tiny floor. patchify / unpatchify are exact.
 from __future__ import annotations
 
 import importlib
+import re
 
 import emulated
 import pytest
@@ -170,17 +171,20 @@ def test_extension_limits_match_the_glue():
     assert C.FINAL_LAYER_BWD_MAX_SCALAR_D == G.CUDA_FINAL_LAYER_MAX_SCALAR_D
 
 
-def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
+def test_kernels_compile_for_sm80_and_sm90_with_known_spills_only(tmp_path):
     """ptxas's report of every kernel of csrc/patchify.cu for the two architectures the build
-    targets by default: no stack frame, no spilled register."""
+    targets by default: no stack frame, no spilled register, but in the register-capped
+    final_layer backward rows."""
     usage = emulated.ptxas_usage("patchify", [80, 90], tmp_path)
     assert {arch for _, arch, _ in usage} == {"sm_80", "sm_90"} and len(usage) > 100, len(usage)
-    spilled = [(name, arch, u) for name, arch, u in usage if u[:3] != (0, 0, 0)]
+    # final_layer's backward rows, capped at 96 registers so that two DiT-XL/2 blocks (9 warps)
+    # fit an SM (csrc/patchify.cu): its 4-channel kernels may spill a few bytes (nvcc 13.0: 8)
+    allowed = {name: 16 for name, _, _ in usage if re.search(r"fl_rows_kernelI\w+Li4E", name)}
+    spilled = [(name, arch, u) for name, arch, u in usage if max(u[:3]) > allowed.get(name, 0)]
     assert not spilled, spilled
-    # final_layer's backward rows: <= 112 registers, so that two DiT-XL/2 blocks (9 warps) fit
-    # an SM's 64 K registers, as its shared memory plan assumes (csrc/patchify.cu)
+    assert len(allowed) == 3, sorted(allowed)  # the names parse: three dtypes
     rows = [u[3] for name, _, u in usage if "fl_rows_kernel" in name]
-    assert len(rows) == 12 and max(rows) <= 112, rows
+    assert len(rows) == 12 and max(rows) <= 96, rows
 
 
 # ----------------------------------------------------------------------------------------------
