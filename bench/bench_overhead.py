@@ -102,11 +102,8 @@ def run(ctx: common.Context) -> list[common.Row]:
     rows: list[common.Row] = []
     if ctx.warm is not None:  # no torch.compile variant to warm
         return rows
-    host_timing, common.HOST_TIMING = common.HOST_TIMING, True  # the host's pace is the point
-    try:
+    with common.host_timing():
         _run(ctx, rows)
-    finally:
-        common.HOST_TIMING = host_timing
     return rows
 
 

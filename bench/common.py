@@ -74,7 +74,20 @@ def input_sets(make_inputs: Callable[[], Sequence[object]], rotate: bool) -> lis
     return sets
 
 
-HOST_TIMING = False  # bench_overhead: time the host's pace of calls, the GPU given no lead
+HOST_TIMING = False  # set by host_timing(): time the host's pace of calls, the GPU given no lead
+
+
+@contextlib.contextmanager
+def host_timing():
+    """time_call without the GPU's lead (bench_overhead: the host's pace is what it measures)."""
+    global HOST_TIMING
+    saved, HOST_TIMING = HOST_TIMING, True
+    try:
+        yield
+    finally:
+        HOST_TIMING = saved
+
+
 LEAD_S = 0.002  # the longest lead a call's events get (seconds of GPU spin)
 SPIN_HZ = 2.0e9  # clock cycles a second assumed for torch.cuda._sleep: more than an H100's
 
