@@ -230,6 +230,17 @@ __device__ __forceinline__ P* opaque(P* p) {
   return p;
 }
 
+// v with its value hidden from the optimiser (no instruction is emitted for the asm), for an
+// index such as threadIdx.x inside a loop: what is derived from it (each element's row, column
+// and address in an unrolled copy of a tile) is then worked out where it is used, not hoisted
+// out of the loop and kept alive across it, a register for each (attn::stage_rows).
+__device__ __forceinline__ int opaque_index(int v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
 // Sum over the 32 lanes of a warp; every lane gets the same, bitwise-identical total.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

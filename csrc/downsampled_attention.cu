@@ -60,6 +60,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 #include "common.cuh"
@@ -876,9 +877,11 @@ cudaError_t dwconv_split_dw_splits(int64_t B, int64_t d, int64_t H, int64_t W, i
 //
 // Precision. The logits of cosine attention are up to 100 x (a cosine): one TF32 product
 // (10-bit mantissa) would put errors of ~0.1 into them, so S is "3xTF32" (hi*hi + hi*lo + lo*hi,
-// ~fp32 accuracy) everywhere. The other products take one TF32 pass for fp16/bf16 (their
-// operands are either exact in TF32 (v, dO) or probabilities and gradients whose 2^-11 relative
-// rounding is below the dtype's own), and 3xTF32 for float32.
+// ~fp32 accuracy) everywhere. The other products take one TF32 pass for bf16 (their operands
+// are either exact in TF32 (v, dO) or probabilities and gradients whose 2^-11 relative rounding
+// is a quarter of bf16's own), and 3xTF32 for float32 and float16 (float16's rounding is TF32's:
+// the gradients' sums over tokens cancel, and one pass left d k at 2.6x eager's error, over the
+// rule's 2x, at head dim 10 and 70 tokens).
 //
 // Shared memory per block (floats, rows padded against bank conflicts): fwd 64 (HDP+4) x 2 +
 // 64 x v_stride + 4 x 16 x 68; the backward kernels add one 64 x (HDP+4) tile, 2 x 64 floats
@@ -1247,44 +1250,160 @@ struct AttnParams {
   int64_t sdv[3];
   int64_t G, heads, n, hd;
   int store_o, stats;
+  int v_vec, dout_vec;  // v, d out (with unit channel stride) readable as 16-byte vectors
 };
 
-// A tile of `rows` rows of an fp32 (.., HDP) scratch tensor into shared memory, zero past n.
+// How many of a tile's 64 rows starting at r0 are real (the rest pads a short group): the
+// products skip the 8-wide slices past them (a 16-token group runs 2 of 8).
+__device__ __forceinline__ int valid_rows(int64_t r0, int64_t n) {
+  return n - r0 < kTile ? static_cast<int>(n - r0) : kTile;
+}
+
+// Staging the (kTile x HDP) tiles in shared memory as fp32. Each thread moves its share in
+// batches whose loads are all issued before the batch's first store (kStageBatch accesses in
+// flight a thread, then one wait for all of them, where a load-store loop waits once per
+// access), as 16-byte vectors where the source allows. Rows past n and channels past hd are
+// zeros. No barrier: the caller synchronises.
+// (Fewer at large HDP, where the kernels' accumulators leave few registers: no spills.)
 template <int HDP>
+constexpr int kStageBatch = HDP >= 128 ? 1 : HDP >= 96 ? 2 : 4;
+
+// Rows r0.. of an fp32 (.., HDP) scratch tensor (q^, k^): 16-byte vectors (the rows are HDP
+// floats, a multiple of 8, from torch's aligned allocation; LD is a multiple of 4).
+template <int HDP, int LD = row_stride(HDP)>
 __device__ __forceinline__ void load_hat(float* S, const float* src, int64_t r0, int64_t n) {
-  constexpr int ld = row_stride(HDP);
-  for (int e = threadIdx.x; e < kTile * HDP; e += kThreads) {
-    const int r = e / HDP, c = e % HDP;
-    S[r * ld + c] = r0 + r < n ? src[(r0 + r) * HDP + c] : 0.f;
+  constexpr int kRowVecs = HDP / 4, kPer = kTile * kRowVecs / kThreads;
+  static_assert(HDP % 8 == 0 && LD % 4 == 0 && kTile * kRowVecs % kThreads == 0, "tile shape");
+  const float4* src4 = reinterpret_cast<const float4*>(src + r0 * HDP);
+  const int rows = valid_rows(r0, n), tid = opaque_index(threadIdx.x);
+  FD_UNROLL
+  for (int i0 = 0; i0 < kPer; i0 += kStageBatch<HDP>) {
+    float4 buf[kStageBatch<HDP>];
+    FD_UNROLL
+    for (int j = 0; j < kStageBatch<HDP> && i0 + j < kPer; ++j) {
+      const int e = (i0 + j) * kThreads + tid;
+      buf[j] = e / kRowVecs < rows ? src4[e] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    FD_UNROLL
+    for (int j = 0; j < kStageBatch<HDP> && i0 + j < kPer; ++j) {
+      const int e = (i0 + j) * kThreads + tid;
+      *reinterpret_cast<float4*>(S + (e / kRowVecs) * LD + (e % kRowVecs) * 4) = buf[j];
+    }
   }
 }
 
-// Rows r0.. of v (or of d out through its layout) as fp32, zero past n and past hd.
+// How a tile of T (v, or d out) is read: element (r, c) at row(r)[c * cs].
+enum StageMode {
+  kRowScalar = 0,  // cs = 1, one element an access, consecutive threads on consecutive channels
+  kRowVector = 1,  // cs = 1, 16-byte vectors (row(r), hd and the vectors' offsets aligned)
+  kTokenFirst = 2,  // cs > 1 (d out merged into a channels-first image): a warp reads 8 tokens
+                    // x 4 channels an access, tokens fastest (consecutive tokens of a group row
+                    // are pixels 2 apart: 32-byte runs), which also keeps the shared-memory
+                    // stores off each other's banks for every LD = HDP + 4
+};
+
+// The row and channel of a thread's i-th element of a tile in the scalar modes: kTokenFirst
+// takes chunks of 8 tokens x 4 channels, chunk q at tokens (q % 8) * 8.., channels (q / 8) * 4..
+template <int HDP>
+__device__ __forceinline__ int stage_row(StageMode mode, int i, int warp, int lane) {
+  if (mode == kTokenFirst) return ((i * (kThreads / 32) + warp) % (kTile / 8)) * 8 + lane % 8;
+  return (i * kThreads + warp * 32 + lane) / HDP;
+}
+template <int HDP>
+__device__ __forceinline__ int stage_col(StageMode mode, int i, int warp, int lane) {
+  if (mode == kTokenFirst) return ((i * (kThreads / 32) + warp) / (kTile / 8)) * 4 + lane / 8;
+  return (i * kThreads + warp * 32 + lane) % HDP;
+}
+
+// The (kTile x HDP) tile of T whose row r < rows starts at row(r) into S (row stride LD) as
+// fp32, in `mode`.
+template <typename T, int HDP, int LD, typename Row>
+__device__ __forceinline__ void stage_rows(float* S, Row row, int64_t cs, int rows, int64_t hd,
+                                           StageMode mode) {
+  const int tid = opaque_index(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  if (mode == kRowVector) {
+    constexpr int V = kDwVec<T>, kRowVecs = HDP / V;
+    constexpr int kVecs = kTile * kRowVecs, kPer = (kVecs + kThreads - 1) / kThreads;
+    static_assert(HDP % V == 0 && LD % 4 == 0 && V % 4 == 0, "whole vectors in a row");
+    FD_UNROLL
+    for (int i0 = 0; i0 < kPer; i0 += kStageBatch<HDP>) {
+      DwVec<T> buf[kStageBatch<HDP>];
+      FD_UNROLL
+      for (int j = 0; j < kStageBatch<HDP> && i0 + j < kPer; ++j) {
+        const int e = (i0 + j) * kThreads + tid;
+        const int r = e / kRowVecs, c = (e % kRowVecs) * V;
+        if (e < kVecs && r < rows && c < hd) {
+          buf[j] = *reinterpret_cast<const DwVec<T>*>(row(r) + c);
+        }
+      }
+      FD_UNROLL
+      for (int j = 0; j < kStageBatch<HDP> && i0 + j < kPer; ++j) {
+        const int e = (i0 + j) * kThreads + tid;
+        const int r = e / kRowVecs, c = (e % kRowVecs) * V;
+        if (e >= kVecs) continue;
+        const bool ok = r < rows && c < hd;
+        FD_UNROLL
+        for (int u = 0; u < V; u += 4) {
+          const float4 f = ok ? make_float4(to_float(buf[j].v[u]), to_float(buf[j].v[u + 1]),
+                                            to_float(buf[j].v[u + 2]), to_float(buf[j].v[u + 3]))
+                              : make_float4(0.f, 0.f, 0.f, 0.f);
+          *reinterpret_cast<float4*>(S + r * LD + c + u) = f;
+        }
+      }
+    }
+    return;
+  }
+  constexpr int kPer = kTile * HDP / kThreads, kBatch = 2 * kStageBatch<HDP>;
+  static_assert(kTile * HDP % kThreads == 0 && kTile % 8 == 0 && HDP % 4 == 0, "tile shape");
+  FD_UNROLL
+  for (int i0 = 0; i0 < kPer; i0 += kBatch) {
+    T buf[kBatch];
+    uint32_t ok = 0;  // bit j: element j is read (else a zero)
+    FD_UNROLL
+    for (int j = 0; j < kBatch && i0 + j < kPer; ++j) {
+      const int r = stage_row<HDP>(mode, i0 + j, warp, lane);
+      const int c = stage_col<HDP>(mode, i0 + j, warp, lane);
+      if (r < rows && c < hd) {
+        buf[j] = row(r)[c * cs];
+        ok |= 1u << j;
+      }
+    }
+    FD_UNROLL
+    for (int j = 0; j < kBatch && i0 + j < kPer; ++j) {
+      const int r = stage_row<HDP>(mode, i0 + j, warp, lane);
+      const int c = stage_col<HDP>(mode, i0 + j, warp, lane);
+      S[r * LD + c] = (ok >> j) & 1u ? to_float(buf[j]) : 0.f;
+    }
+  }
+}
+
+// Rows r0.. of v: (z, h) of a (G, heads, n, hd) tensor with strides sv, channels contiguous.
 template <typename T, int HDP, int LD>
 __device__ __forceinline__ void load_rows(float* S, const T* src, const int64_t (&sv)[3],
                                           int64_t z, int64_t h, int64_t r0, int64_t n,
-                                          int64_t hd) {
-  const T* base = src + z * sv[0] + h * sv[1];
-  for (int e = threadIdx.x; e < kTile * HDP; e += kThreads) {
-    const int r = e / HDP, c = e % HDP;
-    S[r * LD + c] = (r0 + r < n && c < hd) ? to_float(base[(r0 + r) * sv[2] + c]) : 0.f;
-  }
+                                          int64_t hd, bool vec) {
+  const T* base = src + z * sv[0] + h * sv[1] + r0 * sv[2];
+  const int64_t rs = sv[2];
+  stage_rows<T, HDP, LD>(
+      S, [&](int r) { return base + r * rs; }, 1, valid_rows(r0, n), hd,
+      vec ? kRowVector : kRowScalar);
 }
-// Each row's offset is worked out once (the merge's divisions) into sOff, then every element is
-// that plus c times the channel stride. Contains a __syncthreads: call from the whole block.
+
+// Rows r0.. of d out through its layout. Each row's offset is worked out once (the merge's
+// divisions) into sOff, then every element is that plus c times the channel stride. Contains a
+// __syncthreads: call from the whole block.
 template <typename T, int HDP, int LD>
 __device__ __forceinline__ void load_grad(float* S, int64_t* sOff, const T* src, const Layout& lo,
                                           int64_t z, int64_t h, int64_t r0, int64_t n,
-                                          int64_t hd) {
+                                          int64_t hd, bool vec) {
   for (int r = threadIdx.x; r < kTile; r += kThreads) {
     sOff[r] = r0 + r < n ? offset_of(lo, z, h, r0 + r, 0, hd) : 0;
   }
   __syncthreads();
   const int64_t cs = lo.merge ? lo.s[1] : lo.s[3];  // the offset is linear in the channel
-  for (int e = threadIdx.x; e < kTile * HDP; e += kThreads) {
-    const int r = e / HDP, c = e % HDP;
-    S[r * LD + c] = (r0 + r < n && c < hd) ? to_float(src[sOff[r] + c * cs]) : 0.f;
-  }
+  const StageMode mode = cs != 1 ? kTokenFirst : vec ? kRowVector : kRowScalar;
+  stage_rows<T, HDP, LD>(
+      S, [&](int r) { return src + sOff[r]; }, cs, valid_rows(r0, n), hd, mode);
 }
 
 // S (16 x 64) = q^ k^T for a warp's 16 rows, 3xTF32 (ROUNDED: see mma_into); the columns from
@@ -1308,18 +1427,22 @@ __device__ __forceinline__ void logits(float (&s)[8][4], const float* sQ, const 
   }
 }
 
-// How many of a tile's 64 rows starting at r0 are real (the rest pads a short group): the
-// products skip the 8-wide slices past them (a 16-token group runs 2 of 8).
-__device__ __forceinline__ int valid_rows(int64_t r0, int64_t n) {
-  return n - r0 < kTile ? static_cast<int>(n - r0) : kTile;
-}
-
 // STATS: the backward's preamble (the statistics, delta, and O when store_o), with O in fp32
 // accuracy (3xTF32 P V): delta = sum(dO * O) enters every dS, and d logit_scale weighs dS by
 // logits up to 100, so a 2^-11 error in O would show there.
+// Blocks per SM the forward's registers must allow: where an SM has 228 KB of shared memory
+// (sm_90, sm_100), the forward's 58 and 71 KB at HDP 48 and 64 allow 3, which registers beyond
+// 168 (ptxas takes up to 255 unbounded) would cut to 2. sm_80's 164 KB allow 2 anyway (and a
+// bound of 3 there spills), the 100 KB of sm_86/89/120 one.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDA_ARCH__ < 1200
+constexpr int fwd_min_blocks(int hdp) { return hdp == 48 || hdp == 64 ? 3 : 1; }
+#else
+constexpr int fwd_min_blocks(int) { return 1; }
+#endif
+
 template <typename T, int HDP, bool STATS>
-__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
-  constexpr bool F32 = std::is_same<T, float>::value || STATS;
+__global__ void __launch_bounds__(kThreads, fwd_min_blocks(HDP)) fwd_kernel(AttnParams p) {
+  constexpr bool F32 = !std::is_same<T, __nv_bfloat16>::value || STATS;  // 3xTF32 P V
   constexpr bool VX = !std::is_same<T, float>::value;  // v exact in TF32 (16-bit inputs)
   constexpr bool RN = !VX;  // fp32 inputs: rounded accumulation (mma_into)
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
@@ -1343,7 +1466,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(AttnParams p) {
   for (int64_t k0 = 0; k0 < n; k0 += kTile) {
     __syncthreads();  // the previous tile is consumed
     load_hat<HDP>(sK, p.kh + zh * n * HDP, k0, n);
-    load_rows<T, HDP, LV>(sV, static_cast<const T*>(p.v), p.sv, z, h, k0, n, p.hd);
+    load_rows<T, HDP, LV>(sV, static_cast<const T*>(p.v), p.sv, z, h, k0, n, p.hd, p.v_vec);
     __syncthreads();
     if (q0 + w >= n) continue;  // a warp of padding rows only: nothing to compute or store
     const int valid = valid_rows(k0, n);
@@ -1432,6 +1555,7 @@ template <typename T, int HDP>
 __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
   constexpr bool F32 = std::is_same<T, float>::value;  // also: rounded accumulation (mma_into)
   constexpr bool VX = !F32;  // v and d out exact in TF32 (16-bit inputs)
+  constexpr bool PRE = !std::is_same<T, __nv_bfloat16>::value;  // 3xTF32 dS, P products
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
   float* sQ = smem;
@@ -1445,7 +1569,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
   const int64_t zh = blockIdx.x, z = zh / p.heads, h = zh % p.heads, n = p.n;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * kRows;
   load_hat<HDP>(sQ, p.qh + zh * n * HDP, q0, n);
-  load_grad<T, HDP, LQ>(sdO, sOff, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd);
+  load_grad<T, HDP, LQ>(sdO, sOff, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd,
+                          p.dout_vec);
   float lse[2], delta[2];
   FD_UNROLL
   for (int j = 0; j < 2; ++j) {
@@ -1462,7 +1587,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
   for (int64_t k0 = 0; k0 < n; k0 += kTile) {
     __syncthreads();
     load_hat<HDP>(sK, p.kh + zh * n * HDP, k0, n);
-    load_rows<T, HDP, LV>(sV, static_cast<const T*>(p.v), p.sv, z, h, k0, n, p.hd);
+    load_rows<T, HDP, LV>(sV, static_cast<const T*>(p.v), p.sv, z, h, k0, n, p.hd, p.v_vec);
     __syncthreads();
     if (q0 + w >= n) continue;  // a warp of padding rows only
     const int valid = valid_rows(k0, n);
@@ -1504,10 +1629,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(AttnParams p) {
     FD_UNROLL
     for (int kk = 0; kk < kTile; kk += 8) {  // dq^ += dS k^
       if (kk >= valid) break;
-      const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
+      const auto a = a_frag<PRE>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        mma_into<F32>(dq[nt], a, b_frag<F32>(sK, LQ, kk, nt * 8, g, tig));
+        mma_into<F32>(dq[nt], a, b_frag<PRE>(sK, LQ, kk, nt * 8, g, tig));
       }
     }
     __syncwarp();
@@ -1531,6 +1656,7 @@ template <typename T, int HDP>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
   constexpr bool F32 = std::is_same<T, float>::value;  // also: rounded accumulation (mma_into)
   constexpr bool VX = !F32;  // v and d out exact in TF32 (16-bit inputs)
+  constexpr bool PRE = !std::is_same<T, __nv_bfloat16>::value;  // 3xTF32 dS, P products
   constexpr int LQ = row_stride(HDP), LV = v_stride(HDP), NT = HDP / 8;
   FD_DYNAMIC_SMEM(smem);
   float* sK = smem;  // this block's keys and values
@@ -1546,7 +1672,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
   const int64_t zh = blockIdx.x, z = zh / p.heads, h = zh % p.heads, n = p.n;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kRows;
   load_hat<HDP>(sK, p.kh + zh * n * HDP, k0, n);
-  load_rows<T, HDP, LV>(sV, static_cast<const T*>(p.v), p.sv, z, h, k0, n, p.hd);
+  load_rows<T, HDP, LV>(sV, static_cast<const T*>(p.v), p.sv, z, h, k0, n, p.hd, p.v_vec);
   float dk[NT][4], dv[NT][4];
   FD_UNROLL
   for (int nt = 0; nt < NT; ++nt) {
@@ -1556,7 +1682,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
   for (int64_t q0 = 0; q0 < n; q0 += kTile) {
     __syncthreads();
     load_hat<HDP>(sQ, p.qh + zh * n * HDP, q0, n);
-    load_grad<T, HDP, LQ>(sdO, sOff, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd);
+    load_grad<T, HDP, LQ>(sdO, sOff, static_cast<const T*>(p.dout), p.lo, z, h, q0, n, p.hd,
+                          p.dout_vec);
     for (int r = threadIdx.x; r < kTile; r += kThreads) {
       const bool ok = q0 + r < n;  // a padding query has P = 0: lse = +inf
       sLse[r] = ok ? p.lse[zh * n + q0 + r] : INFINITY;
@@ -1581,10 +1708,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
     FD_UNROLL
     for (int kk = 0; kk < kTile; kk += 8) {  // dv += P^T dO
       if (kk >= valid) break;
-      const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
+      const auto a = a_frag<PRE>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        mma_into<F32>(dv[nt], a, b_frag<F32, VX>(sdO, LQ, kk, nt * 8, g, tig));
+        mma_into<F32>(dv[nt], a, b_frag<PRE, VX>(sdO, LQ, kk, nt * 8, g, tig));
       }
     }
     FD_UNROLL
@@ -1615,10 +1742,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_kernel(AttnParams p) {
     FD_UNROLL
     for (int kk = 0; kk < kTile; kk += 8) {  // dk^ += dS^T q^
       if (kk >= valid) break;
-      const auto a = a_frag<F32>(sP, kPStride, 0, kk, g, tig);
+      const auto a = a_frag<PRE>(sP, kPStride, 0, kk, g, tig);
       FD_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        mma_into<F32>(dk[nt], a, b_frag<F32>(sQ, LQ, kk, nt * 8, g, tig));
+        mma_into<F32>(dk[nt], a, b_frag<PRE>(sQ, LQ, kk, nt * 8, g, tig));
       }
     }
     __syncwarp();
@@ -1692,14 +1819,37 @@ inline cudaError_t post_launch(const RowParams& p, int dtype, cudaStream_t strea
   });
 }
 
+// Whether rows of T whose offsets are multiples of `strides` from `base` (channels contiguous,
+// hd of them) read as whole, aligned 16-byte vectors of kDwVec<T> channels.
+template <typename T>
+bool vectors_fit(const void* base, int64_t hd, std::initializer_list<int64_t> strides) {
+  constexpr int64_t V = kDwVec<T>;
+  if (base == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || hd % V != 0) return false;
+  for (const int64_t s : strides) {
+    if (s % V != 0) return false;
+  }
+  return true;
+}
+
+// The tile loaders' vector flags of p for inputs of T (d out's only matters where its channel
+// stride is 1: the merge's s[1], else s[3]).
+template <typename T>
+void set_vectors(AttnParams& p) {
+  p.v_vec = vectors_fit<T>(p.v, p.hd, {p.sv[0], p.sv[1], p.sv[2]});
+  const int64_t* s = p.lo.s;
+  p.dout_vec = p.lo.merge ? vectors_fit<T>(p.dout, p.hd, {s[0], s[2], s[3]})
+                          : vectors_fit<T>(p.dout, p.hd, {s[0], s[1], s[2]});
+}
+
 // (group, head) problems on x (< 2^31), row blocks on y (< 2^16: n < 2^22).
 inline dim3 attn_grid(const AttnParams& p) {
   return dim3(static_cast<unsigned>(p.G * p.heads), static_cast<unsigned>((p.n + kRows - 1) / kRows));
 }
 
-inline cudaError_t fwd_launch(const AttnParams& p, int64_t hdp, int dtype, cudaStream_t stream) {
+inline cudaError_t fwd_launch(AttnParams p, int64_t hdp, int dtype, cudaStream_t stream) {
   return dispatch_dtype(dtype, "downsampled_attention_fwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
+    set_vectors<T>(p);
     return dispatch_hdp(hdp, [&](auto hdp_c) {
       constexpr int HDP = decltype(hdp_c)::value;
       const size_t smem = fwd_smem(HDP);
@@ -1712,9 +1862,10 @@ inline cudaError_t fwd_launch(const AttnParams& p, int64_t hdp, int dtype, cudaS
   });
 }
 
-inline cudaError_t bwd_launch(const AttnParams& p, int64_t hdp, int dtype, cudaStream_t stream) {
+inline cudaError_t bwd_launch(AttnParams p, int64_t hdp, int dtype, cudaStream_t stream) {
   return dispatch_dtype(dtype, "downsampled_attention_bwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
+    set_vectors<T>(p);
     return dispatch_hdp(hdp, [&](auto hdp_c) {
       constexpr int HDP = decltype(hdp_c)::value;
       const size_t smem = bwd_smem(HDP);

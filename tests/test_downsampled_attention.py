@@ -739,6 +739,7 @@ ATTENTION_CASES = [  # (G, heads, n, hd)
     (1, 2, 70, 48),  # U-DiT-B's; keys span two blocks
     (2, 1, 16, 96),  # U-DiT-L's
     (3, 2, 1, 8),  # one token per group
+    (2, 1, 70, 10),  # a head dim no 16-byte vector divides (the cuda tiles' element-wise reads)
 ]
 
 
@@ -769,18 +770,28 @@ def test_attention_strided_views_backends(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_attention_cotangent_whose_groups_do_not_merge(backend, monkeypatch):
-    """A (B, 4, heads, n, hd) cotangent whose (B, 4) dimensions cannot be viewed as one (a
-    transpose of them): the kernels must read it where it is. Same gradients, bitwise, as from
-    its contiguous copy (the cuda glue once read the original storage with the strides of that
-    copy: errors of 5 to 18)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cotangent", ["groups_do_not_merge", "channels_strided", "offset"])
+def test_attention_cotangent_layouts(backend, dtype, cotangent, monkeypatch):
+    """A (B, 4, heads, n, hd) cotangent laid out otherwise than q: the kernels must read it where
+    it is, and give the same gradients, bitwise, as from its contiguous copy. Its (B, 4)
+    dimensions transposed, so that they cannot be viewed as one (the cuda glue once read the
+    original storage with the strides of that copy: errors of 5 to 18); its channels strided
+    (the cuda tiles then read tokens first); or one element into a larger buffer (no 16-byte
+    vectors: element by element)."""
     device = _skip_unless(da._attention, backend, monkeypatch)
-    B, heads, n, hd = 2, 2, 16, 8
-    q, k, v = (t.to(device) for t in _qkv(B * 4, heads, n, hd, torch.float32))
+    B, heads, n, hd = 2, 2, 70, 8
+    q, k, v = (t.to(dtype).to(device) for t in _qkv(B * 4, heads, n, hd, torch.float32))
     q, k, v = (t.unflatten(0, (B, 4)) for t in (q, k, v))
-    ls = _logit_scale_for(heads, torch.float32, device)
-    grad = torch.randn(4, B, heads, n, hd, device=device).transpose(0, 1)
-    assert grad.reshape(-1, heads, n, hd).data_ptr() != grad.data_ptr()  # no view: a copy
+    ls = _logit_scale_for(heads, dtype, device)
+    if cotangent == "groups_do_not_merge":
+        grad = torch.randn(4, B, heads, n, hd, device=device).to(dtype).transpose(0, 1)
+        assert grad.reshape(-1, heads, n, hd).data_ptr() != grad.data_ptr()  # no view: a copy
+    elif cotangent == "channels_strided":
+        grad = torch.randn(B, 4, heads, hd, n, device=device).to(dtype).transpose(-1, -2)
+    else:
+        flat = torch.randn(B * 4 * heads * n * hd + 1, device=device).to(dtype)
+        grad = flat[1:].view(B, 4, heads, n, hd)
     inputs = [q, k, v, ls, True]
     got = da._attention._bwd(grad, *inputs, backend)
     assert da._attention.last_backward_backend == backend
@@ -813,6 +824,7 @@ LAYER_CASES = [  # (B, d, heads, H, W, ksize)
     (2, 48, 2, 8, 8, 5),  # head dim 24
     (1, 96, 2, 6, 10, 5),  # head dim 48, non-square
     (1, 96, 1, 4, 4, 3),  # head dim 96, a 3x3 depthwise conv
+    (1, 40, 2, 6, 6, 5),  # head dim 20: padded to 24, read element by element
 ]
 
 
