@@ -855,7 +855,7 @@ cudaError_t dwconv_split_dw_splits(int64_t B, int64_t d, int64_t H, int64_t W, i
 // One attention problem per (group z, head h): n tokens of head dim hd, q, k, v read in place
 // from the qkv projection (any strides, channels contiguous). Four kernels:
 //
-//   prep  one warp per row of q or of k: RoPE2D (fp32, rounded back to the dtype as the
+//   prep  16 or 32 lanes per row of q or of k: RoPE2D (fp32, rounded back to the dtype as the
 //         reference rounds it), the L2 normalisation and, for q, the clamped logit scale (or
 //         hd^-0.5 without cosine); writes q^ and k^ as fp32 rows of HDP >= hd channels (zero
 //         padded) to scratch. This is the "prologue on q and k": 2 x n x HDP x 4 bytes per
@@ -872,7 +872,7 @@ cudaError_t dwconv_split_dw_splits(int64_t B, int64_t d, int64_t H, int64_t W, i
 //         The dq kernel also writes, per query row, sum over keys of dS * logit (from the
 //         3xTF32 logits and the fp32 dS): the row's share of d logit_scale = d scale * scale,
 //         which Python sums in a fixed order.
-//   post  one warp per row: dq^, dk^ back through the scale, the normalisation and the
+//   post  16 or 32 lanes per row: dq^, dk^ back through the scale, the normalisation and the
 //         rotation into dq, dk (in place in the qkv gradient).
 //
 // Precision. The logits of cosine attention are up to 100 x (a cosine): one TF32 product
@@ -896,7 +896,7 @@ constexpr int kRows = 64;     // query (fwd, dq) or key (dkdv) rows per block: 4
 constexpr int kTile = 64;     // keys (fwd, dq) or queries (dkdv) per inner tile
 static_assert(kRows == kTile, "the tile loaders fill kRows-row tiles with kTile rows");
 constexpr int kThreads = 128;
-constexpr int kPrepThreads = 256;  // 8 rows (warps) per block in prep / post
+constexpr int kPrepThreads = 256;  // prep / post
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNormEps = 1e-12f;
 
@@ -1123,111 +1123,166 @@ __device__ __forceinline__ void rotate_pair(const RowParams& p, int64_t t, int64
   x1 = to_float(from_float<T>(r1));
 }
 
-// Row `row` of 2 G heads n: q rows first, then k rows. Pairs m = lane, lane + 32 (hd <= 128).
-template <typename T>
-__global__ void __launch_bounds__(kPrepThreads) prep_kernel(RowParams p) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kPrepThreads / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t rows = p.G * p.heads * p.n;
-  if (row >= 2 * rows) return;  // whole warps leave together
-  const bool is_q = row < rows;
-  const int64_t r = is_q ? row : row - rows;
-  const int64_t t = r % p.n, h = (r / p.n) % p.heads, z = r / (p.n * p.heads);
-  const int64_t* s = is_q ? p.sq : p.sk;
-  const T* src = static_cast<const T*>(is_q ? p.q : p.k) + z * s[0] + h * s[1] + t * s[2];
-  const int64_t half = p.hd / 2;
-  float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-  float ss = 0.f;
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = lane + 32 * i;
-    if (m < half) {
-      x[i][0] = to_float(src[2 * m]);
-      x[i][1] = to_float(src[2 * m + 1]);
-      rotate_pair<T>(p, t, m, x[i][0], x[i][1]);
-      ss += x[i][0] * x[i][0] + x[i][1] * x[i][1];
-    }
+// The rows of prep and post. A block owns kPrepTokens tokens (from blockIdx.y * kPrepTokens) of
+// one (group, head) problem zh = blockIdx.x, of q (blockIdx.z = 0) or of k (1): no division per
+// row. A row's channel pairs m < HDP / 2 go to a segment of S lanes (prep_segment: one pair a
+// lane, two above HDP 64), pairs s and s + S at lane s of the segment, so that a warp works on
+// 32 / S rows at once: two at U-DiT's head dim 24, where a warp a row left 20 lanes idle.
+constexpr int kPrepTokens = 64;
+static_assert(kPrepTokens >= kRows, "bindings.cpp bounds n by 65535 blocks of kRows: the grid's y");
+
+__host__ __device__ __forceinline__ int prep_segment(int64_t hdp) {
+  int seg = 1;
+  while (seg < hdp / 2 && seg < 32) seg *= 2;
+  return seg;
+}
+
+// Sum over this lane's segment of S lanes (a power of two; segments aligned); every lane of it
+// gets the same bits (the butterfly's additions commute). The whole warp calls it.
+__device__ __forceinline__ float segment_sum(float v, int seg) {
+  for (int offset = seg / 2; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
   }
-  float mul;
-  if (p.scale != nullptr) {
-    const float norm = fmaxf(sqrtf(warp_sum(ss)), kNormEps);
-    mul = (is_q ? p.scale[h] : 1.f) / norm;
-  } else {
-    mul = is_q ? 1.f / sqrtf(static_cast<float>(p.hd)) : 1.f;
-  }
-  float* dst = (is_q ? p.qh : p.kh) + r * p.hdp;
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = lane + 32 * i;
-    if (2 * m < p.hdp) {
-      dst[2 * m] = x[i][0] * mul;  // zero in the padding
-      dst[2 * m + 1] = x[i][1] * mul;
-    }
+  return v;
+}
+
+struct PrepRow {
+  bool is_q, valid;  // valid: the token is < n (the others only take part in the shuffles)
+  int64_t z, h, t, r;  // group, head, token; r: the row of q^ / k^ (zh * n + t)
+  int s, seg;          // the lane's place in its segment, the segment's size
+};
+
+// Calls f(row) for each row of the block, the whole warp together (uniform trip count).
+template <typename F>
+__device__ __forceinline__ void for_prep_rows(const RowParams& p, F&& f) {
+  PrepRow row;
+  row.seg = prep_segment(p.hdp);
+  row.is_q = blockIdx.z == 0;
+  const int64_t zh = blockIdx.x;
+  const unsigned heads = static_cast<unsigned>(p.heads);  // < 2^31, as G * heads
+  row.z = blockIdx.x / heads;  // 32-bit: no division subroutine
+  row.h = blockIdx.x % heads;
+  row.s = threadIdx.x % row.seg;
+  // 8 or 16 rows a pass (S = 32 or 16: HDP >= 24), which divide kPrepTokens: every lane of
+  // the block runs the same passes.
+  const int per_pass = kPrepThreads / row.seg;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kPrepTokens;
+  for (int k = static_cast<int>(threadIdx.x) / row.seg; k < kPrepTokens; k += per_pass) {
+    row.t = t0 + k;
+    row.valid = row.t < p.n;
+    row.r = zh * p.n + row.t;
+    f(row);
   }
 }
 
 template <typename T>
+__global__ void __launch_bounds__(kPrepThreads) prep_kernel(RowParams p) {
+  for_prep_rows(p, [&](const PrepRow w) {
+    const int64_t* s = w.is_q ? p.sq : p.sk;
+    const T* src =
+        static_cast<const T*>(w.is_q ? p.q : p.k) + w.z * s[0] + w.h * s[1] + w.t * s[2];
+    const int64_t half = p.hd / 2;
+    float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    float ss = 0.f;
+    FD_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int64_t m = w.s + w.seg * i;
+      if (w.valid && m < half) {
+        x[i][0] = to_float(src[2 * m]);
+        x[i][1] = to_float(src[2 * m + 1]);
+        rotate_pair<T>(p, w.t, m, x[i][0], x[i][1]);
+        ss += x[i][0] * x[i][0] + x[i][1] * x[i][1];
+      }
+    }
+    float mul;
+    if (p.scale != nullptr) {
+      const float norm = fmaxf(sqrtf(segment_sum(ss, w.seg)), kNormEps);
+      mul = (w.is_q ? p.scale[w.h] : 1.f) / norm;
+    } else {
+      mul = w.is_q ? 1.f / sqrtf(static_cast<float>(p.hd)) : 1.f;
+    }
+    if (!w.valid) return;
+    float* dst = (w.is_q ? p.qh : p.kh) + w.r * p.hdp;
+    FD_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int64_t m = w.s + w.seg * i;
+      if (2 * m < p.hdp) {
+        dst[2 * m] = x[i][0] * mul;  // zero in the padding
+        dst[2 * m + 1] = x[i][1] * mul;
+      }
+    }
+  });
+}
+
+template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) post_kernel(RowParams p) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kPrepThreads / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int64_t rows = p.G * p.heads * p.n;
-  if (row >= 2 * rows) return;
-  const bool is_q = row < rows;
-  const int64_t r = is_q ? row : row - rows;
-  const int64_t t = r % p.n, h = (r / p.n) % p.heads, z = r / (p.n * p.heads);
-  const int64_t* s = is_q ? p.sq : p.sk;
-  const T* src = static_cast<const T*>(is_q ? p.q : p.k) + z * s[0] + h * s[1] + t * s[2];
-  const float* grad = (is_q ? p.qh : p.kh) + r * p.hdp;  // dq^ or dk^
-  const int64_t half = p.hd / 2;
-  float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, d[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-  float ss = 0.f;
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = lane + 32 * i;
-    if (m < half) {
-      x[i][0] = to_float(src[2 * m]);
-      x[i][1] = to_float(src[2 * m + 1]);
-      rotate_pair<T>(p, t, m, x[i][0], x[i][1]);
-      ss += x[i][0] * x[i][0] + x[i][1] * x[i][1];
-      d[i][0] = grad[2 * m];
-      d[i][1] = grad[2 * m + 1];
-    }
-  }
-  if (p.scale != nullptr) {
-    // u = x / den, den = max(||x||, eps); q^ = scale u (q), k^ = u (k).
-    const float norm = sqrtf(warp_sum(ss));
-    const float den = fmaxf(norm, kNormEps);
-    const float mul = is_q ? p.scale[h] : 1.f;
-    float du_u = 0.f;
+  for_prep_rows(p, [&](const PrepRow w) {
+    const int64_t* s = w.is_q ? p.sq : p.sk;
+    const T* src =
+        static_cast<const T*>(w.is_q ? p.q : p.k) + w.z * s[0] + w.h * s[1] + w.t * s[2];
+    const float* grad = (w.is_q ? p.qh : p.kh) + w.r * p.hdp;  // dq^ or dk^
+    const int64_t half = p.hd / 2;
+    float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, d[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    float ss = 0.f;
+    FD_UNROLL
     for (int i = 0; i < 2; ++i) {
-      for (int j = 0; j < 2; ++j) {
-        d[i][j] *= mul;  // d u
-        du_u += d[i][j] * (x[i][j] / den);
+      const int64_t m = w.s + w.seg * i;
+      if (w.valid && m < half) {
+        x[i][0] = to_float(src[2 * m]);
+        x[i][1] = to_float(src[2 * m + 1]);
+        rotate_pair<T>(p, w.t, m, x[i][0], x[i][1]);
+        ss += x[i][0] * x[i][0] + x[i][1] * x[i][1];
+        d[i][0] = grad[2 * m];
+        d[i][1] = grad[2 * m + 1];
       }
     }
-    du_u = norm > kNormEps ? warp_sum(du_u) : 0.f;  // below eps den is a constant
-    for (int i = 0; i < 2; ++i) {
-      for (int j = 0; j < 2; ++j) d[i][j] = (d[i][j] - (x[i][j] / den) * du_u) / den;
-    }
-  } else if (is_q) {
-    const float mul = 1.f / sqrtf(static_cast<float>(p.hd));
-    for (int i = 0; i < 2; ++i) {
-      d[i][0] *= mul;
-      d[i][1] *= mul;
-    }
-  }
-  const int64_t* sd = is_q ? p.sdq : p.sdk;
-  T* dst = static_cast<T*>(is_q ? p.dq : p.dk) + z * sd[0] + h * sd[1] + t * sd[2];
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = lane + 32 * i;
-    if (m < half) {
-      float d0 = d[i][0], d1 = d[i][1];
-      if (p.table != nullptr) {  // the transposed rotation
-        const float c = p.table[t * half + m], sn = p.table[(p.n + t) * half + m];
-        d0 = d[i][0] * c + d[i][1] * sn;
-        d1 = d[i][1] * c - d[i][0] * sn;
+    if (p.scale != nullptr) {
+      // u = x / den, den = max(||x||, eps); q^ = scale u (q), k^ = u (k).
+      const float norm = sqrtf(segment_sum(ss, w.seg));
+      const float den = fmaxf(norm, kNormEps);
+      const float mul = w.is_q ? p.scale[w.h] : 1.f;
+      float du_u = 0.f;
+      FD_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        FD_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          d[i][j] *= mul;  // d u
+          du_u += d[i][j] * (x[i][j] / den);
+        }
       }
-      dst[2 * m] = from_float<T>(d0);
-      dst[2 * m + 1] = from_float<T>(d1);
+      du_u = segment_sum(du_u, w.seg);
+      if (!(norm > kNormEps)) du_u = 0.f;  // below eps den is a constant
+      FD_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        FD_UNROLL
+        for (int j = 0; j < 2; ++j) d[i][j] = (d[i][j] - (x[i][j] / den) * du_u) / den;
+      }
+    } else if (w.is_q) {
+      const float mul = 1.f / sqrtf(static_cast<float>(p.hd));
+      FD_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        d[i][0] *= mul;
+        d[i][1] *= mul;
+      }
     }
-  }
+    if (!w.valid) return;
+    const int64_t* sd = w.is_q ? p.sdq : p.sdk;
+    T* dst = static_cast<T*>(w.is_q ? p.dq : p.dk) + w.z * sd[0] + w.h * sd[1] + w.t * sd[2];
+    FD_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      const int64_t m = w.s + w.seg * i;
+      if (m < half) {
+        float d0 = d[i][0], d1 = d[i][1];
+        if (p.table != nullptr) {  // the transposed rotation
+          const float c = p.table[w.t * half + m], sn = p.table[(p.n + w.t) * half + m];
+          d0 = d[i][0] * c + d[i][1] * sn;
+          d1 = d[i][1] * c - d[i][0] * sn;
+        }
+        dst[2 * m] = from_float<T>(d0);
+        dst[2 * m + 1] = from_float<T>(d1);
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1797,14 +1852,16 @@ cudaError_t dispatch_hdp(int64_t hdp, F&& f) {
   }
 }
 
-inline dim3 row_grid(int64_t rows) {
-  return dim3(static_cast<unsigned>((rows + kPrepThreads / 32 - 1) / (kPrepThreads / 32)));
+// (group, head) problems on x (< 2^31), token blocks on y (n <= 65535 * kPrepTokens), q / k on z.
+inline dim3 row_grid(const RowParams& p) {
+  return dim3(static_cast<unsigned>(p.G * p.heads),
+              static_cast<unsigned>((p.n + kPrepTokens - 1) / kPrepTokens), 2);
 }
 
 inline cudaError_t prep_launch(const RowParams& p, int dtype, cudaStream_t stream) {
   return dispatch_dtype(dtype, "downsampled_attention_prep", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    FD_LAUNCH(prep_kernel<T>, row_grid(2 * p.G * p.heads * p.n), dim3(kPrepThreads), 0,
+    FD_LAUNCH(prep_kernel<T>, row_grid(p), dim3(kPrepThreads), 0,
               stream)(p);
     return cudaGetLastError();
   });
@@ -1813,7 +1870,7 @@ inline cudaError_t prep_launch(const RowParams& p, int dtype, cudaStream_t strea
 inline cudaError_t post_launch(const RowParams& p, int dtype, cudaStream_t stream) {
   return dispatch_dtype(dtype, "downsampled_attention_post", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    FD_LAUNCH(post_kernel<T>, row_grid(2 * p.G * p.heads * p.n), dim3(kPrepThreads), 0,
+    FD_LAUNCH(post_kernel<T>, row_grid(p), dim3(kPrepThreads), 0,
               stream)(p);
     return cudaGetLastError();
   });

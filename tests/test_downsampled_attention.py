@@ -757,6 +757,38 @@ def test_attention_backends(backend, dtype, cosine, G, heads, n, hd, monkeypatch
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_rows_of_zeros(backend, dtype, monkeypatch):
+    """A q row and a k row of zeros: normalize's clamp max(||u||, eps) holds there, so q^ is 0
+    and d q is d q^ * scale / eps (~1e13); the rows beside them (the cuda prologue and epilogue
+    take two rows a warp at this head dim) must not be touched by it. Zero rows and the others
+    are checked apart, each under the tolerance rule."""
+    device = _skip_unless(da._attention, backend, monkeypatch)
+    G, heads, n, hd = 2, 2, 20, 24
+    q, k, v = _qkv(G, heads, n, hd)
+    q[0, 1, 4] = 0  # rows 4 and 5 share a warp in the cuda prologue
+    k[1, 1, 7] = 0  # head 1: ~ln 10 (in head 0, clamped at ln 100, P of key 7 is ~e^-60)
+    q, k, v = (t.to(dtype).to(device) for t in (q, k, v))
+    ls = _logit_scale_for(heads, dtype, device)
+    inputs = [q, k, v, ls, True]
+    op = da._attention
+    got = op(*inputs, backend=backend)
+    as64 = [t.double() if isinstance(t, torch.Tensor) else t for t in inputs]
+    assert_close_to_reference(got, op.reference(*inputs), op.reference(*as64), "forward")
+    grad = torch.randn(got.shape, dtype=F64).to(dtype).to(device)
+    grads = op._bwd(grad, *inputs, backend)
+    eager = op._reference_backward([grad], inputs)
+    truth = op._reference_backward([grad.double()], as64)
+    for name, index, zero in (("q", 0, (0, 1, 4)), ("k", 1, (1, 1, 7))):
+        g, e, t = grads[index], eager[index], truth[index]
+        assert t[zero].abs().min() > 1e9, "the clamped row's gradient is d u / eps"
+        assert_close_to_reference(g[zero], e[zero], t[zero], f"d {name}, the row of zeros")
+        rest = torch.ones(g.shape[:-1], dtype=torch.bool, device=g.device)
+        rest[zero] = False
+        assert_close_to_reference(g[rest], e[rest], t[rest], f"d {name}, the other rows")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 def test_attention_strided_views_backends(backend, monkeypatch):
     """q, k, v as the layer makes them: head views of one (B, 4, n, 3d) projection."""
     device = _skip_unless(da._attention, backend, monkeypatch)
