@@ -1175,25 +1175,34 @@ __device__ __forceinline__ void for_prep_rows(const RowParams& p, F&& f) {
   }
 }
 
+// This lane's channel pairs (s and s + S of its segment) of row w of q or k, rotated as the
+// reference rotates them (zeros past hd / 2 and in a row past n); returns their share of the
+// row's squared norm.
+template <typename T>
+__device__ __forceinline__ float rotated_pairs(const RowParams& p, const PrepRow& w,
+                                               float (&x)[2][2]) {
+  const int64_t* s = w.is_q ? p.sq : p.sk;
+  const T* src = static_cast<const T*>(w.is_q ? p.q : p.k) + w.z * s[0] + w.h * s[1] + w.t * s[2];
+  float ss = 0.f;
+  FD_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    x[i][0] = x[i][1] = 0.f;
+    const int64_t m = w.s + w.seg * i;
+    if (w.valid && m < p.hd / 2) {
+      x[i][0] = to_float(src[2 * m]);
+      x[i][1] = to_float(src[2 * m + 1]);
+      rotate_pair<T>(p, w.t, m, x[i][0], x[i][1]);
+      ss += x[i][0] * x[i][0] + x[i][1] * x[i][1];
+    }
+  }
+  return ss;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) prep_kernel(RowParams p) {
   for_prep_rows(p, [&](const PrepRow w) {
-    const int64_t* s = w.is_q ? p.sq : p.sk;
-    const T* src =
-        static_cast<const T*>(w.is_q ? p.q : p.k) + w.z * s[0] + w.h * s[1] + w.t * s[2];
-    const int64_t half = p.hd / 2;
-    float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-    float ss = 0.f;
-    FD_UNROLL
-    for (int i = 0; i < 2; ++i) {
-      const int64_t m = w.s + w.seg * i;
-      if (w.valid && m < half) {
-        x[i][0] = to_float(src[2 * m]);
-        x[i][1] = to_float(src[2 * m + 1]);
-        rotate_pair<T>(p, w.t, m, x[i][0], x[i][1]);
-        ss += x[i][0] * x[i][0] + x[i][1] * x[i][1];
-      }
-    }
+    float x[2][2];
+    const float ss = rotated_pairs<T>(p, w, x);
     float mul;
     if (p.scale != nullptr) {
       const float norm = fmaxf(sqrtf(segment_sum(ss, w.seg)), kNormEps);
@@ -1217,21 +1226,14 @@ __global__ void __launch_bounds__(kPrepThreads) prep_kernel(RowParams p) {
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) post_kernel(RowParams p) {
   for_prep_rows(p, [&](const PrepRow w) {
-    const int64_t* s = w.is_q ? p.sq : p.sk;
-    const T* src =
-        static_cast<const T*>(w.is_q ? p.q : p.k) + w.z * s[0] + w.h * s[1] + w.t * s[2];
     const float* grad = (w.is_q ? p.qh : p.kh) + w.r * p.hdp;  // dq^ or dk^
     const int64_t half = p.hd / 2;
-    float x[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, d[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
-    float ss = 0.f;
+    float x[2][2], d[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    const float ss = rotated_pairs<T>(p, w, x);
     FD_UNROLL
     for (int i = 0; i < 2; ++i) {
       const int64_t m = w.s + w.seg * i;
       if (w.valid && m < half) {
-        x[i][0] = to_float(src[2 * m]);
-        x[i][1] = to_float(src[2 * m + 1]);
-        rotate_pair<T>(p, w.t, m, x[i][0], x[i][1]);
-        ss += x[i][0] * x[i][0] + x[i][1] * x[i][1];
         d[i][0] = grad[2 * m];
         d[i][1] = grad[2 * m + 1];
       }
