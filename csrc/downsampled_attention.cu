@@ -1883,7 +1883,7 @@ inline cudaError_t post_launch(const RowParams& p, int dtype, cudaStream_t strea
 template <typename T>
 bool vectors_fit(const void* base, int64_t hd, std::initializer_list<int64_t> strides) {
   constexpr int64_t V = kDwVec<T>;
-  if (base == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || hd % V != 0) return false;
+  if (base == nullptr || !is_aligned(base, 16) || hd % V != 0) return false;
   for (const int64_t s : strides) {
     if (s % V != 0) return false;
   }
