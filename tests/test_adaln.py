@@ -667,6 +667,50 @@ def test_triton_width_bound_holds_for_whole_rows_only():
         assert_close_to_reference(g, e, tr, f"D {d} d {name}")
 
 
+def test_triton_row_backward_launch(monkeypatch):
+    """The whole-row backward's launch: one row a step at 4 elements a thread (8 at D = 8192),
+    rows packed into one warp only below D = 128, and at most BWD_REGISTERS = 64 registers a
+    thread, so that 32 warps an SM are resident whatever the program's warps, as _splits plans
+    (the register counts: tests/test_triton_compile.py). Its gradients still match."""
+    device = _skip_unless("triton")
+    from fastdit.triton import adaln as T
+
+    assert T.BWD_REGISTERS == 64
+    shapes = {
+        32: (4, 32, 1),
+        96: (1, 128, 1),
+        100: (1, 128, 1),
+        768: (1, 1024, 8),
+        1152: (1, 2048, 16),
+        8192: (1, 8192, 32),
+    }  # (ROWS, BLOCK_D, num_warps)
+    for dim, shape in shapes.items():
+        assert T._launch_shape(1024, dim, backward=True) == shape, dim
+    assert T._launch_shape(2, 32, backward=True) == (2, 32, 1)  # no more rows than the sample's
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    kernel = T._bwd_kernel
+    monkeypatch.setattr(T, "_bwd_kernel", Spy())
+    op, inputs = _op_inputs("gated", (2, 5, 24), torch.float32, device)
+    grads = _cotangents(op, inputs)
+    got = _kernel_backward(op, "triton", grads, inputs)
+    assert [(k["maxnreg"], k["ROWS"], k["num_warps"]) for k in launches] == [(64, 4, 1)]
+    truth = op._reference_backward(
+        [g.double() for g in grads], [t.double() for t in inputs] + [1e-6]
+    )
+    eager = op._reference_backward(grads, [*inputs, 1e-6])
+    for name, g, e, tr in zip(("x", "y", "gate", "shift", "scale"), got, eager, truth):
+        assert_close_to_reference(g, e, tr, f"d {name}")
+
+
 def test_extension_validates_the_adaln_entries():
     """fastdit._C's new entries reject bad arguments naming the op (no GPU needed)."""
     from fastdit import _ext

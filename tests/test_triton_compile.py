@@ -28,10 +28,10 @@ LAYOUT = [(2, 16), (8, 256), (2, 32), (8, 512)]  # (p, K)
 # (head dim, tokens per group): U-DiT-S/B/L head dims (24, 48, 96) at 256 px stage shapes.
 ATTENTION = [(24, 256), (48, 64), (96, 16)]
 DWCONV = [96, 384, 1536]  # channels: U-DiT-S stage 1 to U-DiT-L stage 3
-# (tokens per sample, D) of the adaLN kernels: U-DiT-S stage 1, DiT-XL, U-DiT-L stage 3, and
+# (tokens per sample, D) of the adaLN kernels: U-DiT-S stage 1, DiT-B, DiT-XL, U-DiT-L stage 3, and
 # the widest the docs promise without spills; each in the token layout (channel stride 1: whole
 # rows) and channels-first (U-DiT's NCHW images: token tiles, channels in chunks).
-ADALN = [(1024, 96), (256, 1152), (64, 1536), (256, 4096)]
+ADALN = [(1024, 96), (256, 768), (256, 1152), (64, 1536), (256, 4096)]
 DTYPES = ["bf16", "fp32"]
 # Register spills known and accepted for now (each costs speed, not correctness; to tune with
 # a GPU): the attention kernels at head dim 96 (the (BM, hd) tiles of q's even and odd halves,
@@ -104,6 +104,8 @@ def _adaln_cases(dtype, branch=None, layouts=None):
                     rows, block_d, warps = T._launch_shape(length, dim, backward)
                     kernel = T._bwd_kernel if backward else T._fwd_kernel
                     tiles = dict(ROWS=rows, BLOCK_D=block_d)
+                    if backward:  # as the launcher caps it
+                        tiles.update(maxnreg=T.BWD_REGISTERS)
                 else:  # runs of 64 bytes, and of 32 for U-DiT-L's last stage (few tiles)
                     tokens = T.CF_RUN_BYTES // elem // (2 if dim == 1536 else 1)
                     chunk, warps = T._cf_shape(tokens, dim, backward)
@@ -187,6 +189,7 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict) -> dict:
 
     constexprs = dict(constexprs)
     warps = constexprs.pop("num_warps")
+    maxnreg = constexprs.pop("maxnreg", None)
     values = constexprs.pop("values", None)
     aligned = values is not None
     values = {k: v for k, v in (values or {}).items() if k in kernel.arg_names}
@@ -206,7 +209,7 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict) -> dict:
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps},
+        options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})},
     )
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -271,6 +274,16 @@ def test_every_kernel_compiles_for_sm90_without_spills(usage):
         if (u["spill stores"] or u["LOCAL"]) and not KNOWN_SPILLS.match(n)
     }  # fmt: skip
     assert not spilled, spilled
+
+
+def test_adaln_row_backward_keeps_32_warps_an_sm(usage):
+    """The whole-row backward holds 32 warps an SM at every width and dtype (64 registers a
+    thread at most: the count its splits plan for, fastdit/triton/adaln.py _splits); a tile of
+    several rows took 76-86 at DiT-B's width, one program of 16 warps an SM."""
+    rows = {n: u for n, u in usage.items() if n.startswith("adaln bwd") and " tokens " in n}
+    assert len(rows) == 2 * len(ADALN) * (len(DTYPES) + 1)
+    over = {n: u["REG"] for n, u in rows.items() if u["REG"] > 65536 // (32 * 32)}
+    assert not over, over
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ the shape and the GPU's SM count, so two runs on the same GPU give bitwise-equal
 Verified here without a GPU: results under TRITON_INTERPRET=1 (tests/test_adaln.py), and
 compilation for sm_90 with Triton's bundled ptxas, specialised as the launcher specialises
 (tests/test_triton_compile.py; registers per thread at the DiT and U-DiT widths): whole rows
-32-55 forward, 40-72 backward, no spills up to D = 4096 but 2 stores in the gated backward at
-4096; channels-first 48-128, no spills at any D.
+32-55 forward, backward capped at 64 (BWD_REGISTERS: 32 warps an SM), no spills up to
+D = 4096 but 2 stores in the gated backward at 4096 (and 2 outside the row loop in float32 at
+D = 192); channels-first 48-128, no spills at any D.
 
 Expected on an H100 (HBM3 3.35 TB/s; a device-to-device copy measures about 2.6-3.0 TB/s), not
 measured yet: forward 85-90 % of the copy bandwidth at the DiT-XL/2 and channels-last U-DiT
@@ -615,19 +616,28 @@ def supports_gated(
 supports = supports_modulate  # the name the first registration used
 
 
+# Registers a thread of the whole-row backward may use (Triton's maxnreg): 32 resident warps
+# an SM (65536 / (32 * 32)) whatever the warps of a program, the count _splits plans for.
+BWD_REGISTERS = 64
+
+
 def _launch_shape(length: int, dim: int, backward: bool) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) of a tile of whole rows (tokens and channels-last; register
     use checked by compiling for sm_90 with the bundled ptxas, tests/test_triton_compile.py: no
     spills up to D = 4096 but 2 stores in the gated backward at 4096).
 
     Forward: about 4096 elements, 16 per thread. Backward (four row tensors live at once, and
-    three column-sum tiles): about 2048 elements, 4 per thread (8 at D = 8192)."""
+    three column-sum tiles): one row a step at 4 elements a thread (8 at D = 8192), rows
+    packed into one warp only below D = 128. One row costs 50-72 registers a thread and keeps
+    its reductions to the fewest warps; a (ROWS, BLOCK_D) tile of several rows costs 76-86 at
+    the same 4 elements a thread, which at 16 warps leaves one program (16 warps) an SM where
+    the register file holds 32 (DiT-B and DiT-L widths, sm_90 ptxas)."""
     block_d = triton.next_power_of_2(dim)
     if not backward:
         rows = min(max(1, min(64, 4096 // block_d)), triton.next_power_of_2(length))
         return rows, block_d, max(1, min(16, rows * block_d // 512))
-    rows = min(max(1, min(32, 2048 // block_d)), triton.next_power_of_2(length))
-    return rows, block_d, max(1, min(32, rows * block_d // 128))
+    rows = min(max(1, 128 // block_d), triton.next_power_of_2(length))
+    return rows, block_d, max(1, min(32, block_d // 128))
 
 
 CF_RUN_BYTES = 64  # bytes of each channel plane a channels-first tile reads: two 32-byte sectors
@@ -671,8 +681,8 @@ def _splits(
     batch: int, length: int, rows: int, warps: int, device: torch.device
 ) -> tuple[int, int]:
     """(splits, rows_per_split): each sample's rows cut into ``splits`` programs whose B *
-    splits programs fill their waves best (wave_splits; about 32 resident warps per SM: the
-    backward uses 64-128 registers a thread), each with at least MIN_SPLIT_ROWS rows. On the
+    splits programs fill their waves best (wave_splits; 32 resident warps per SM: the backward
+    is capped at BWD_REGISTERS), each with at least MIN_SPLIT_ROWS rows. On the
     CPU (the interpreter): 4 program slots, at least 2 rows each, so that the tests see several
     splits."""
     if device.type == "cuda":
@@ -801,7 +811,7 @@ def _backward(x, y, gate, shift, scale, dr, dh, eps):
             _bwd_kernel[(batch, splits)](
                 *args, part, length, dim, rows_per_split, splits, plane, *strides,
                 GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=_RTNE_BF16,
-                WIDE=_wide(rows, block_d, tensors), num_warps=warps,
+                WIDE=_wide(rows, block_d, tensors), num_warps=warps, maxnreg=BWD_REGISTERS,
             )  # fmt: skip
         block, step = _sum_shape(dim, splits)
         outs = grads + [grads[0]] * (3 - planes)
