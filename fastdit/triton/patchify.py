@@ -1,12 +1,13 @@
 """Triton kernels of the patchify family (reference and formulas: fastdit/ops/patchify.py).
 
-Every kernel addresses the image through one map, :func:`_pixel_offsets`: token ``t`` (flat
-over the B * N tokens, row-major over the h x w patch grid) and token component ``k`` (order
-"cpq" or "pqc") name the pixel ``x[b, c, i*p + a, j*p + q]``; the image may have any strides
-(channels-first, channels-last, views). Nothing is copied to change a layout: the kernels read
-and write the tensors where they lie. The kernels that know their sample b (the embedding's d
-weight, all of the final layer's) take the map's part inside one sample, :func:`_patch_offsets`
-(32-bit divisions), and add b times the sample stride. At DiT-XL/2, bf16, sm_90, as launched:
+The kernels address the image through one map: token ``t`` (flat over the B * N tokens,
+row-major over the h x w patch grid) and token component ``k`` (order "cpq" or "pqc") name the
+pixel ``x[b, c, i*p + a, j*p + q]``; the image may have any strides (channels-first,
+channels-last, views). Nothing is copied to change a layout: the kernels read and write the
+tensors where they lie. Kernels whose token tiles may span samples take the map whole,
+:func:`_pixel_offsets`; those that know their sample b (the embedding's d weight, all of the
+final layer's) take its part inside one sample, :func:`_patch_offsets` (32-bit divisions), and
+add b times the sample stride. At DiT-XL/2, bf16, sm_90, as launched:
 the embedding's d weight loop went from 191 instructions a sample, with 64-bit t // N and a
 call to the slow division path, to 127 with neither; the final layer's d x loops from 286-573
 to 197-492 instructions, 128 registers to 80.
@@ -241,7 +242,7 @@ def _embed_params_kernel(
     dw = tl.zeros([BK, BD], dtype=tl.float32)
     start = sn * tokens_per_split
     end = tl.minimum(start + tokens_per_split, N)
-    b_start = sb * samples_per_split  # b * N may pass 2^31: 64-bit
+    b_start = sb * samples_per_split  # 64-bit: b * sx_b and b * sg_b may pass 2^31
     b_end = tl.minimum(b_start + samples_per_split, B)
     n0 = start
     while n0 < end:
