@@ -368,3 +368,57 @@ def test_results_name_the_commit_sent_where_the_tree_has_no_git(monkeypatch):
     assert common.header(torch.device("cpu"))["commit"] == "0123abc"
     monkeypatch.delenv("FASTDIT_COMMIT")
     assert common._git_commit() == "unknown"
+
+
+def test_targets_read_the_suites_results(tmp_path):
+    """bench/targets.py on files written by common.write_results: a target met, one missed
+    (its worst row named), a backward share derived from the fwd and fwd+bwd rows, the dtype
+    filter, baselines and cases not run left out, a suite with no file not measured."""
+    import targets
+
+    def row(bench, backend, t, gbps=None, of=None, eager=None, comp=None, dtype="bfloat16"):
+        return common.Row(bench, "DiT-XL/2 B256", dtype, backend, t, gbps=gbps, of_limit=of,
+                          vs_eager=eager, vs_compile=comp)  # fmt: skip
+
+    copy = common.Limits("GPU", 3000.0)
+    adaln = [
+        row("gated_adaln fwd", "eager", 1000.0, 600.0, 0.2, 1.0, 0.5),
+        row("gated_adaln fwd", "cuda", 100.0, 2700.0, 0.9, 10.0, 4.0),
+        row("gated_adaln fwd", "triton", 120.0, 2250.0, 0.75, 8.0, 3.0),
+        # fwd+bwd (cuda): the forward's 270 MB in 100 us, then 360 MB in 150 us (2400 GB/s)
+        row("gated_adaln fwd+bwd", "cuda", 250.0, (270e3 + 360e3) / 250, None, 3.5, 1.1),
+        row("gated_adaln fwd+bwd", "triton", float("nan")),  # failed: not measured
+        row("adaln_modulate fwd", "cuda, triton", float("nan")),  # a case not run
+    ]
+    common.write_results(tmp_path, "adaln", adaln, copy, {"device": "H100", "commit": "abc"})
+    downs = [
+        row("downsampled_attention fwd", "cuda", 10.0, eager=2.5, comp=1.4),
+        row("downsampled_attention fwd", "cuda", 10.0, eager=1.0, comp=0.5, dtype="float32"),
+    ]
+    common.write_results(tmp_path, "downsampled_attention", downs, copy, {})
+
+    verdicts = {(v.target.what, v.backend): v for v in targets.check(tmp_path)}
+    fwd = verdicts[("adaln forward: >= 85 % of the copy bandwidth", "cuda")]
+    assert (fwd.status, fwd.met, fwd.measured) == ("met", 1, 1)
+    fwd = verdicts[("adaln forward: >= 85 % of the copy bandwidth", "triton")]
+    assert (fwd.status, fwd.worst["of_limit"]) == ("MISSED", 0.75)
+    assert not any(b in ("eager", "cuda, triton") for _, b in verdicts)
+    bwd = verdicts[("adaln backward: >= 70 % of the copy bandwidth", "cuda")]
+    assert bwd.status == "met"
+    assert abs(bwd.worst["bwd_share"] - 0.8) < 1e-9  # 2400 GB/s of 3000 over the 150 us
+    assert verdicts[("adaln backward: >= 70 % of the copy bandwidth", "triton")].not_measured == 1
+    step = verdicts[("gated_adaln (the block step): >= 1.2x torch.compile", "cuda")]
+    assert (step.status, step.met, step.measured, step.worst["vs_compile"]) == ("MISSED", 1, 2, 1.1)
+    eager = verdicts[("downsampled_attention layer, bf16: >= 2x eager", "cuda")]
+    assert (eager.status, eager.measured) == ("met", 1)  # the float32 row is not a bf16 target's
+    models = [v for (what, _), v in verdicts.items() if what.startswith("U-DiT-L")]
+    assert [(v.backend, v.status) for v in models] == [("(none)", "not measured")]
+
+    assert targets.main([str(tmp_path)]) == 0
+    text = (tmp_path / "targets.md").read_text()
+    assert "- device: H100" in text and "- commit: abc" in text
+    assert (
+        "| 4 | gated_adaln (the block step): >= 1.2x torch.compile | cuda | MISSED | 1 / 2 "
+        "| 1.10x: gated_adaln fwd+bwd, DiT-XL/2 B256, bfloat16 |" in text
+    )
+    assert targets.main([str(tmp_path / "missing")]) == 2
