@@ -21,7 +21,6 @@ import csv
 import math
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +110,8 @@ def is_kernel(backend: str) -> bool:
 
 def backward_rows(rows: list[dict], copy_gbps: float) -> list[dict]:
     """One derived row per (bench, shape, dtype, backend) with both a fwd and a fwd+bwd row:
-    bench "<name> bwd", bwd_share its share of the copy bandwidth (NaN if either row is not
-    measured, or the fwd+bwd row is not the slower)."""
+    bench "<name>" (neither suffix), time_us the backward's, bwd_share its share of the copy
+    bandwidth (NaN if either row is not measured, or the fwd+bwd row is not the slower)."""
     fwd = {(r["bench"].removesuffix(" fwd"), r["shape"], r["dtype"], r["backend"]): r
            for r in rows if r["bench"].endswith(" fwd")}  # fmt: skip
     out = []
@@ -149,10 +148,8 @@ class Verdict:
 def check(folder: Path) -> list[Verdict]:
     """Every target's verdict, per kernel backend found in its rows."""
     verdicts = []
-    suites: dict[str, tuple[list[dict], float]] = {}
+    suites = {name: read_suite(folder, name) for name in {t.suite for t in TARGETS}}
     for target in TARGETS:
-        if target.suite not in suites:
-            suites[target.suite] = read_suite(folder, target.suite)
         rows, copy_gbps = suites[target.suite]
         if target.metric == "bwd_share":
             rows = backward_rows(rows, copy_gbps)
@@ -168,10 +165,8 @@ def check(folder: Path) -> list[Verdict]:
     return verdicts
 
 
-def _value(metric: str) -> Callable[[float], str]:
-    if metric in ("of_limit", "bwd_share"):
-        return lambda v: f"{v:.0%}"
-    return lambda v: f"{v:.2f}x"
+def _format(metric: str, value: float) -> str:
+    return f"{value:.0%}" if metric in ("of_limit", "bwd_share") else f"{value:.2f}x"
 
 
 def render(verdicts: list[Verdict], head: str = "") -> str:
@@ -190,7 +185,7 @@ def render(verdicts: list[Verdict], head: str = "") -> str:
         worst = ""
         if v.worst is not None:
             r = v.worst
-            worst = f"{_value(t.metric)(r[t.metric])}: {r['bench']}, {r['shape']}, {r['dtype']}"
+            worst = f"{_format(t.metric, r[t.metric])}: {r['bench']}, {r['shape']}, {r['dtype']}"
         lines.append(
             f"| {t.issue} | {t.what} | {v.backend} | {v.status} | {v.met} / {v.measured} "
             f"| {worst} | {v.not_measured} |"

@@ -108,8 +108,8 @@ def _adaln_cases(dtype, branch=None, layouts=None):
                     rows, block_d, warps = T._launch_shape(length, dim, backward)
                     kernel = T._bwd_kernel if backward else T._fwd_kernel
                     tiles = dict(ROWS=rows, BLOCK_D=block_d)
-                    if backward:  # as the launcher caps it (on an NVIDIA GPU)
-                        tiles.update(maxnreg=T.BWD_REGISTERS)
+                    if backward:  # the launcher's options (maxnreg)
+                        tiles.update(T._bwd_options())
                 else:  # runs of 64 bytes, and of 32 for U-DiT-L's last stage (few tiles)
                     tokens = T.CF_RUN_BYTES // elem // (2 if dim == 1536 else 1)
                     chunk, warps = T._cf_shape(tokens, dim, backward)
@@ -192,8 +192,9 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict) -> dict:
     from triton.compiler import ASTSource
 
     constexprs = dict(constexprs)
-    warps = constexprs.pop("num_warps")
-    maxnreg = constexprs.pop("maxnreg", None)
+    options = {"num_warps": constexprs.pop("num_warps")}
+    if "maxnreg" in constexprs:
+        options["maxnreg"] = constexprs.pop("maxnreg")
     values = constexprs.pop("values", None)
     aligned = values is not None
     values = {k: v for k, v in (values or {}).items() if k in kernel.arg_names}
@@ -213,7 +214,7 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict) -> dict:
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})},
+        options=options,
     )
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
