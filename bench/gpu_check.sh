@@ -133,11 +133,12 @@ run_test_file() {
 }
 
 if [ "$PART" != bench ]; then
-  # The CPU-only checks (the CUDA emulator's tests, compile-and-count-spills, the sanitizers)
-  # ran in CI; here the kernels run for real. TEST_JOBS (6) files at a time, all within
-  # TEST_TIMEOUT. TEST_FILES="tests/a.py tests/b.py" runs only those;
-  # SANITIZER=memcheck (or racecheck, initcheck, synccheck) runs them under compute-sanitizer
-  # (many times slower: pick a few files), a report failing the file.
+  # The CPU-only checks (the CUDA emulator's tests, compile-and-count-spills, Triton's kernels
+  # compiled for sm_90 and their resources counted, the sanitizers) ran in CI; here the kernels
+  # run for real. TEST_JOBS (6) files at a time, all within TEST_TIMEOUT.
+  # TEST_FILES="tests/a.py tests/b.py" runs only those; SANITIZER=memcheck (or racecheck,
+  # initcheck, synccheck) runs them under compute-sanitizer (many times slower: pick a few
+  # files), a report failing the file.
   step "tests (Triton compiled for the GPU; the CPU emulator's tests left to CI; ${TEST_TIMEOUT} s)"
   rm -rf "$OUT/tests"; mkdir -p "$OUT/tests"
   export -f run_test_file
@@ -149,7 +150,7 @@ if [ "$PART" != bench ]; then
   gpu_files=$(grep -l "pytest.mark.gpu" tests/test_*.py)
   { if [ -n "${TEST_FILES:-}" ]; then printf '%s\n' $TEST_FILES
     else ls -S $gpu_files; ls -S tests/test_*.py | grep -vxF "$gpu_files"; fi; } \
-    | grep -v -e test_adaln_cuda_emu -e test_sanitized \
+    | grep -v -e test_adaln_cuda_emu -e test_sanitized -e test_triton_compile \
     | xargs -P "${TEST_JOBS:-6}" -I{} bash -c 'run_test_file {}' | tee "$OUT/tests.txt"
   [ "${PIPESTATUS[2]}" -eq 0 ] || status=1
   cat "$OUT"/tests/*.failures.txt 2>/dev/null | head -n 200
