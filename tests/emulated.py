@@ -29,6 +29,17 @@ SANITIZE = ["-g", "-fsanitize=address,alignment", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer"]  # fmt: skip
 
 
+def _poison_locals(cxx: str) -> list[str]:
+    """The flag that fills every automatic variable of the kernels with a byte pattern (GCC 12+,
+    Clang 8+), so that a read of a register no code wrote gives a wrong result here, as garbage
+    would on a GPU; empty where the compiler lacks it."""
+    flag = "-ftrivial-auto-var-init=pattern"
+    probe = subprocess.run(
+        [cxx, flag, "-x", "c++", "-fsyntax-only", "-"], input="", capture_output=True, text=True
+    )
+    return [flag] if probe.returncode == 0 else []
+
+
 def _cuda_include() -> Path | None:
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -40,6 +51,21 @@ def _cuda_include() -> Path | None:
         if (candidate / "cuda_fp16.h").exists():
             return candidate
     return None
+
+
+def build_program(source: str, exe: Path) -> Path:
+    """A stand-alone C++ program compiled against emulate.h as the modules are (for the
+    emulator's own tests); skips the calling test where the emulation cannot be built."""
+    cxx, include = shutil.which("g++") or shutil.which("c++"), _cuda_include()
+    if cxx is None or include is None or sys.platform != "linux":
+        pytest.skip("the CPU emulation needs Linux, a C++17 compiler and the CUDA headers")
+    path = exe.with_suffix(".cpp")
+    path.write_text(source)
+    cmd = [cxx, "-std=c++17", "-O1", "-DFASTDIT_EMULATE", "-include", str(EMU / "emulate.h"),
+           f"-I{include}", "-w", *_poison_locals(cxx), str(path), "-o", str(exe)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return exe
 
 
 def build(family: str):
@@ -58,7 +84,8 @@ def build(family: str):
     for path in (REPO / "csrc" / f"{family}.cu", REPO / "csrc" / "common.cuh", emulate, module):
         digest.update(path.read_bytes())
     sanitize = SANITIZE if os.environ.get("FASTDIT_EMU_SANITIZE") == "1" else []
-    digest.update(f"{cxx} {include} {sys.version} {sanitize}".encode())
+    flags = [*_poison_locals(cxx), *sanitize]
+    digest.update(f"{cxx} {include} {sys.version} {flags}".encode())
     out_dir = REPO / "build" / "cuda_emu" / digest.hexdigest()[:16]
     target = out_dir / (name + sysconfig.get_config_var("EXT_SUFFIX"))
     if not target.exists():
@@ -67,7 +94,7 @@ def build(family: str):
         cmd = [
             cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-DFASTDIT_EMULATE",
             "-include", str(emulate), f"-I{include}", f"-I{pybind11.get_include()}",
-            f"-I{sysconfig.get_paths()['include']}", "-w", *sanitize, str(module), "-o", str(tmp),
+            f"-I{sysconfig.get_paths()['include']}", "-w", *flags, str(module), "-o", str(tmp),
         ]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-4000:]

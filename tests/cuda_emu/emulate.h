@@ -10,7 +10,9 @@
 // which the fibers run between barriers is forward, reverse or random (EMU_ORDER=fwd|rev|rand,
 // default rand with a fixed seed), so that a missing barrier shows up as a wrong result. Blocks
 // run one after another in the same kinds of order. Dynamic shared memory is filled with 0xFF
-// bytes (NaN floats) before each launch, so reading what no thread wrote shows up too.
+// bytes (NaN floats) before each block, so reading what no thread of the block wrote shows up
+// too; so does reading an automatic variable no code wrote, where the compiler can fill them
+// (tests/emulated.py builds with -ftrivial-auto-var-init=pattern).
 //
 // Launches are checked as the CUDA runtime checks them (grid and block limits, dynamic shared
 // memory over 48 KB only after cudaFuncSetAttribute), and the launchers' runtime queries
@@ -218,6 +220,15 @@ inline void check_launch(const void* kernel, dim3 grid, dim3 block, size_t smem)
   }
 }
 
+// A block starts with 0xFF bytes (NaN floats) in its dynamic shared memory, whatever the block
+// before it left there: a read of what no thread of the block wrote shows up as a wrong result,
+// not as the previous block's data. (Static __shared__ arrays are plain static variables, zeros
+// at first and then what the last block left: GCC places a template's static variables where
+// it likes, so the emulator cannot find them to refill.)
+inline void poison_shared(size_t dynamic_bytes) {
+  std::memset(em().dynamic.get(), 0xFF, dynamic_bytes);
+}
+
 template <typename K>
 struct Launch {
   K kernel;
@@ -230,9 +241,8 @@ struct Launch {
     e.grid = grid;
     e.block = block;
     // Exactly `smem` bytes (16-byte aligned, as the hardware aligns it at least), so that a
-    // sanitizer sees an access past the end; 0xFF bytes read as NaN where nothing was written.
+    // sanitizer sees an access past the end.
     e.dynamic.reset(static_cast<char*>(::operator new(smem ? smem : 1, std::align_val_t(16))));
-    std::memset(e.dynamic.get(), 0xFF, smem);
     const long blocks = static_cast<long>(grid.x) * grid.y * grid.z;
     std::vector<long> order(blocks);
     for (long i = 0; i < blocks; ++i) order[i] = i;
@@ -243,6 +253,7 @@ struct Launch {
                                static_cast<unsigned>((id / grid.x) % grid.y),
                                static_cast<unsigned>(id / (static_cast<long>(grid.x) * grid.y)));
       e.body = [&]() { kernel(args...); };
+      poison_shared(smem);
       run_block(static_cast<int>(block.x * block.y * block.z));
     }
   }
