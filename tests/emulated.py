@@ -7,6 +7,7 @@ spills), which needs nvcc but no GPU."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -29,7 +30,8 @@ SANITIZE = ["-g", "-fsanitize=address,alignment", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer"]  # fmt: skip
 
 
-def _poison_locals(cxx: str) -> list[str]:
+@functools.cache
+def poison_locals(cxx: str) -> tuple[str, ...]:
     """The flag that fills every automatic variable of the kernels with a byte pattern (GCC 12+,
     Clang 8+), so that a read of a register no code wrote gives a wrong result here, as garbage
     would on a GPU; empty where the compiler lacks it."""
@@ -37,7 +39,7 @@ def _poison_locals(cxx: str) -> list[str]:
     probe = subprocess.run(
         [cxx, flag, "-x", "c++", "-fsyntax-only", "-"], input="", capture_output=True, text=True
     )
-    return [flag] if probe.returncode == 0 else []
+    return (flag,) if probe.returncode == 0 else ()
 
 
 def _cuda_include() -> Path | None:
@@ -62,7 +64,7 @@ def build_program(source: str, exe: Path) -> Path:
     path = exe.with_suffix(".cpp")
     path.write_text(source)
     cmd = [cxx, "-std=c++17", "-O1", "-DFASTDIT_EMULATE", "-include", str(EMU / "emulate.h"),
-           f"-I{include}", "-w", *_poison_locals(cxx), str(path), "-o", str(exe)]  # fmt: skip
+           f"-I{include}", "-w", *poison_locals(cxx), str(path), "-o", str(exe)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return exe
@@ -84,7 +86,7 @@ def build(family: str):
     for path in (REPO / "csrc" / f"{family}.cu", REPO / "csrc" / "common.cuh", emulate, module):
         digest.update(path.read_bytes())
     sanitize = SANITIZE if os.environ.get("FASTDIT_EMU_SANITIZE") == "1" else []
-    flags = [*_poison_locals(cxx), *sanitize]
+    flags = [*poison_locals(cxx), *sanitize]
     digest.update(f"{cxx} {include} {sys.version} {flags}".encode())
     out_dir = REPO / "build" / "cuda_emu" / digest.hexdigest()[:16]
     target = out_dir / (name + sysconfig.get_config_var("EXT_SUFFIX"))

@@ -49,7 +49,7 @@ def test_an_unwritten_local_reads_a_pattern_not_zero(tmp_path):
     a kernel that reads a register before writing it gets garbage here as on a GPU."""
     import shutil
 
-    if not emulated._poison_locals(shutil.which("g++") or shutil.which("c++") or "c++"):
+    if not emulated.poison_locals(shutil.which("g++") or shutil.which("c++") or "c++"):
         pytest.skip("the compiler cannot fill automatic variables")
     source = """
         __attribute__((noinline)) float partial(int n, const float* x) {
