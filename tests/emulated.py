@@ -55,16 +55,25 @@ def _cuda_include() -> Path | None:
     return None
 
 
+def compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def _command(cxx: str, include: Path, *extra: str) -> list[str]:
+    """g++ compiling C++ against emulate.h, with the flags every emulated build shares."""
+    return [cxx, "-std=c++17", "-O1", "-DFASTDIT_EMULATE", "-include", str(EMU / "emulate.h"),
+            f"-I{include}", "-w", *poison_locals(cxx), *extra]  # fmt: skip
+
+
 def build_program(source: str, exe: Path) -> Path:
     """A stand-alone C++ program compiled against emulate.h as the modules are (for the
     emulator's own tests); skips the calling test where the emulation cannot be built."""
-    cxx, include = shutil.which("g++") or shutil.which("c++"), _cuda_include()
+    cxx, include = compiler(), _cuda_include()
     if cxx is None or include is None or sys.platform != "linux":
         pytest.skip("the CPU emulation needs Linux, a C++17 compiler and the CUDA headers")
     path = exe.with_suffix(".cpp")
     path.write_text(source)
-    cmd = [cxx, "-std=c++17", "-O1", "-DFASTDIT_EMULATE", "-include", str(EMU / "emulate.h"),
-           f"-I{include}", "-w", *poison_locals(cxx), str(path), "-o", str(exe)]  # fmt: skip
+    cmd = _command(cxx, include, str(path), "-o", str(exe))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return exe
@@ -73,7 +82,7 @@ def build_program(source: str, exe: Path) -> Path:
 def build(family: str):
     """csrc/<family>.cu with tests/cuda_emu/<family>_module.cpp as the module <family>_emu;
     skips the calling test where the emulation cannot be built."""
-    cxx, include = shutil.which("g++") or shutil.which("c++"), _cuda_include()
+    cxx, include = compiler(), _cuda_include()
     try:
         import pybind11
     except ImportError:
@@ -93,11 +102,10 @@ def build(family: str):
     if not target.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [
-            cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-DFASTDIT_EMULATE",
-            "-include", str(emulate), f"-I{include}", f"-I{pybind11.get_include()}",
-            f"-I{sysconfig.get_paths()['include']}", "-w", *flags, str(module), "-o", str(tmp),
-        ]  # fmt: skip
+        cmd = _command(
+            cxx, include, "-shared", "-fPIC", f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}", *sanitize, str(module), "-o", str(tmp),
+        )  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-4000:]
         os.replace(tmp, target)

@@ -47,9 +47,8 @@ def test_each_block_starts_with_nan_in_dynamic_shared_memory(tmp_path):
 def test_an_unwritten_local_reads_a_pattern_not_zero(tmp_path):
     """Automatic variables are filled with a byte pattern (-ftrivial-auto-var-init=pattern), so
     a kernel that reads a register before writing it gets garbage here as on a GPU."""
-    import shutil
-
-    if not emulated.poison_locals(shutil.which("g++") or shutil.which("c++") or "c++"):
+    cxx = emulated.compiler()
+    if cxx is None or not emulated.poison_locals(cxx):
         pytest.skip("the compiler cannot fill automatic variables")
     source = """
         __attribute__((noinline)) float partial(int n, const float* x) {
