@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -422,3 +423,53 @@ def test_targets_read_the_suites_results(tmp_path):
         "| 1.10x: gated_adaln fwd+bwd, DiT-XL/2 B256, bfloat16 |" in text
     )
     assert targets.main([str(tmp_path / "missing")]) == 2
+
+
+def test_attention_tile_sweep_checks_each_candidate_against_the_default(tmp_path, monkeypatch):
+    """bench/tune_attention_tiles.py on its tiny CPU shape (Triton's interpreter): a row per
+    kernel and candidate, the default tiles first with no difference, another tile's output
+    within the dtype's rounding of the default's, one that writes a wrong value marked
+    MISMATCH, attention_tiles put back afterwards, a tile tl.dot cannot take refused."""
+    from fastdit.backends import triton_unavailable_reason
+
+    if triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip(triton_unavailable_reason(torch.device("cpu")))
+    import tune_attention_tiles as tune
+
+    from fastdit.triton import downsampled_attention as kernels
+
+    monkeypatch.setattr(common, "time_call", _call_once)
+    default = kernels.attention_tiles
+
+    def sweep(*args: str) -> list[list[str]]:
+        monkeypatch.setattr(sys, "argv", ["tune", "--out", str(tmp_path), *args])
+        tune.main()
+        assert kernels.attention_tiles is default
+        text = (tmp_path / "tune_attention_tiles.md").read_text()
+        return [line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| tiny")]
+
+    rows = sweep("--candidates", "32x32x4", "--dtype", "bf16")
+    assert [(r[0], r[1]) for r in rows] == [
+        (k, t) for k in ("fwd", "dq", "dkdv") for t in ("16x16x4", "32x32x4")
+    ]
+    for kernel, tiles, _us, _ratio, diff, note in rows:
+        if tiles == "16x16x4":
+            assert (float(diff), note) == (0.0, "default |"), (kernel, note)
+        else:
+            assert float(diff) < tune.MISMATCH[torch.bfloat16] and note == " |", (kernel, note)
+
+    real = kernels._forward
+
+    def wrong_at_32(pb, *args, **kw):  # a tile that loses a value
+        out = real(pb, *args, **kw)
+        if pb.tiles["fwd"]["BM"] == 32 and pb.out is not None:
+            pb.out[0, :, 0, 0] += 1.0
+        return out
+
+    monkeypatch.setattr(kernels, "_forward", wrong_at_32)
+    rows = sweep("--candidates", "32x32x4", "--kernels", "fwd")
+    assert [r[-1] for r in rows] == ["default |", "MISMATCH |"]
+
+    monkeypatch.setattr(sys, "argv", ["tune", "--candidates", "8x16x4"])
+    with pytest.raises(SystemExit):
+        tune.main()

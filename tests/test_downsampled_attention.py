@@ -845,11 +845,40 @@ def test_attention_1024_tokens_backends(dtype, backend, monkeypatch):
     if backend == "triton" and device.type == "cpu":
         kernels = importlib.import_module("fastdit.triton.downsampled_attention")
         monkeypatch.setattr(
-            kernels, "attention_tiles", lambda n, hd, dtype=None: dict(BM=64, BN=64, num_warps=4)
+            kernels, "attention_tiles", lambda *args, **kw: dict(BM=64, BN=64, num_warps=4)
         )
     q, k, v = (t.to(dtype).to(device) for t in _qkv(1, 1, 1024, 24))
     ls = _logit_scale_for(1, dtype, device, clamp_one=False)
     _check_backend(da._attention, backend, [q, k, v, ls, True], f"{backend} 1024 tokens")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_triton_attention_kernels_take_their_own_tiles(dtype, monkeypatch):
+    """The forward, dq and dkdv kernels launch with their own tiles (attention_tiles(...,
+    kernel): what bench/tune_attention_tiles.py varies one kernel at a time). Three different
+    shapes at once, 50 tokens a multiple of none: the grids, the row statistics the backward
+    reads and the d logit_scale partials (one a dq block) must each follow their own kernel's
+    tiles, or the gradients come out wrong."""
+    device = _skip_unless(da._attention, "triton", monkeypatch)
+    kernels = importlib.import_module("fastdit.triton.downsampled_attention")
+    chosen = {
+        "fwd": dict(BM=32, BN=16, num_warps=4),
+        "dq": dict(BM=16, BN=32, num_warps=4),
+        "dkdv": dict(BM=64, BN=32, num_warps=4),
+    }
+    asked, original = set(), kernels.attention_tiles
+
+    def tiles(n, hd, dtype=None, kernel="fwd"):
+        asked.add(kernel)
+        return chosen[kernel]
+
+    monkeypatch.setattr(kernels, "attention_tiles", tiles)
+    q, k, v = (t.to(dtype).to(device) for t in _qkv(2, 2, 50, 24))
+    ls = _logit_scale_for(2, dtype, device)
+    _check_backend(da._attention, "triton", [q, k, v, ls, True], f"triton own tiles {dtype}")
+    assert asked == set(kernels.ATTENTION_KERNELS)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        original(50, 24, dtype, "dv")
 
 
 LAYER_CASES = [  # (B, d, heads, H, W, ksize)

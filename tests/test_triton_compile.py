@@ -151,17 +151,21 @@ def _attention_cases(dtype):
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     for hd, n in ATTENTION:
         for rope, cosine, merge in ((True, True, True), (False, False, False)):
-            tiles = dict(
-                A.attention_tiles(n, hd, torch_dtype), ROPE=rope, COSINE=cosine, MERGE=merge,
+            common = dict(
+                ROPE=rope, COSINE=cosine, MERGE=merge,
                 HD=max(16, triton_next_pow2(hd)), HALF=max(16, triton_next_pow2(hd // 2)),
                 **A._precisions(torch_dtype), RTNE_BF16=False, INTERPRETED=False,
             )  # fmt: skip
+
+            def tiles(kernel, n=n, hd=hd, common=common):
+                return dict(A.attention_tiles(n, hd, torch_dtype, kernel), **common)
+
             what = f"{dtype} hd={hd} n={n} rope={rope}"
             for backward in (False, True):
                 yield (f"attention fwd {what} backward={backward}", A._attn_fwd_kernel, ptrs,
-                       dict(tiles, BACKWARD=backward, STORE_O=not backward))  # fmt: skip
-            yield f"attention dq {what}", A._attn_bwd_dq_kernel, ptrs, tiles
-            yield f"attention dkdv {what}", A._attn_bwd_dkdv_kernel, ptrs, tiles
+                       dict(tiles("fwd"), BACKWARD=backward, STORE_O=not backward))  # fmt: skip
+            yield f"attention dq {what}", A._attn_bwd_dq_kernel, ptrs, tiles("dq")
+            yield f"attention dkdv {what}", A._attn_bwd_dkdv_kernel, ptrs, tiles("dkdv")
     ptrs = {n: dtype for n in ("X", "W", "BIAS", "T", "DT", "DX")}
     ptrs.update(PART="fp32")
     for d in DWCONV:

@@ -531,11 +531,21 @@ def _dwconv_split_dw_kernel(
 # Python side
 
 
-def attention_tiles(n: int, hd: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """BM x BN logits tiles (every tl.dot side at least 16), chosen by compiling for sm_90
+ATTENTION_KERNELS = ("fwd", "dq", "dkdv")
+
+
+def attention_tiles(
+    n: int, hd: int, dtype: torch.dtype = torch.bfloat16, kernel: str = "fwd"
+) -> dict:
+    """BM x BN logits tiles (every tl.dot side at least 16) and warps of one attention kernel
+    (``kernel``: one of ATTENTION_KERNELS; the three may differ, the results do not depend on
+    it beyond the order of fp32 sums), chosen by compiling for sm_90
     (tests/test_triton_compile.py): fp16/bf16 16 x 16 with 4 warps, no spills up to hd 48;
     fp32 (IEEE products on the CUDA cores) 32 x 32 with 8 warps. Known spills, to tune on a
-    GPU: hd 96 in every dtype, fp32 hd 48 in the dq kernel."""
+    GPU (bench/tune_attention_tiles.py times the alternatives): hd 96 in every dtype, fp32 hd
+    48 in the dq kernel."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     if dtype == torch.float32:
         return dict(BM=32, BN=32, num_warps=8)
     return dict(BM=16, BN=16, num_warps=4)
@@ -576,7 +586,7 @@ class _Problem:
         self.out = None if out is None else self.out_view(out)
         self.half = max(16, triton.next_power_of_2(self.hd // 2))
         self.HD = max(16, triton.next_power_of_2(self.hd))
-        self.tiles = attention_tiles(self.n, self.hd, q.dtype)
+        self.tiles = {k: attention_tiles(self.n, self.hd, q.dtype, k) for k in ATTENTION_KERNELS}
         self.common = dict(
             ROPE=table is not None, COSINE=cosine, MERGE=merge, HD=self.HD, HALF=self.half,
             **_precisions(q.dtype), RTNE_BF16=RTNE_BF16, INTERPRETED=INTERPRETED,
@@ -603,7 +613,7 @@ def _forward(
     if dout is not None:
         dout = pb.out_view(dout)
         stats = torch.empty(pb.Z, pb.n, 3, dtype=torch.float32, device=pb.q.device)
-    grid = (pb.Z, triton.cdiv(pb.n, pb.tiles["BM"]))
+    grid = (pb.Z, triton.cdiv(pb.n, pb.tiles["fwd"]["BM"]))
     target = dout if dout is not None else pb.out
     if dout is not None and store_o and pb.out is not None:
         assert pb.out.stride() == dout.stride(), "o and d o share one set of strides"
@@ -614,7 +624,7 @@ def _forward(
             pb.heads, pb.n, pb.hd, pb.gw,
             *pb.qkv_strides(), *target.stride(), pb.ls.stride(0),
             BACKWARD=dout is not None, STORE_O=store_o and pb.out is not None,
-            **pb.common, **pb.tiles,
+            **pb.common, **pb.tiles["fwd"],
         )  # fmt: skip
     return stats
 
@@ -623,25 +633,39 @@ def _backward(pb: _Problem, dout: torch.Tensor, dq, dk, dv) -> torch.Tensor:
     """Fills dq, dk, dv ((G, heads, n, hd) views of any strides); returns d logit_scale (heads,
     1, 1) in fp32, before the clamp's mask (zeros for plain attention)."""
     stats = _forward(pb, dout)  # recomputed: the op keeps only its inputs (o too, if pb.out)
-    dout = pb.out_view(dout)
-    blocks = triton.cdiv(pb.n, pb.tiles["BM"])
+    dls = _backward_dq(pb, dout, stats, dq)
+    _backward_dkdv(pb, dout, stats, dk, dv)
+    return dls
+
+
+def _backward_dq(pb: _Problem, dout: torch.Tensor, stats: torch.Tensor, dq) -> torch.Tensor:
+    """dq, and d logit_scale (heads, 1, 1) in fp32, from the row statistics of _forward."""
+    dout, dq = pb.out_view(dout), _as_groups(dq)
+    tiles = pb.tiles["dq"]
+    blocks = triton.cdiv(pb.n, tiles["BM"])
     dls = torch.zeros(pb.Z, blocks, dtype=torch.float32, device=pb.q.device)
-    dq, dk, dv = _as_groups(dq), _as_groups(dk), _as_groups(dv)
     with device_context(pb.q):
         _attn_bwd_dq_kernel[(pb.Z, blocks)](
             pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dq, dls,
             pb.heads, pb.n, pb.hd, pb.gw,
             *pb.qkv_strides(), *dout.stride(), *dq.stride(), pb.ls.stride(0),
-            **pb.common, **pb.tiles,
-        )  # fmt: skip
-        _attn_bwd_dkdv_kernel[(pb.Z, triton.cdiv(pb.n, pb.tiles["BN"]))](
-            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dk, dv,
-            pb.heads, pb.n, pb.hd, pb.gw,
-            *pb.qkv_strides(), *dout.stride(), *dk.stride(), *dv.stride(), pb.ls.stride(0),
-            **pb.common, **pb.tiles,
+            **pb.common, **tiles,
         )  # fmt: skip
     # (Z, blocks) -> per head, summed over groups and blocks in a fixed order.
     return dls.view(-1, pb.heads, blocks).sum((0, 2)).view(pb.heads, 1, 1)
+
+
+def _backward_dkdv(pb: _Problem, dout: torch.Tensor, stats: torch.Tensor, dk, dv) -> None:
+    """dk and dv from the row statistics of _forward."""
+    dout, dk, dv = pb.out_view(dout), _as_groups(dk), _as_groups(dv)
+    tiles = pb.tiles["dkdv"]
+    with device_context(pb.q):
+        _attn_bwd_dkdv_kernel[(pb.Z, triton.cdiv(pb.n, tiles["BN"]))](
+            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dk, dv,
+            pb.heads, pb.n, pb.hd, pb.gw,
+            *pb.qkv_strides(), *dout.stride(), *dk.stride(), *dv.stride(), pb.ls.stride(0),
+            **pb.common, **tiles,
+        )  # fmt: skip
 
 
 def supports_attention(q, k, v, logit_scale, cosine) -> str:
