@@ -86,9 +86,9 @@ def _candidates(text: str) -> list[dict]:
 
 class _Inputs:
     """One shape's tensors: the (B, 4, n, 3d) projection the layer's attention reads, d image,
-    the row statistics of the forward (for the backward kernels) and the outputs."""
+    the outputs, and for the backward kernels (``backward``) the forward's row statistics."""
 
-    def __init__(self, kernels, batch, d, heads, side, dtype, device, seed):
+    def __init__(self, kernels, batch, d, heads, side, dtype, device, seed, backward):
         gen = torch.Generator(device=device).manual_seed(seed)
         n = side * side // 4
         self.heads = heads
@@ -99,7 +99,11 @@ class _Inputs:
         self.image = torch.empty_like(self.x)
         self.dqkv = torch.zeros_like(self.qkv)
         self.dq, self.dk, self.dv = (_heads_view(self.dqkv, i, heads) for i in range(3))
-        self.stats = kernels._forward(self.problem(kernels), self.d_image, store_o=False)
+        self.stats = (
+            kernels._forward(self.problem(kernels), self.d_image, store_o=False)
+            if backward
+            else None
+        )
 
     def problem(self, kernels):
         """The layer's attention problem, with the tiles attention_tiles gives now."""
@@ -108,7 +112,9 @@ class _Inputs:
         )
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.qkv, self.d_image, self.image, self.dqkv, self.stats]
+        return [
+            t for t in (self.qkv, self.d_image, self.image, self.dqkv, self.stats) if t is not None
+        ]
 
 
 def _launch(kernels, kernel: str, pb, inp: _Inputs) -> list[torch.Tensor]:
@@ -141,12 +147,13 @@ def _sweep(kernels, kernel: str, shape: tuple, candidates: list[dict], dtype, de
     n, hd = side * side // 4, d // heads
     default_tiles = kernels.attention_tiles
     default = default_tiles(n, hd, dtype, kernel)
-    check = _Inputs(kernels, batch, d, heads, side, dtype, device, seed=0)
+    backward = kernel != "fwd"
+    check = _Inputs(kernels, batch, d, heads, side, dtype, device, 0, backward)
     ref = [t.clone() for t in _launch(kernels, kernel, check.problem(kernels), check)]
     seeds = iter(range(1, 10**9))
 
     def make_inputs():  # a fresh set each call: input_sets rotates them past the L2 cache
-        inp = _Inputs(kernels, batch, d, heads, side, dtype, device, next(seeds))
+        inp = _Inputs(kernels, batch, d, heads, side, dtype, device, next(seeds), backward)
         return [inp.problem(kernels), inp, *inp.tensors()]
 
     def launch(pb, inp, *_):
