@@ -11,9 +11,12 @@
 VENV      ?= .venv
 TORCH     ?= torch==2.13.0
 TRITON    ?= triton==3.6.0
-TOOLS     ?= numpy pytest ruff pybind11 cmake ninja "setuptools>=64" wheel onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 onnxruntime==1.32.0
+TOOLS     ?= numpy pytest pytest-xdist==3.8.0 ruff pybind11 cmake ninja "setuptools>=64" wheel onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 onnxruntime==1.32.0
 BENCH_ARGS ?=
 TEST_ARGS  ?=
+# pytest processes (pytest-xdist): one a core, at most 4 (each holds 1-3 GB: Triton's interpreter,
+# Inductor, the emulated kernels); 0 runs the tests in make's own pytest process.
+TEST_JOBS  ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 ifeq ($(origin PY), undefined)
 PY := $(VENV)/bin/python
@@ -38,7 +41,7 @@ $(STAMP): Makefile pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	@touch $@
 
 test: install
-	$(PY) -m pytest $(TEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal --durations=15 $(TEST_ARGS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
