@@ -119,8 +119,10 @@ def test_sanitizer_flags_catch_a_misaligned_vector_load(tmp_path):
     assert "misaligned address" in run.stderr, run.stderr
 
 
-def test_emulated_kernels_under_sanitizers(tmp_path):
-    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", *EMULATED, "-k", SELECT]
+# One run a file (minutes each under ASan): make test's parallel pytest processes share them.
+@pytest.mark.parametrize("path", EMULATED, ids=lambda p: Path(p).stem)
+def test_emulated_kernels_under_sanitizers(path, tmp_path):
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", path, "-k", SELECT]
     code, output, reports = _run_sanitized(args, tmp_path, timeout=3000)
     assert not reports, "\n\n".join(r[:6000] for r in reports)
     assert code == 0, output[-6000:]
