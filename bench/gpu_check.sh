@@ -150,7 +150,7 @@ if [ "$PART" != bench ]; then
   gpu_files=$(grep -l "pytest.mark.gpu" tests/test_*.py)
   { if [ -n "${TEST_FILES:-}" ]; then printf '%s\n' $TEST_FILES
     else ls -S $gpu_files; ls -S tests/test_*.py | grep -vxF "$gpu_files"; fi; } \
-    | grep -v -e test_adaln_cuda_emu -e test_sanitized -e test_triton_compile \
+    | grep -v -e test_adaln_cuda_emu -e test_emulator -e test_sanitized -e test_triton_compile \
     | xargs -P "${TEST_JOBS:-6}" -I{} bash -c 'run_test_file {}' | tee "$OUT/tests.txt"
   [ "${PIPESTATUS[2]}" -eq 0 ] || status=1
   cat "$OUT"/tests/*.failures.txt 2>/dev/null | head -n 200

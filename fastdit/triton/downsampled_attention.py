@@ -540,10 +540,11 @@ def attention_tiles(
     """BM x BN logits tiles (every tl.dot side at least 16) and warps of one attention kernel
     (``kernel``: one of ATTENTION_KERNELS; the three may differ, the results do not depend on
     it beyond the order of fp32 sums), chosen by compiling for sm_90
-    (tests/test_triton_compile.py): fp16/bf16 16 x 16 with 4 warps, no spills up to hd 48;
-    fp32 (IEEE products on the CUDA cores) 32 x 32 with 8 warps. Known spills, to tune on a
-    GPU (bench/tune_attention_tiles.py times the alternatives): hd 96 in every dtype, fp32 hd
-    48 in the dq kernel."""
+    (tests/test_triton_compile.py): fp16/bf16 16 x 16 with 4 warps, fp32 (IEEE products on
+    the CUDA cores) 32 x 32 with 8 warps. Known spills (KNOWN_SPILLS there), to tune on a GPU
+    (bench/tune_attention_tiles.py times the alternatives): hd 96 in every dtype; at hd 48,
+    every fp32 kernel, fp16's dq and dkdv kernels and the bf16 forward without RoPE that
+    saves for the backward."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     if dtype == torch.float32:
