@@ -653,13 +653,22 @@ def test_final_layer_backends(backend, dtype, B, h, w, p, C, D):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_final_layer_strided_backends(backend):
+    """Tokens in rows of stride 96 and a column-major weight. Triton reads both in place; cuda
+    takes the weight (copied dense) but refuses strided tokens by name, so it is checked on
+    contiguous tokens with that weight."""
     device = _skip_unless(backend)
     x, shift, scale, weight, bias, *rest = _final_layer_inputs(
         2, 2, 3, 2, 4, 48, torch.float32, device
     )
-    x = torch.cat([x, x], dim=-1)[..., 48:]  # rows of stride 96
+    strided = torch.cat([x, x], dim=-1)[..., 48:]  # rows of stride 96
     weight = weight.T.contiguous().T  # (K, D) column-major
-    _check_backend(P._final_layer, backend, [x, shift, scale, weight, bias, *rest], "strided")
+    inputs = [strided, shift, scale, weight, bias, *rest]
+    if backend == "cuda":
+        with pytest.raises(fastdit.BackendError, match="strided tokens go to the triton kernel"):
+            P._final_layer(*inputs, backend="cuda")
+        inputs[0] = x
+    assert P._final_layer.why_not(backend, inputs, backward=True) == ""  # runs, not skipped
+    _check_backend(P._final_layer, backend, inputs, "strided")
 
 
 def _all_inputs(device):
