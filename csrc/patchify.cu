@@ -1277,8 +1277,16 @@ PermPlan perm_plan(bool to_tokens, int esize, int64_t B, int64_t C, int64_t h, i
     vec = inner && is_aligned(src, 16) && is[0] % v16 == 0 && is[2] % v16 == 0 &&
           (cl || is[1] % v16 == 0) && (w * p * P.Cin) % v16 == 0;
     if (vec && J < w) {
-      const int64_t m = v16 / gcd64(p * P.Cin, v16);  // J * p * Cin must be a multiple of v16
-      J = std::min(w, ceil_div(J, m) * m);
+      // J * p * Cin must be a multiple of v16: J rounded up to a multiple of m, which can take
+      // a tile of wide patches (K > budget / m) past the 48 KB a block gets without opting in
+      // (the staging is R * J * K elements, R = 1 there); such tiles stay scalar instead.
+      const int64_t m = v16 / gcd64(p * P.Cin, v16);
+      const int64_t wider = std::min(w, ceil_div(J, m) * m);
+      if (wider * K * esize <= 48 * 1024) {
+        J = wider;
+      } else {
+        vec = false;
+      }
     }
     vec = vec && (J * p * P.Cin) % v16 == 0;
   } else {

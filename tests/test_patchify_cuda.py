@@ -329,6 +329,22 @@ def test_emulated_patchify_unpatchify(glue_on_cpu, B, C, H, W, p, layout, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "C, H, W, p", [(2048, 4, 8, 2), (4096, 2, 16, 1), (8192, 1, 8, 1), (1536, 4, 8, 2)]
+)
+def test_emulated_patchify_of_wide_patches(glue_on_cpu, C, H, W, p, dtype):
+    """Patches of up to 8192 values from 16-byte aligned NCHW images: tiles one patch wide, whose
+    widening to whole 16-byte vectors must not take the staging past 48 KB of shared memory
+    (the emulator fails a launch over 48 KB made without the opt-in, as a GPU does)."""
+    x = torch.randn(1, C, H, W).to(dtype)
+    for order in ("cpq", "pqc"):
+        tokens = G._cuda_patchify(x, p, order)
+        assert torch.equal(tokens, P.reference_patchify(x, p, order)), order
+        (dx,) = G._cuda_patchify_backward([tokens], [x, p, order])
+        assert torch.equal(dx, x), order
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize(
     "B, C, H, W, p, D", [(1, 4, 8, 8, 2, 40), (3, 4, 16, 12, 2, 100), (2, 3, 8, 16, 4, 136),
@@ -562,6 +578,16 @@ def test_emulated_ops_final_layer(cuda_backend_on_cpu, B, D, C, p, grid, dtype):
 @pytest.mark.parametrize("order", ["cpq", "pqc"])
 def test_gpu_patchify_unpatchify(order, B, C, p, grid, layout, dtype):
     _patchify_case(order, B, C, p, grid, layout, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C, p, grid", [(2048, 2, (4, 8)), (4096, 1, (2, 16)), (8192, 1, (1, 8))])
+def test_gpu_patchify_of_wide_patches(C, p, grid, dtype):
+    """Patches of 4096-8192 values (the shared-memory bound of the emulated twin above)."""
+    for order in ("cpq", "pqc"):
+        _patchify_case(order, 2, C, p, grid, "contiguous", dtype, "cuda")
 
 
 @pytest.mark.gpu
