@@ -17,6 +17,9 @@ TEST_ARGS  ?=
 # pytest processes (pytest-xdist): one a core, at most 4 (each holds 1-3 GB: Triton's interpreter,
 # Inductor, the emulated kernels); 0 runs the tests in make's own pytest process.
 TEST_JOBS  ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+# The slow tests (the real-size ONNX exports: 6 minutes of one core, up to 6 GB in one process)
+# run by default; SLOW=0 leaves them out (plain pytest leaves them out unless FASTDIT_SLOW=1).
+SLOW       ?= 1
 
 ifeq ($(origin PY), undefined)
 PY := $(VENV)/bin/python
@@ -41,7 +44,7 @@ $(STAMP): Makefile pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	@touch $@
 
 test: install
-	$(PY) -m pytest -n $(TEST_JOBS) --dist worksteal --durations=15 $(TEST_ARGS)
+	FASTDIT_SLOW=$(SLOW) $(PY) -m pytest -n $(TEST_JOBS) --dist worksteal --durations=15 $(TEST_ARGS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 

@@ -9,7 +9,8 @@ PyTorch model: ``FP16_TOL`` = 5e-3 (DiT-S/2 and U-DiT-S measure about 1e-3, with
 PyTorch's own fp16 error on the same inputs; see the README).
 
 Slow tests (DiT-XL/2 and U-DiT-B in fp32, the real-size fp16 graphs, the command line with a
-registered model) take minutes and several GB each: they run with FASTDIT_SLOW=1.
+registered model) take a minute or two and several GB each: marked ``slow``, they run with
+FASTDIT_SLOW=1, which ``make test`` (and so CI) sets unless given SLOW=0.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ FP32_TOL = 1e-4
 FP16_TOL = 5e-3
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
-slow = pytest.mark.skipif(
+_SLOW_SKIP = pytest.mark.skipif(
     os.environ.get("FASTDIT_SLOW") != "1", reason="slow (minutes, GBs): set FASTDIT_SLOW=1"
 )
+
+
+def slow(test):
+    """Marked ``slow`` (``-m "not slow"`` deselects it) and skipped unless FASTDIT_SLOW=1."""
+    return pytest.mark.slow(_SLOW_SKIP(test))
 
 
 def _perturbed(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
