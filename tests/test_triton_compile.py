@@ -90,6 +90,7 @@ def _cases():
     yield from _attention_cases("fp16")
     # autocast's float32 residual with a bfloat16 branch and vectors, on DiT's tokens
     yield from _adaln_cases("fp32", branch="bf16", layouts=("tokens",))
+    yield from _adaln_single_element_cases()
 
 
 def _adaln_cases(dtype, branch=None, layouts=None):
@@ -129,6 +130,27 @@ def _adaln_cases(dtype, branch=None, layouts=None):
                 ptrs,
                 tiles,
             )
+
+
+def _adaln_single_element_cases():
+    """The backward of B = L = D = 1 (a case of tests/test_adaln.py): every integer argument is
+    1, which Triton's launcher turns into a constant, a Python int inside the kernel."""
+    from fastdit.triton import adaln as T
+
+    ptrs = {n: "fp32" for n in ("X", "Y", "GATE", "SCALE", "DR", "DH", "DX", "DY", "PART",
+                                "O0", "O1", "O2")}  # fmt: skip
+    ones = {
+        a.name: 1 for k in (T._bwd_kernel, T._sum_splits_kernel) for a in k.params
+        if not a.is_constexpr and a.name not in ptrs and a.name != "eps"
+    }  # fmt: skip
+    rows, block_d, warps = T._launch_shape(1, 1, True)
+    tiles = dict(ROWS=rows, BLOCK_D=block_d, RTNE_BF16=False, WIDE=False, num_warps=warps,
+                 values=ones, **T._bwd_options())  # fmt: skip
+    for gated in (False, True):
+        yield f"adaln bwd fp32 B=L=D=1 gated={gated}", T._bwd_kernel, ptrs, dict(tiles, GATED=gated)
+    block, step = T._sum_shape(1, splits=1)
+    sums = dict(PLANES=3, BLOCK=block, STEP=step, RTNE_BF16=False, num_warps=4, values=ones)
+    yield "adaln sum splits fp32 B=L=D=1", T._sum_splits_kernel, ptrs, sums
 
 
 def _adaln_values(length: int, dim: int, layout: str) -> dict[str, int]:
@@ -277,6 +299,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(usage):
     per_dtype += 2 * 4 * len(ATTENTION) + 3 * len(DWCONV) + (2 * 2 * 2 + 2) * len(ADALN)
     mixed = (2 * 2 + 2) * len(ADALN)  # the fp32+bf16 adaLN cases, tokens only
     mixed += 2 * 4 * len(ATTENTION) + 3 * len(DWCONV)  # float16's attention and dwconv
+    mixed += 3  # the adaLN backward of a single element
     assert len(usage) == len(DTYPES) * per_dtype + mixed
     failed = {name: u for name, u in usage.items() if "error" in u}
     assert not failed, failed

@@ -225,7 +225,7 @@ def _bwd_kernel(
         )
 
     base = PART + (b * splits + s) * D + cols  # 64-bit: b is int64
-    plane = plane.to(tl.int64)  # 32-bit while < 2^31, and 2 * plane may not be
+    plane = tl.cast(plane, tl.int64)  # i32 or the constant 1; 2 * plane may pass 2^31
     tl.store(base, tl.sum(acc_shift, axis=0), mask=col_ok)
     tl.store(base + plane, tl.sum(acc_scale, axis=0), mask=col_ok)
     if GATED:
@@ -247,7 +247,7 @@ def _sum_splits_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     rows = tl.arange(0, STEP)
     ok = cols < D
-    plane = plane.to(tl.int64)  # 32-bit while < 2^31, and 2 * plane may not be
+    plane = tl.cast(plane, tl.int64)  # i32 or the constant 1; 2 * plane may pass 2^31
     acc0 = tl.zeros([BLOCK], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -482,7 +482,7 @@ def _cf_bwd_kernel(
     if WIDE:
         rl = rl.to(tl.int64)
         cols = cols.to(tl.int64)
-    plane = plane.to(tl.int64)  # 32-bit while < 2^31, and 2 * plane may not be
+    plane = tl.cast(plane, tl.int64)  # i32 or the constant 1; 2 * plane may pass 2^31
     tile = tl.program_id(0)
     b = (tile // tiles_per_sample).to(tl.int64)
     s = tile % tiles_per_sample
