@@ -802,6 +802,22 @@ def test_attention_strided_views_backends(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+def test_attention_inputs_whose_groups_do_not_merge(backend, monkeypatch):
+    """q, k, v (B, 4, heads, n, hd) whose (B, 4) dimensions cannot be viewed as one (transposed
+    from (4, B, ...)): the gradients, in the inputs' layout, cannot be views of (G, heads, n, hd)
+    tensors either, and must still be written (the triton glue once filled a copy)."""
+    device = _skip_unless(da._attention, backend, monkeypatch)
+    B, heads, n, hd = 2, 2, 20, 24
+    q, k, v = (
+        t.unflatten(0, (4, B)).transpose(0, 1).to(device)
+        for t in _qkv(4 * B, heads, n, hd, torch.float32)
+    )
+    assert q.reshape(-1, heads, n, hd).data_ptr() != q.data_ptr()  # no view: a copy
+    ls = _logit_scale_for(heads, torch.float32, device)
+    _check_backend(da._attention, backend, [q, k, v, ls, True], "groups that do not merge")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cotangent", ["groups_do_not_merge", "channels_strided", "offset"])
 def test_attention_cotangent_layouts(backend, dtype, cotangent, monkeypatch):
@@ -920,6 +936,33 @@ def test_layer_ablation_switches_backends(backend, switches, monkeypatch):
     device = _skip_unless(da._layer, backend, monkeypatch)
     inputs = _layer_inputs(2, 32, 2, 4, 6, 5, torch.float32, device, "contiguous", switches)
     _check_backend(da._layer, backend, inputs, f"{backend} {switches}")
+
+
+def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values laid out otherwise: "transposed", its first two dims of more than one element
+    swapped in memory (dense: gradients keep that layout); "gaps", every other element of a
+    tensor with nan between."""
+    if layout == "transposed":
+        a, b = [i for i, size in enumerate(t.shape) if size > 1][:2]
+        return t.transpose(a, b).contiguous().transpose(a, b)
+    return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("layout", ["transposed", "gaps"])
+def test_layer_strided_parameters_backends(backend, layout, monkeypatch):
+    """Weights (and, with gaps, biases and the logit scale) strided: read where they are or
+    copied, never the nan beside them; gradients in their layouts."""
+    device = _skip_unless(da._layer, backend, monkeypatch)
+    switches = dict(rope=True, cosine=True, shortcut=True)
+    x, *params = _layer_inputs(1, 48, 2, 6, 6, 5, torch.float32, device, "contiguous", switches)
+    names = ["dw_weight", "qkv_weight", "out_weight"]
+    names += ["dw_bias", "qkv_bias", "logit_scale", "out_bias"] if layout == "gaps" else []
+    for name in names:
+        i = PARAM_NAMES.index(name)
+        params[i] = _strided(params[i], layout)
+        assert not params[i].is_contiguous(), name
+    _check_backend(da._layer, backend, [x, *params], f"{backend} {layout} parameters")
 
 
 def _kernel_cases(device):

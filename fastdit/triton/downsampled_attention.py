@@ -685,11 +685,26 @@ def attention_forward(q, k, v, logit_scale, cosine) -> torch.Tensor:
     return out
 
 
+def _fill_target(g: torch.Tensor) -> torch.Tensor:
+    """The (G, heads, n, hd) tensor the kernels fill for the gradient ``g``: a view of it, or,
+    where its leading dims do not collapse (e.g. (B, 4) transposed from (4, B)), a contiguous
+    buffer to copy into it afterwards."""
+    groups = (math.prod(g.shape[:-3]), *g.shape[-3:])
+    try:
+        return g.view(groups)
+    except RuntimeError:
+        return torch.empty(groups, dtype=g.dtype, device=g.device)
+
+
 def attention_backward(grads, inputs) -> list[torch.Tensor]:
     q, k, v, logit_scale, cosine = inputs
     pb = _Problem(q, k, v, logit_scale, cosine, None, None, False, 1)
-    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    dls = _backward(pb, grads[0], dq, dk, dv)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # the inputs' layouts
+    filled = [_fill_target(g) for g in (dq, dk, dv)]
+    dls = _backward(pb, grads[0], *filled)
+    for g, f in zip((dq, dk, dv), filled):
+        if f.data_ptr() != g.data_ptr():
+            g.copy_(f.view(g.shape))
     if cosine:
         dls = dls * (logit_scale.float() <= LOGIT_SCALE_MAX)  # the clamp's gradient mask
     return [dq, dk, dv, dls.to(logit_scale.dtype)]
@@ -710,6 +725,8 @@ def _dwconv_split(x: torch.Tensor, dw_weight, dw_bias, shortcut: bool) -> torch.
     B, d, H, W = x.shape
     gh, gw = H // 2, W // 2
     n = gh * gw
+    # the kernel indexes the weight (d, 1, k, k) and the bias (d,) as contiguous
+    dw_weight, dw_bias = dw_weight.contiguous(), dw_bias.contiguous()
     t = torch.empty(B, 4, n, d, dtype=x.dtype, device=x.device)
     tiles = dwconv_tiles(d)
     grid = (triton.cdiv(4 * n, tiles["BT"]) * triton.cdiv(d, tiles["BC"]) * B,)  # see _program_3d
@@ -744,7 +761,7 @@ def _dwconv_split_backward(x, dw_weight, dt, shortcut: bool):
     with device_context(x):
         grid = (triton.cdiv(H * W, tiles["BP"]) * triton.cdiv(d, tiles["BC"]) * B,)
         _dwconv_split_dx_kernel[grid](
-            dw_weight, dt, dx,
+            dw_weight.contiguous(), dt, dx,
             d, H, W, n, gw,
             *dx.stride(),
             KSIZE=ksize, SHORTCUT=shortcut, RTNE_BF16=RTNE_BF16, **tiles,
