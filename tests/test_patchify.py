@@ -619,6 +619,23 @@ def test_patch_embed_layouts_backends(backend):
     _check_backend(P._patch_embed, backend, [x, weight, bias, pos], f"{backend} layouts")
 
 
+def _gaps(t: torch.Tensor) -> torch.Tensor:
+    """t's values as every other element of a buffer with nan between (never to be read)."""
+    return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_patch_embed_gapped_parameters_backends(backend):
+    """Weight (its output channels and patch positions swapped in memory), bias and pos_embed
+    strided with nan between their elements: read where they are or copied, never the gaps."""
+    device = _skip_unless(backend)
+    x = _rand(2, 4, 8, 12, dtype=torch.float32, device=device)
+    weight = _rand(4, 2, 2, 24, dtype=torch.float32, device=device).permute(3, 0, 1, 2)
+    bias = _gaps(_rand(24, dtype=torch.float32, device=device))
+    pos = _gaps(_rand(1, 24, 24, dtype=torch.float32, device=device))
+    _check_backend(P._patch_embed, backend, [x, weight, bias, pos], f"{backend} gaps")
+
+
 FINAL_CASES = [  # (B, h, w, p, C, D)
     (2, 4, 4, 2, 8, 40),  # learned sigma: C = 8
     (1, 8, 8, 2, 8, 1152),  # DiT-XL/2's width
@@ -669,6 +686,15 @@ def test_final_layer_strided_backends(backend):
         inputs[0] = x
     assert P._final_layer.why_not(backend, inputs, backward=True) == ""  # runs, not skipped
     _check_backend(P._final_layer, backend, inputs, "strided")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_final_layer_gapped_parameters_backends(backend):
+    """shift, scale, weight and bias strided with nan between their elements."""
+    device = _skip_unless(backend)
+    x, *rest = _final_layer_inputs(2, 2, 3, 2, 4, 48, torch.float32, device)
+    rest[:4] = [_gaps(t) for t in rest[:4]]
+    _check_backend(P._final_layer, backend, [x, *rest], f"{backend} gaps")
 
 
 def _all_inputs(device):
