@@ -168,8 +168,8 @@ def _adaln_values(length: int, dim: int, layout: str) -> dict[str, int]:
 def _attention_cases(dtype):
     from fastdit.triton import downsampled_attention as A
 
-    ptrs = {n: dtype for n in ("Q", "K", "V", "LS", "OUT", "DO", "DQ", "DK", "DV")}
-    ptrs.update(TABLE="fp32", STATS="fp32", DLS="fp32")
+    ptrs = {n: dtype for n in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
+    ptrs.update(SCALE="fp32", TABLE="fp32", STATS="fp32", DLS="fp32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     for hd, n in ATTENTION:
         for rope, cosine, merge in ((True, True, True), (False, False, False)):

@@ -48,7 +48,6 @@ MAX_HEAD_DIM = 128
 MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535
 # The same constants as the kernels see them (a jit function reads only constexpr globals).
 LOG2E_ = tl.constexpr(1.4426950408889634)
-LOGIT_SCALE_MAX_ = tl.constexpr(LOGIT_SCALE_MAX)
 NORMALIZE_EPS_ = tl.constexpr(1e-12)
 
 
@@ -90,7 +89,9 @@ def _prologue(even, odd, i, row_ok, half, half_ok, TABLE, n, half_dim, ROPE: tl.
     inv = tl.full(i.shape, 1.0, tl.float32)
     if COSINE:
         norm = tl.sqrt_rn(tl.sum(even * even + odd * odd, axis=1))
-        inv = 1.0 / tl.maximum(norm, NORMALIZE_EPS_)
+        # rounded as a division is (a GPU's "/" is div.full, 2 ulp): inv is exactly 1 / eps
+        # where the norm is clamped, the test _epilogue makes
+        inv = tl.math.div_rn(1.0, tl.maximum(norm, NORMALIZE_EPS_))
         even = even * inv[:, None]
         odd = odd * inv[:, None]
     return even, odd, inv
@@ -133,20 +134,11 @@ def _out_offsets(z, h, i, cols, hd, gw, so_0, so_1, so_2, so_3, MERGE: tl.conste
 
 
 @triton.jit
-def _scale_of(LS, h, ls_stride, hd, COSINE: tl.constexpr):
-    """exp(min(logit_scale[h], 4.6052)) for cosine attention, else hd^-0.5."""
-    if COSINE:
-        ls = tl.load(LS + h * ls_stride).to(tl.float32)
-        return tl.exp(tl.minimum(ls, LOGIT_SCALE_MAX_))
-    return 1.0 / tl.sqrt_rn(hd * 1.0)
-
-
-@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, LS, TABLE, OUT, DO, STATS,
+    Q, K, V, SCALE, TABLE, OUT, DO, STATS,
     heads, n, hd, gw,
     sq_z, sq_h, sq_n, sq_c, sk_z, sk_h, sk_n, sk_c, sv_z, sv_h, sv_n, sv_c,
-    so_0, so_1, so_2, so_3, ls_stride,
+    so_0, so_1, so_2, so_3,
     ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr, BACKWARD: tl.constexpr,
     STORE_O: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
@@ -163,7 +155,7 @@ def _attn_fwd_kernel(
     half_ok = half < half_dim
     cols = tl.arange(0, HD)
     cols_ok = cols < hd
-    scale = _scale_of(LS, h, ls_stride, hd, COSINE)
+    scale = tl.load(SCALE + h)  # the logits' scale, fp32: see _Problem
 
     qe, qo = _load_pairs(Q + z * sq_z + h * sq_h, i.to(tl.int64) * sq_n, i_ok, half, half_ok, sq_c)
     qe, qo, q_inv = _prologue(qe, qo, i, i_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
@@ -218,10 +210,10 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, LS, TABLE, DO, STATS, DQ, DLS,
+    Q, K, V, SCALE, TABLE, DO, STATS, DQ, DLS,
     heads, n, hd, gw,
     sq_z, sq_h, sq_n, sq_c, sk_z, sk_h, sk_n, sk_c, sv_z, sv_h, sv_n, sv_c,
-    sdo_0, sdo_1, sdo_2, sdo_3, sdq_z, sdq_h, sdq_n, sdq_c, ls_stride,
+    sdo_0, sdo_1, sdo_2, sdo_3, sdq_z, sdq_h, sdq_n, sdq_c,
     ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
     PRECISION: tl.constexpr, FAST: tl.constexpr, RTNE_BF16: tl.constexpr,
@@ -240,7 +232,7 @@ def _attn_bwd_dq_kernel(
     cols = tl.arange(0, HD)
     cols_ok = cols < hd
     rc = i_ok[:, None] & cols_ok[None, :]
-    scale = _scale_of(LS, h, ls_stride, hd, COSINE)
+    scale = tl.load(SCALE + h)  # the logits' scale, fp32: see _Problem
 
     do = tl.load(DO + _out_offsets(z, h, i, cols, hd, gw, sdo_0, sdo_1, sdo_2, sdo_3, MERGE),
                  mask=rc, other=0.0).to(tl.float32)  # fmt: skip
@@ -289,11 +281,10 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, LS, TABLE, DO, STATS, DK, DV,
+    Q, K, V, SCALE, TABLE, DO, STATS, DK, DV,
     heads, n, hd, gw,
     sq_z, sq_h, sq_n, sq_c, sk_z, sk_h, sk_n, sk_c, sv_z, sv_h, sv_n, sv_c,
     sdo_0, sdo_1, sdo_2, sdo_3, sdk_z, sdk_h, sdk_n, sdk_c, sdv_z, sdv_h, sdv_n, sdv_c,
-    ls_stride,
     ROPE: tl.constexpr, COSINE: tl.constexpr, MERGE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr,
     PRECISION: tl.constexpr, FAST: tl.constexpr, RTNE_BF16: tl.constexpr,
@@ -310,7 +301,7 @@ def _attn_bwd_dkdv_kernel(
     half_ok = half < half_dim
     cols = tl.arange(0, HD)
     cols_ok = cols < hd
-    scale = _scale_of(LS, h, ls_stride, hd, COSINE)
+    scale = tl.load(SCALE + h)  # the logits' scale, fp32: see _Problem
 
     ke, ko = _load_pairs(K + z * sk_z + h * sk_h, j.to(tl.int64) * sk_n, j_ok, half, half_ok, sk_c)
     ke, ko, k_inv = _prologue(ke, ko, j, j_ok, half, half_ok, TABLE, n, half_dim, ROPE, COSINE)
@@ -583,7 +574,16 @@ class _Problem:
         self.Z = G * self.heads
         self.cosine, self.merge, self.gw = cosine, merge, grid_w
         self.table = table
-        self.ls = logit_scale
+        # The logits' scale per head, fp32, computed here by torch as the reference computes
+        # it: exp(min(logit_scale, 4.6052)) for cosine attention (a GPU's tl.exp is ex2.approx
+        # of a rounded product, ~6 ulp: 4e-5 on logits of 100), else hd^-0.5.
+        if cosine:
+            clamped = torch.clamp(logit_scale.detach().to(torch.float32), max=LOGIT_SCALE_MAX)
+            self.scale = clamped.exp().reshape(-1).contiguous()
+        else:
+            self.scale = torch.full(
+                (self.heads,), self.hd**-0.5, dtype=torch.float32, device=self.q.device
+            )
         self.out = None if out is None else self.out_view(out)
         self.half = max(16, triton.next_power_of_2(self.hd // 2))
         self.HD = max(16, triton.next_power_of_2(self.hd))
@@ -620,10 +620,10 @@ def _forward(
         assert pb.out.stride() == dout.stride(), "o and d o share one set of strides"
     with device_context(pb.q):
         _attn_fwd_kernel[grid](
-            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), target if pb.out is None else pb.out, target,
-            stats if stats is not None else pb.q,
+            pb.q, pb.k, pb.v, pb.scale, pb.table_arg(),
+            target if pb.out is None else pb.out, target, stats if stats is not None else pb.q,
             pb.heads, pb.n, pb.hd, pb.gw,
-            *pb.qkv_strides(), *target.stride(), pb.ls.stride(0),
+            *pb.qkv_strides(), *target.stride(),
             BACKWARD=dout is not None, STORE_O=store_o and pb.out is not None,
             **pb.common, **pb.tiles["fwd"],
         )  # fmt: skip
@@ -647,9 +647,9 @@ def _backward_dq(pb: _Problem, dout: torch.Tensor, stats: torch.Tensor, dq) -> t
     dls = torch.zeros(pb.Z, blocks, dtype=torch.float32, device=pb.q.device)
     with device_context(pb.q):
         _attn_bwd_dq_kernel[(pb.Z, blocks)](
-            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dq, dls,
+            pb.q, pb.k, pb.v, pb.scale, pb.table_arg(), dout, stats, dq, dls,
             pb.heads, pb.n, pb.hd, pb.gw,
-            *pb.qkv_strides(), *dout.stride(), *dq.stride(), pb.ls.stride(0),
+            *pb.qkv_strides(), *dout.stride(), *dq.stride(),
             **pb.common, **tiles,
         )  # fmt: skip
     # (Z, blocks) -> per head, summed over groups and blocks in a fixed order.
@@ -662,9 +662,9 @@ def _backward_dkdv(pb: _Problem, dout: torch.Tensor, stats: torch.Tensor, dk, dv
     tiles = pb.tiles["dkdv"]
     with device_context(pb.q):
         _attn_bwd_dkdv_kernel[(pb.Z, triton.cdiv(pb.n, tiles["BN"]))](
-            pb.q, pb.k, pb.v, pb.ls, pb.table_arg(), dout, stats, dk, dv,
+            pb.q, pb.k, pb.v, pb.scale, pb.table_arg(), dout, stats, dk, dv,
             pb.heads, pb.n, pb.hd, pb.gw,
-            *pb.qkv_strides(), *dout.stride(), *dk.stride(), *dv.stride(), pb.ls.stride(0),
+            *pb.qkv_strides(), *dout.stride(), *dk.stride(), *dv.stride(),
             **pb.common, **tiles,
         )  # fmt: skip
 
