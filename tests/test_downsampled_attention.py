@@ -817,6 +817,37 @@ def test_attention_inputs_whose_groups_do_not_merge(backend, monkeypatch):
     _check_backend(da._attention, backend, [q, k, v, ls, True], "groups that do not merge")
 
 
+def test_triton_attention_copies_channel_strides_past_32_bits(monkeypatch):
+    """q, k, v with channels-major strides whose tile offsets would pass the kernels' 32 bits
+    (2^31 elements and more: the limit lowered here to the test's sizes) are read from
+    contiguous copies, and their gradients written through buffers: the same values."""
+    device = _skip_unless(da._attention, "triton", monkeypatch)
+    from fastdit.triton import downsampled_attention as T
+
+    G, heads, n, hd = 2, 2, 20, 24
+    q, k, v = (
+        t.transpose(-1, -2).contiguous().transpose(-1, -2).to(device)
+        for t in _qkv(G, heads, n, hd, torch.float32)
+    )  # channel stride n
+    inputs = [q, k, v, _logit_scale_for(heads, torch.float32, device), True]
+    grad = torch.randn(G, heads, n, hd, device=device)
+    expected = da._attention(*inputs, backend="triton")
+    expected_grads = da._attention._bwd(grad, *inputs, "triton")
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(T, "CHANNEL_EXTENT_LIMIT", n * hd)  # every channels-major tensor
+    monkeypatch.setattr(
+        torch.Tensor,
+        "contiguous",
+        lambda t, *a, **k: copies.append(t) or real_contiguous(t, *a, **k),
+    )
+    assert torch.equal(da._attention(*inputs, backend="triton"), expected)
+    assert sum(t.dim() == 4 for t in copies) == 3, "q, k and v copied"
+    got_grads = da._attention._bwd(grad, *inputs, "triton")
+    for g, e in zip(got_grads, expected_grads):
+        assert g.stride() == e.stride() and torch.equal(g, e)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cotangent", ["groups_do_not_merge", "channels_strided", "offset"])

@@ -564,12 +564,24 @@ def _as_groups(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *t.shape[-3:])
 
 
+# The attention kernels compute a tile's channel offsets (head dim x channel stride) in 32 bits.
+CHANNEL_EXTENT_LIMIT = 2**31
+
+
+def _narrow_channels(t: torch.Tensor) -> bool:
+    """True when t's channel offsets fit the kernels' 32 bits (else they get a contiguous copy:
+    channel strides that large come only from channels-major views of 2^31 elements or more)."""
+    return abs(t.stride(-1)) * t.shape[-1] < CHANNEL_EXTENT_LIMIT
+
+
 class _Problem:
     """Sizes, strides and launch shapes of one call; ``out`` is the (G, heads, n, hd) output or
     the merged (B, d, H, W) image (merge=True)."""
 
     def __init__(self, q, k, v, logit_scale, cosine, table, out, merge, grid_w):
-        self.q, self.k, self.v = _as_groups(q), _as_groups(k), _as_groups(v)
+        self.q, self.k, self.v = (
+            u if _narrow_channels(u) else u.contiguous() for u in map(_as_groups, (q, k, v))
+        )
         G, self.heads, self.n, self.hd = self.q.shape
         self.Z = G * self.heads
         self.cosine, self.merge, self.gw = cosine, merge, grid_w
@@ -687,13 +699,15 @@ def attention_forward(q, k, v, logit_scale, cosine) -> torch.Tensor:
 
 def _fill_target(g: torch.Tensor) -> torch.Tensor:
     """The (G, heads, n, hd) tensor the kernels fill for the gradient ``g``: a view of it, or,
-    where its leading dims do not collapse (e.g. (B, 4) transposed from (4, B)), a contiguous
-    buffer to copy into it afterwards."""
+    where its leading dims do not collapse (e.g. (B, 4) transposed from (4, B)) or its channel
+    stride is too large (_narrow_channels), a contiguous buffer to copy into it afterwards."""
     groups = (math.prod(g.shape[:-3]), *g.shape[-3:])
-    try:
-        return g.view(groups)
-    except RuntimeError:
-        return torch.empty(groups, dtype=g.dtype, device=g.device)
+    if _narrow_channels(g):
+        try:
+            return g.view(groups)
+        except RuntimeError:
+            pass
+    return torch.empty(groups, dtype=g.dtype, device=g.device)
 
 
 def attention_backward(grads, inputs) -> list[torch.Tensor]:
