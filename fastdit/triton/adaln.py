@@ -621,6 +621,10 @@ supports = supports_modulate  # the name the first registration used
 BWD_REGISTERS = 64
 
 
+# 1024 threads a program: 32 warps of 32 on NVIDIA GPUs, 16 wavefronts of 64 on AMD's.
+MAX_WARPS = 16 if torch.version.hip else 32
+
+
 def _bwd_options() -> dict:
     """The backward's launch options: maxnreg where Triton's target takes it (NVIDIA's; AMD's
     launcher rejects an option it does not know)."""
@@ -644,7 +648,7 @@ def _launch_shape(length: int, dim: int, backward: bool) -> tuple[int, int, int]
         rows = min(max(1, min(64, 4096 // block_d)), triton.next_power_of_2(length))
         return rows, block_d, max(1, min(16, rows * block_d // 512))
     rows = min(max(1, 128 // block_d), triton.next_power_of_2(length))
-    return rows, block_d, max(1, min(32, block_d // 128))
+    return rows, block_d, max(1, min(MAX_WARPS, block_d // 128))
 
 
 CF_RUN_BYTES = 64  # bytes of each channel plane a channels-first tile reads: two 32-byte sectors
