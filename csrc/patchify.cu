@@ -1278,8 +1278,9 @@ PermPlan perm_plan(bool to_tokens, int esize, int64_t B, int64_t C, int64_t h, i
           (cl || is[1] % v16 == 0) && (w * p * P.Cin) % v16 == 0;
     if (vec && J < w) {
       // J * p * Cin must be a multiple of v16: J rounded up to a multiple of m, which can take
-      // a tile of wide patches (K > budget / m) past the 48 KB a block gets without opting in
-      // (the staging is R * J * K elements, R = 1 there); such tiles stay scalar instead.
+      // a tile of wide patches (m * K elements over 48 KB: K > 3072 at m = 8 in 16-bit) past the
+      // 48 KB a block gets without opting in (the staging is R * J * K elements, R = 1 there);
+      // such tiles stay scalar instead.
       const int64_t m = v16 / gcd64(p * P.Cin, v16);
       const int64_t wider = std::min(w, ceil_div(J, m) * m);
       if (wider * K * esize <= 48 * 1024) {

@@ -333,9 +333,9 @@ def test_emulated_patchify_unpatchify(glue_on_cpu, B, C, H, W, p, layout, dtype)
     "C, H, W, p", [(2048, 4, 8, 2), (4096, 2, 16, 1), (8192, 1, 8, 1), (1536, 4, 8, 2)]
 )
 def test_emulated_patchify_of_wide_patches(glue_on_cpu, C, H, W, p, dtype):
-    """Patches of up to 8192 values from 16-byte aligned NCHW images: tiles one patch wide, whose
-    widening to whole 16-byte vectors must not take the staging past 48 KB of shared memory
-    (the emulator fails a launch over 48 KB made without the opt-in, as a GPU does)."""
+    """Patches of up to 8192 values from 16-byte aligned NCHW images: tiles one or two patches
+    wide, whose widening to whole 16-byte vectors must not take the staging past 48 KB of shared
+    memory (the emulator fails a launch over 48 KB made without the opt-in, as a GPU does)."""
     x = torch.randn(1, C, H, W).to(dtype)
     for order in ("cpq", "pqc"):
         tokens = G._cuda_patchify(x, p, order)

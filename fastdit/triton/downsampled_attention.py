@@ -4,12 +4,14 @@ fastdit/ops/downsampled_attention.py).
 Attention within groups, flash style: one program owns BM query rows of one (group, head) and
 streams the group's keys BN at a time with an online softmax, so the (n, n) logits never reach
 memory. Fused into the loads of q and k: RoPE2D (a (2, n, hd/2) cos/sin table, optional), the
-L2 normalisation (cosine attention) and the clamped logit scale exp(min(logit_scale, 4.6052)),
-or hd^-0.5 for plain attention. q and k are handled as their even and odd channels (the RoPE
+L2 normalisation (cosine attention) and the multiplication by the logits' scale (one fp32 value
+a head, computed by torch beforehand: exp(min(logit_scale, 4.6052)), or hd^-0.5 for plain
+attention). q and k are handled as their even and odd channels (the RoPE
 pairs): ``q . k = q_even . k_even + q_odd . k_odd``, so the rotation is elementwise.
 
-Addressing: q, k, v, and their gradients, are (G, heads, n, hd) with any strides, so they may be
-views of the qkv projection ``(B, 4, n, 3d)`` (G = B*4 groups, head h at channels h*hd..). The
+Addressing: q, k, v, and their gradients, are (G, heads, n, hd) with any strides whose channel
+offsets fit 32 bits (else the glue copies, or writes through a buffer), so they may be views of
+the qkv projection ``(B, 4, n, 3d)`` (G = B*4 groups, head h at channels h*hd..). The
 output (and its gradient) is either the same kind of (G, heads, n, hd) tensor, or (MERGE) the
 merged image ``(B, d, H, W)`` of any memory format: token i of group g = 2a + b of sample s is
 pixel (2 (i // gw) + a, 2 (i % gw) + b), channel h*hd + c. That store is the polyphase merge.
@@ -560,8 +562,15 @@ def _precisions(dtype: torch.dtype) -> dict:
 
 
 def _as_groups(t: torch.Tensor) -> torch.Tensor:
-    """(..., heads, n, hd) as (G, heads, n, hd): a view when the leading dims collapse."""
+    """(..., heads, n, hd) as (G, heads, n, hd), to read: a view when the leading dims collapse,
+    else a copy."""
     return t.reshape(-1, *t.shape[-3:])
+
+
+def _groups_to_write(t: torch.Tensor) -> torch.Tensor:
+    """(..., heads, n, hd) as (G, heads, n, hd), to write: a view, or an error (never a copy
+    that the kernels would fill in vain; _fill_target makes such gradients viewable)."""
+    return t.view(-1, *t.shape[-3:])
 
 
 # The attention kernels compute a tile's channel offsets (head dim x channel stride) in 32 bits.
@@ -596,7 +605,7 @@ class _Problem:
             self.scale = torch.full(
                 (self.heads,), self.hd**-0.5, dtype=torch.float32, device=self.q.device
             )
-        self.out = None if out is None else self.out_view(out)
+        self.out = out if out is None or merge else _groups_to_write(out)
         self.half = max(16, triton.next_power_of_2(self.hd // 2))
         self.HD = max(16, triton.next_power_of_2(self.hd))
         self.tiles = {k: attention_tiles(self.n, self.hd, q.dtype, k) for k in ATTENTION_KERNELS}
@@ -653,7 +662,7 @@ def _backward(pb: _Problem, dout: torch.Tensor, dq, dk, dv) -> torch.Tensor:
 
 def _backward_dq(pb: _Problem, dout: torch.Tensor, stats: torch.Tensor, dq) -> torch.Tensor:
     """dq, and d logit_scale (heads, 1, 1) in fp32, from the row statistics of _forward."""
-    dout, dq = pb.out_view(dout), _as_groups(dq)
+    dout, dq = pb.out_view(dout), _groups_to_write(dq)
     tiles = pb.tiles["dq"]
     blocks = triton.cdiv(pb.n, tiles["BM"])
     dls = torch.zeros(pb.Z, blocks, dtype=torch.float32, device=pb.q.device)
@@ -670,7 +679,7 @@ def _backward_dq(pb: _Problem, dout: torch.Tensor, stats: torch.Tensor, dq) -> t
 
 def _backward_dkdv(pb: _Problem, dout: torch.Tensor, stats: torch.Tensor, dk, dv) -> None:
     """dk and dv from the row statistics of _forward."""
-    dout, dk, dv = pb.out_view(dout), _as_groups(dk), _as_groups(dv)
+    dout, dk, dv = pb.out_view(dout), _groups_to_write(dk), _groups_to_write(dv)
     tiles = pb.tiles["dkdv"]
     with device_context(pb.q):
         _attn_bwd_dkdv_kernel[(pb.Z, triton.cdiv(pb.n, tiles["BN"]))](
