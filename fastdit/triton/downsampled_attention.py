@@ -536,8 +536,8 @@ def attention_tiles(
     (tests/test_triton_compile.py): fp16/bf16 16 x 16 with 4 warps, fp32 (IEEE products on
     the CUDA cores) 32 x 32 with 8 warps. Known spills (KNOWN_SPILLS there), to tune on a GPU
     (bench/tune_attention_tiles.py times the alternatives): hd 96 in every dtype; at hd 48,
-    every fp32 kernel, fp16's dq and dkdv kernels and the bf16 forward without RoPE that
-    saves for the backward."""
+    fp32's dq kernel and its forward and dkdv kernels without RoPE, and fp16's dq and dkdv
+    kernels with RoPE (none in bf16)."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     if dtype == torch.float32:
