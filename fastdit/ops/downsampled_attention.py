@@ -80,6 +80,16 @@ from ._op import Op, lazy
 FAMILY = "downsampled_attention"
 ROPE_THETA = 10000.0
 LOGIT_SCALE_MAX = 4.6052  # the released code's clamp (ln 100 = 4.60517...)
+
+
+def cosine_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The kernels' logits scale of cosine attention: exp(min(logit_scale, LOGIT_SCALE_MAX)),
+    one contiguous fp32 value a head, computed by torch as the reference computes it (no
+    gradient: the backward applies the clamp's mask itself)."""
+    clamped = torch.clamp(logit_scale.detach().to(torch.float32), max=LOGIT_SCALE_MAX)
+    return clamped.exp().reshape(-1).contiguous()
+
+
 NORMALIZE_EPS = 1e-12  # F.normalize's default, as in the released code
 
 
@@ -814,8 +824,7 @@ class _CudaAttention:
         self.table = None if table is None else table.to(torch.float32).contiguous()
         self.scale = None
         if cosine:
-            clamped = torch.clamp(logit_scale.detach().to(torch.float32), max=LOGIT_SCALE_MAX)
-            self.scale = clamped.exp().reshape(-1).contiguous()
+            self.scale = cosine_scale(logit_scale)
         dev = self.q.device
         self.tail = (
             self.G, self.heads, self.n, self.hd, self.hdp, self.ext.dtype_code(self.q), dev.index,

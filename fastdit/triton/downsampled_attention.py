@@ -39,10 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.downsampled_attention import _heads_view, layer_backward_with, layer_forward_with
+from ..ops.downsampled_attention import (
+    LOGIT_SCALE_MAX,
+    _heads_view,
+    cosine_scale,
+    layer_backward_with,
+    layer_forward_with,
+)
 from ._common import INTERPRETED, RTNE_BF16, _round, device_context, dtype_reason
 
-LOGIT_SCALE_MAX = 4.6052  # the released clamp (fastdit.ops.downsampled_attention)
 MAX_HEAD_DIM = 128
 # The attention kernels run on a (groups x heads, row blocks) grid: the (group, head) problems
 # on the first axis (below 2^31), the blocks of 16 to 64 rows on the second (at most 65535, the
@@ -595,12 +600,11 @@ class _Problem:
         self.Z = G * self.heads
         self.cosine, self.merge, self.gw = cosine, merge, grid_w
         self.table = table
-        # The logits' scale per head, fp32, computed here by torch as the reference computes
-        # it: exp(min(logit_scale, 4.6052)) for cosine attention (a GPU's tl.exp is ex2.approx
-        # of a rounded product, ~6 ulp: 4e-5 on logits of 100), else hd^-0.5.
+        # The logits' scale per head, fp32, computed by torch as the reference and the cuda
+        # glue compute it (a GPU's tl.exp is ex2.approx of a rounded product, ~6 ulp: 4e-5 on
+        # logits of 100).
         if cosine:
-            clamped = torch.clamp(logit_scale.detach().to(torch.float32), max=LOGIT_SCALE_MAX)
-            self.scale = clamped.exp().reshape(-1).contiguous()
+            self.scale = cosine_scale(logit_scale)
         else:
             self.scale = torch.full(
                 (self.heads,), self.hd**-0.5, dtype=torch.float32, device=self.q.device
@@ -713,7 +717,7 @@ def _fill_target(g: torch.Tensor) -> torch.Tensor:
     groups = (math.prod(g.shape[:-3]), *g.shape[-3:])
     if _narrow_channels(g):
         try:
-            return g.view(groups)
+            return _groups_to_write(g)
         except RuntimeError:
             pass
     return torch.empty(groups, dtype=g.dtype, device=g.device)
