@@ -97,8 +97,11 @@ def _prologue(even, odd, i, row_ok, half, half_ok, TABLE, n, half_dim, ROPE: tl.
     if COSINE:
         norm = tl.sqrt_rn(tl.sum(even * even + odd * odd, axis=1))
         # where the norm is clamped, inv is the constant 1 / eps that _epilogue tests for (a
-        # GPU's "/" is div.full, up to 2 ulp off: 1.0 / eps computed there might miss it)
-        inv = tl.where(norm > NORMALIZE_EPS_, 1.0 / norm, 1.0 / NORMALIZE_EPS_)
+        # GPU's "/" is div.full, up to 2 ulp off: 1.0 / eps computed there might miss it);
+        # the maximum keeps the untaken branch finite for rows of zeros (and padding rows)
+        inv = tl.where(
+            norm > NORMALIZE_EPS_, 1.0 / tl.maximum(norm, NORMALIZE_EPS_), 1.0 / NORMALIZE_EPS_
+        )
         even = even * inv[:, None]
         odd = odd * inv[:, None]
     return even, odd, inv
