@@ -9,6 +9,7 @@ import math
 import emulated
 import pytest
 import torch
+from layouts import nan_gapped
 from tolerance import assert_close_to_reference
 from udit_attention_reference import (
     random_attention_params,
@@ -976,7 +977,7 @@ def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         a, b = [i for i, size in enumerate(t.shape) if size > 1][:2]
         return t.transpose(a, b).contiguous().transpose(a, b)
-    return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+    return nan_gapped(t)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

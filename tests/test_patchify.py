@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from devices import kernel_backends, kernel_device
+from layouts import nan_gapped
 
 import fastdit
 
@@ -619,11 +620,6 @@ def test_patch_embed_layouts_backends(backend):
     _check_backend(P._patch_embed, backend, [x, weight, bias, pos], f"{backend} layouts")
 
 
-def _gaps(t: torch.Tensor) -> torch.Tensor:
-    """t's values as every other element of a buffer with nan between (never to be read)."""
-    return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
-
-
 @pytest.mark.parametrize("backend", KERNELS)
 def test_patch_embed_gapped_parameters_backends(backend):
     """Weight (its output channels and patch positions swapped in memory), bias and pos_embed
@@ -631,8 +627,8 @@ def test_patch_embed_gapped_parameters_backends(backend):
     device = _skip_unless(backend)
     x = _rand(2, 4, 8, 12, dtype=torch.float32, device=device)
     weight = _rand(4, 2, 2, 24, dtype=torch.float32, device=device).permute(3, 0, 1, 2)
-    bias = _gaps(_rand(24, dtype=torch.float32, device=device))
-    pos = _gaps(_rand(1, 24, 24, dtype=torch.float32, device=device))
+    bias = nan_gapped(_rand(24, dtype=torch.float32, device=device))
+    pos = nan_gapped(_rand(1, 24, 24, dtype=torch.float32, device=device))
     _check_backend(P._patch_embed, backend, [x, weight, bias, pos], f"{backend} gaps")
 
 
@@ -693,7 +689,7 @@ def test_final_layer_gapped_parameters_backends(backend):
     """shift, scale, weight and bias strided with nan between their elements."""
     device = _skip_unless(backend)
     x, *rest = _final_layer_inputs(2, 2, 3, 2, 4, 48, torch.float32, device)
-    rest[:4] = [_gaps(t) for t in rest[:4]]
+    rest[:4] = [nan_gapped(t) for t in rest[:4]]
     _check_backend(P._final_layer, backend, [x, *rest], f"{backend} gaps")
 
 

@@ -23,6 +23,7 @@ import re
 import emulated
 import pytest
 import torch
+from layouts import nan_gapped
 from tolerance import assert_close_to_reference
 
 import fastdit
@@ -543,17 +544,15 @@ def cuda_backend_on_cpu(glue_on_cpu, monkeypatch):
 def test_emulated_ops_gapped_parameters(cuda_backend_on_cpu):
     """Weights, biases, pos_embed, shift and scale strided with nan between their elements (and
     the embedding's weight permuted in memory): the glue hands the kernels dense copies."""
-
-    def gaps(t):
-        return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
-
     x = torch.randn(2, 4, 8, 12)
     weight = torch.randn(4, 2, 2, 24).permute(3, 0, 1, 2) * 0.3
-    _check_op("patch_embed", [x, weight, gaps(torch.randn(24)), gaps(torch.randn(1, 24, 24))],
-              "patch_embed, gapped parameters")  # fmt: skip
+    bias, pos = nan_gapped(torch.randn(24)), nan_gapped(torch.randn(1, 24, 24))
+    _check_op("patch_embed", [x, weight, bias, pos], "patch_embed, gapped parameters")
     tokens = torch.randn(2, 6, 48)
-    shift, scale, bias = (gaps(torch.randn(*shape) * 0.5) for shape in ((2, 48), (2, 48), (16,)))
-    weight = gaps(torch.randn(16, 48) * 48**-0.5)
+    shift, scale, bias = (
+        nan_gapped(torch.randn(*shape) * 0.5) for shape in ((2, 48), (2, 48), (16,))
+    )
+    weight = nan_gapped(torch.randn(16, 48) * 48**-0.5)
     _check_op("final_layer", [tokens, shift, scale, weight, bias, 2, [2, 3], 1e-6],
               "final_layer, gapped parameters")  # fmt: skip
 

@@ -717,13 +717,12 @@ def _fill_target(g: torch.Tensor) -> torch.Tensor:
     """The (G, heads, n, hd) tensor the kernels fill for the gradient ``g``: a view of it, or,
     where its leading dims do not collapse (e.g. (B, 4) transposed from (4, B)) or its channel
     stride is too large (_narrow_channels), a contiguous buffer to copy into it afterwards."""
-    groups = (math.prod(g.shape[:-3]), *g.shape[-3:])
     if _narrow_channels(g):
         try:
             return _groups_to_write(g)
         except RuntimeError:
             pass
-    return torch.empty(groups, dtype=g.dtype, device=g.device)
+    return torch.empty(math.prod(g.shape[:-3]), *g.shape[-3:], dtype=g.dtype, device=g.device)
 
 
 def attention_backward(grads, inputs) -> list[torch.Tensor]:
