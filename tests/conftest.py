@@ -10,6 +10,9 @@ import os
 if os.environ.get("FASTDIT_TEST_TRITON_GPU", "0") == "0":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("FASTDIT_BACKEND", None)  # tests choose their backends explicitly
+# cuBLAS gives the same bits on every stream (a CUDA graph's capture stream against the default
+# one: tests/test_streams.py) only with a fixed workspace; read when its first handle is made.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,6 +22,11 @@ import torch  # noqa: E402
 # off on a GPU, and compiled and kernel paths disagree by that much.
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
+# Nor may cuBLAS sum fp16 / bf16 products in reduced precision, which it does for some shapes
+# and not others: the glue's own matmuls (weight gradients) and eager autograd's, of other
+# layouts, could then round apart for no fault of a kernel.
+torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 # Tests compare gradients of repeated runs bitwise (the torch backend's convolutions included):
 # cuDNN may otherwise pick a weight-gradient algorithm that sums with atomics.
 torch.backends.cudnn.deterministic = True

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from devices import kernel_backends, kernel_device
+from layouts import nan_filled_empty
 from tolerance import assert_close_to_reference
 
 import fastdit
@@ -219,17 +220,12 @@ def test_modulate_forward_backends(backend, dtype, shape, layout):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_modulate_writes_every_element(backend, monkeypatch):
+def test_modulate_writes_every_element(backend):
     """Outputs poisoned with NaN before the call: an element the kernel skips stays NaN."""
     device = _skip_unless(backend)
     x, shift, scale = _inputs((2, 9, 200), torch.float32, device)
-    real_empty_like = torch.empty_like
-
-    def poisoned(*args, **kwargs):
-        return real_empty_like(*args, **kwargs).fill_(float("nan"))
-
-    monkeypatch.setattr(torch, "empty_like", poisoned)
-    got = fastdit.adaln_modulate(x, shift, scale, backend=backend)
+    with nan_filled_empty():
+        got = fastdit.adaln_modulate(x, shift, scale, backend=backend)
     assert adaln._modulate.last_backend == backend
     assert torch.isfinite(got).all()
 
@@ -367,32 +363,21 @@ def test_backward_backends(backend, op_name, dtype, shape, layout):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op_name", ["modulate", "gated"])
 @pytest.mark.parametrize("shape", [(3, 37, 200), (2, 200, 5, 7)], ids=["tokens", "channels_first"])
-def test_every_element_is_written(backend, op_name, shape, monkeypatch):
+def test_every_element_is_written(backend, op_name, shape):
     """Outputs and gradients (and scratch) poisoned with NaN: a skipped element stays NaN."""
     device = _skip_unless(backend)
     op, inputs = _op_inputs(op_name, shape, torch.float32, device)
     assert op.why_not(backend, [*inputs, 1e-6], backward=True) == ""  # both layouts served
     grads = _cotangents(op, inputs)
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
-    outs = op(*inputs, 1e-6, backend=backend)
-    assert op.last_backend == backend
-    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    assert all(torch.isfinite(o).all() for o in outs), "forward left elements unwritten"
-    got = _kernel_backward(op, backend, grads, inputs)
-    assert op.last_backward_backend == backend
-    for i, g in zip(op.diff_index, got):
-        assert torch.isfinite(g).all(), f"backward left d {op.arg_names[i]} partly unwritten"
+    with nan_filled_empty():
+        outs = op(*inputs, 1e-6, backend=backend)
+        assert op.last_backend == backend
+        outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+        assert all(torch.isfinite(o).all() for o in outs), "forward left elements unwritten"
+        got = _kernel_backward(op, backend, grads, inputs)
+        assert op.last_backward_backend == backend
+        for i, g in zip(op.diff_index, got):
+            assert torch.isfinite(g).all(), f"backward left d {op.arg_names[i]} partly unwritten"
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

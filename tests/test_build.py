@@ -96,6 +96,12 @@ def test_extension_imports_and_reports():
 
     if not torch.cuda.is_available():
         assert reason, "runtime_check(0) must explain why there is no usable GPU"
+    else:
+        # Where torch sees a GPU, the extension built here must run on it: otherwise every cuda
+        # test skips (the reason is theirs to skip on) and the run looks green for no test run.
+        here = torch.cuda.current_device()
+        assert _C.runtime_check(here) == "", f"fastdit._C on cuda:{here}: {_C.runtime_check(here)}"
+        assert _ext.cuda_unavailable_reason() == ""
     assert _C.runtime_check(10_000)  # no such device, never a crash
 
 

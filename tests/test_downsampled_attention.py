@@ -9,7 +9,7 @@ import math
 import emulated
 import pytest
 import torch
-from layouts import nan_gapped
+from layouts import nan_filled_empty, nan_gapped
 from tolerance import assert_close_to_reference
 from udit_attention_reference import (
     random_attention_params,
@@ -1020,21 +1020,10 @@ def test_every_element_is_written(backend, name, monkeypatch):
     device = _skip_unless(op, backend, monkeypatch)
     op, inputs = _kernel_cases(device)[name]
     grad = torch.randn_like(op.reference(*inputs))
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-    monkeypatch.setattr(torch, "empty_like", empty_like)
-    assert torch.isfinite(op(*inputs, backend=backend)).all(), "forward left elements unwritten"
-    for i, g in zip(op.diff_index, op._bwd(grad, *inputs, backend)):
-        assert torch.isfinite(g).all(), f"backward left d {op.arg_names[i]} partly unwritten"
+    with nan_filled_empty():
+        assert torch.isfinite(op(*inputs, backend=backend)).all(), "forward left elements unwritten"
+        for i, g in zip(op.diff_index, op._bwd(grad, *inputs, backend)):
+            assert torch.isfinite(g).all(), f"backward left d {op.arg_names[i]} partly unwritten"
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -1066,7 +1055,7 @@ def test_compile_fullgraph_through_udit_attention(backend, monkeypatch):
     device = _skip_unless(da._layer, backend, monkeypatch)
     from fastdit.nn.udit import DownsampledAttention
 
-    module = DownsampledAttention(32, 2, backend=backend).to(device)
+    module = DownsampledAttention(32, num_heads=2, backend=backend).to(device)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.2)
