@@ -235,8 +235,11 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def _git_commit() -> str:
-    """The checkout's commit (short, "-dirty" with uncommitted changes to tracked files); where
-    the tree is a copy without git's metadata, FASTDIT_COMMIT as the sender set it."""
+    """FASTDIT_COMMIT where the caller set it (a lent machine gets a copy of the tree without
+    git's metadata, perhaps inside another git work tree); else the checkout's commit (short,
+    "-dirty" with uncommitted changes to tracked files)."""
+    if os.environ.get("FASTDIT_COMMIT"):
+        return os.environ["FASTDIT_COMMIT"]
     with contextlib.suppress(Exception):
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -252,7 +255,7 @@ def _git_commit() -> str:
                 cwd=Path(__file__).parent,
             ).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
-    return os.environ.get("FASTDIT_COMMIT") or "unknown"
+    return "unknown"
 
 
 def header(device: torch.device) -> dict[str, str]:
@@ -412,17 +415,38 @@ def bench_case(
     # and the rows timed before it are kept (written after each variant) if it is cut off
     for name, fn in sorted(variants.items(), key=lambda item: is_compiled(item[0])):
         call = _step(fn) if backward else fn
-        try:
+
+        def timed(call=call):
             with contextlib.nullcontext() if backward else torch.no_grad():
-                t = time_call(call, make, ctx.device)
+                return time_call(call, make, ctx.device)
+
+        note = ""
+        try:
+            t = timed()
         except Exception as e:  # noqa: BLE001  (a failing variant is reported, not fatal)
             print(f"{label} {shape} {_dt(dtype)} {name} failed:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)  # the whole story, in the run's log
             note = f"failed: {first_line(e)}"
-            rows.append(Row(label, shape, _dt(dtype), name, float("nan"), note=note))
-            ctx.checkpoint(rows)
-            continue
-        row = Row(label, shape, _dt(dtype), name, t)
+            # A background compile stopped mid-write (gpu_check.sh) can leave a broken entry in
+            # Inductor's caches on disk that fails a compile which would work: once more
+            # without the caches before the variant counts as failed.
+            if is_compiled(name):
+                print("compiling it again without Inductor's caches", file=sys.stderr)
+                try:
+                    from torch import _dynamo
+                    from torch._inductor import config as inductor_config
+
+                    _dynamo.reset()
+                    with inductor_config.patch(force_disable_caches=True):
+                        t = timed()
+                    note = f"compiled again without caches after: {first_line(e)}"
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc(file=sys.stderr)
+            if note.startswith("failed"):
+                rows.append(Row(label, shape, _dt(dtype), name, float("nan"), note=note))
+                ctx.checkpoint(rows)
+                continue
+        row = Row(label, shape, _dt(dtype), name, t, note=note)
         shares = []
         if bytes_moved:
             row.gbps = bytes_moved / t / 1e3

@@ -46,8 +46,9 @@ step() { echo; echo "== $* =="; }
 
 step "machine" | tee "$OUT/machine.txt"
 { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version | tail -n 2; } 2>&1 | tee -a "$OUT/machine.txt"
-# A tree copied without git's metadata (a lent machine) takes its commit from FASTDIT_COMMIT.
-commit=$(git rev-parse HEAD 2>/dev/null) || commit=${FASTDIT_COMMIT:-unknown}
+# FASTDIT_COMMIT, where the caller sets it, names the commit (a lent machine gets a copy of the
+# tree without git's metadata, perhaps inside some other git work tree); else git's HEAD.
+commit=${FASTDIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 echo "commit $commit" | tee -a "$OUT/machine.txt"
 
 # torch.compile's baselines cost more than the timings: every case compiles the reference for
@@ -56,7 +57,8 @@ echo "commit $commit" | tee -a "$OUT/machine.txt"
 # compile thread) compile them in the background from here on, beside the build and the tests,
 # into Inductor's caches on disk; the timed run then loads each graph from there. They are
 # stopped before the first timing, whatever they have not reached is compiled by the timed run
-# as before. WARM_JOBS=0 turns this off.
+# as before (and a cache entry one of them was writing when stopped, if broken, fails its first
+# try there: bench/common.py compiles it again without the caches). WARM_JOBS=0 turns this off.
 # A GPU in an exclusive compute mode takes one process at a time: no background compiles there.
 mode=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -n1)
 case "$mode" in Exclusive*) echo "compute mode $mode: no background compiles"; WARM_JOBS=0;; esac
@@ -103,8 +105,11 @@ trap 'stop_warm 0' EXIT
 
 step "build (FASTDIT_BUILD_CUDA=1, archs: the GPU present)"
 start=$(date +%s)
-if ! FASTDIT_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -n 40 "$OUT/build.log"; echo "BUILD FAILED"; stop_warm 0; exit 1
+# at most what is left less two minutes: a build that hangs still leaves the logs to read
+if ! FASTDIT_BUILD_CUDA=1 timeout -k 10 $(( $(left) - 120 )) \
+    $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"
+  echo "BUILD FAILED after $(( $(date +%s) - start )) s"; stop_warm 0; exit 1
 fi
 echo "built in $(( $(date +%s) - start )) s"
 $PY -m fastdit info 2>&1 | tee "$OUT/info.txt"
@@ -128,7 +133,17 @@ run_test_file() {
     > "$OUT/tests/$name.txt" 2>&1
   local rc=$?
   # pytest's exit code 5: every test of the file deselected or skipped, not a failure
-  echo "$name: $(tail -n 1 "$OUT/tests/$name.txt") (exit $rc)"
+  case $rc in
+    0|1|5) echo "$name: $(tail -n 1 "$OUT/tests/$name.txt") (exit $rc)";;
+    124|137) echo "$name: stopped at the deadline (after $left s), the last test begun:" \
+      "$(grep '^tests/.*::' "$OUT/tests/$name.txt" | tail -n 1 \
+         | sed -E 's/ +(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS).*$//; s/ +$//') (exit $rc)";;
+    # a file that cannot be collected (exit 2), pytest's own error (3, 4), a crash: no test's
+    # report tells why, the end of the log does
+    *) echo "$name: no verdict (exit $rc)"
+       { echo "=== $name: exit $rc, the end of its log"; tail -n 30 "$OUT/tests/$name.txt"
+         echo; } >> "$OUT/tests/$name.failures.txt";;
+  esac
   [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ]
 }
 
@@ -169,6 +184,7 @@ for suite in ${SUITES//,/ }; do total=$(( total + weight[$suite] )); done
 # suite that ends early, or starts late, moves the others' shares with it.
 BENCH_SECONDS=${BENCH_SECONDS:-$(( $(left) - 45 ))}
 echo "benchmark budget: $BENCH_SECONDS s"
+: > "$OUT/bench.txt"  # a second "bench" call into this folder starts the log afresh
 bench_end=$(( $(date +%s) + BENCH_SECONDS ))
 for suite in ${SUITES//,/ }; do
   share=$(( (bench_end - $(date +%s) - 15) * weight[$suite] / total ))
@@ -179,7 +195,12 @@ for suite in ${SUITES//,/ }; do
   fi
   timeout -k 10 $(( share + 45 )) $PY bench/run.py --only "$suite" ${extra[$suite]:-} --budget "$share" \
     --out "$OUT" 2>&1 | tee -a "$OUT/bench.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "suite $suite failed or ran past its time"; status=1; }
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    0) ;;
+    124|137) echo "suite $suite: stopped, past its time (exit $rc)"; status=1;;
+    *) echo "suite $suite failed (exit $rc)"; status=1;;
+  esac
 done
 
 # The issues' targets against the rows just written: targets.md (a target missed is a finding,

@@ -76,6 +76,50 @@ def test_compiled_variants_run_last_and_a_failure_is_one_line(tmp_path, capsys):
     assert "second line" not in (tmp_path / "demo.md").read_text()
 
 
+def test_a_failed_compiled_variant_is_compiled_again_without_caches(tmp_path, monkeypatch):
+    """A compiled variant that fails (a broken entry in Inductor's caches on disk, left by a
+    background compile stopped mid-write) is tried once more with the caches off: timed, with a
+    note, if that works; a failed row if it fails again. Other variants are not retried."""
+    import torch._inductor.config as inductor
+
+    ctx = _context(tmp_path)
+    ctx.start_suite("demo", budget_s=60.0)
+    calls = {"compile": 0, "cuda": 0}
+    caches_off = []
+
+    def broken_cache(x):  # fails while Inductor's caches are on
+        calls["compile"] += 1
+        caches_off.append(inductor.force_disable_caches)
+        if not inductor.force_disable_caches:
+            raise ImportError("main.so: file too short")
+        return torch.neg(x)
+
+    def always(name):
+        def fn(x):
+            calls[name] += 1
+            raise RuntimeError(f"{name} is broken")
+
+        return fn
+
+    variants = {"compile": broken_cache, "cuda": always("cuda"), "fastdit+compile": torch.abs}
+    rows: list[common.Row] = []
+    common.bench_case(rows, ctx, "demo op", "(64,)", torch.float32, lambda: [torch.ones(64)],
+                      variants)  # fmt: skip
+    by = {r.backend: r for r in rows}
+    assert by["compile"].time_us > 0
+    assert by["compile"].note == "compiled again without caches after: main.so: file too short"
+    assert caches_off[0] is False and all(caches_off[1:]) and inductor.force_disable_caches is False
+    assert calls["cuda"] == 1 and by["cuda"].note == "failed: cuda is broken"
+    assert by["fastdit+compile"].time_us > 0 and by["fastdit+compile"].note == ""
+
+    rows.clear()
+    calls["compile"] = 0
+    common.bench_case(rows, ctx, "demo op", "(64,)", torch.float32, lambda: [torch.ones(64)],
+                      {"compile": always("compile")})  # fmt: skip
+    assert calls["compile"] == 2  # the first call of each try
+    assert rows[0].note == "failed: compile is broken" and rows[0].time_us != rows[0].time_us
+
+
 def test_inputs_rotate_through_the_l2_flush_bytes_on_a_gpu():
     made = []
 
@@ -357,17 +401,23 @@ def test_a_warm_run_fills_the_cache_that_the_timed_run_reads(tmp_path):
 
 
 def test_results_name_the_commit_sent_where_the_tree_has_no_git(monkeypatch):
-    """A lent GPU machine gets a copy of the tree without .git: the results then carry
-    FASTDIT_COMMIT (what gpu_check.sh's caller sets), not an empty commit."""
+    """A lent GPU machine gets a copy of the tree without .git, perhaps inside another git
+    work tree: the results carry FASTDIT_COMMIT (what gpu_check.sh's caller sets) wherever it is
+    set, else git's answer, else "unknown"."""
     import subprocess
+
+    def repository(args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, "fedcba9\n" if "rev-parse" in args else "", "")
 
     def no_repository(args, **kwargs):
         return subprocess.CompletedProcess(args, 128, "", "fatal: not a git repository")
 
-    monkeypatch.setattr(common.subprocess, "run", no_repository)
+    monkeypatch.setattr(common.subprocess, "run", repository)
     monkeypatch.setenv("FASTDIT_COMMIT", "0123abc")
     assert common.header(torch.device("cpu"))["commit"] == "0123abc"
     monkeypatch.delenv("FASTDIT_COMMIT")
+    assert common._git_commit() == "fedcba9"
+    monkeypatch.setattr(common.subprocess, "run", no_repository)
     assert common._git_commit() == "unknown"
 
 
