@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import io
 import os
 import platform
 import statistics
@@ -304,13 +305,15 @@ def print_rows(rows: Sequence[Row]) -> None:
 def write_results(
     out_dir: Path, name: str, rows: Sequence[Row], limits: Limits, head: dict[str, str]
 ) -> None:
-    """``<out_dir>/<name>.csv`` and ``<out_dir>/<name>.md``."""
+    """``<out_dir>/<name>.csv`` and ``<out_dir>/<name>.md``, each replaced whole (written
+    aside, then renamed): a suite stopped from outside mid-write keeps its previous files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()) if rows else ["bench"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0]).keys()) if rows else ["bench"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(asdict(r))
+    _replace(out_dir / f"{name}.csv", buffer.getvalue())
     lines = [f"# {name}", ""]
     lines += [f"- {k}: {v}" for k, v in head.items()]
     lines.append(f"- copy bandwidth measured: {limits.copy_gbps:.0f} GB/s")
@@ -328,7 +331,15 @@ def write_results(
             f"| {_fmt(r.gbps, '.0f')} | {_fmt(r.tflops, '.1f')} | {_fmt(r.of_limit, '.0%')} "
             f"| {_fmt(r.vs_eager, '.2f')} | {_fmt(r.vs_compile, '.2f')} | {r.note} |"
         )
-    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    _replace(out_dir / f"{name}.md", "\n".join(lines) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that the file is, at any moment, the old or the new one."""
+    aside = path.with_name(f".{path.name}.partial")
+    with open(aside, "w", newline="") as f:
+        f.write(text)
+    os.replace(aside, path)
 
 
 @dataclass
