@@ -4,7 +4,9 @@ Shapes: DiT-XL/2 tokens (B 32 and 256, N 256, D 1152) and the U-DiT-B stages (B 
 384, 768 on 32x32, 16x16, 8x8 latents, and the decoder's 384 on 32x32, the largest tensor),
 each in U-DiT's default channels-first memory ("cf": both kernel backends run their
 tile-of-tokens kernels on it) and channels-last ("cl"). Variants: eager PyTorch (the
-reference), torch.compile of the reference, and each kernel backend that can run here.
+reference), torch.compile of the reference, and each kernel backend that can run here; in the
+forward also "copy", PyTorch copying the row tensors (x, or x and y) to new ones: the op's
+bytes at its size, for how near the copy bandwidth (measured on 256 MiB) a shape can come.
 
 Floor (bytes that must move; N = B*L*D elements, elem = bytes per element):
   adaln_modulate fwd:      read x; write out                       2 N  (+ 2 B*D: shift, scale)
@@ -122,7 +124,8 @@ def run(ctx: common.Context) -> list[common.Row]:
                         variants[backend] = lambda *a, op=op, b=backend: op(*a, 1e-6, backend=b)
                 shape_s = f"{label} {tuple(shape)}"
                 common.bench_case(
-                    rows, ctx, name, shape_s, dtype, make(n_x), variants,
+                    rows, ctx, name, shape_s, dtype, make(n_x),
+                    {**variants, common.COPY: common.copy_of_inputs(n_x)},
                     bytes_moved=elements * elem,
                 )  # fmt: skip
                 if ctx.backward:

@@ -3,7 +3,9 @@
 Shapes: DiT-XL/2 at 256 px and B 256 (training), then DiT-XL/2, DiT-B/4 and DiT-S/8 at 256 px
 (latent 32x32, B 32) and 512 px (64x64, B 8).
 Variants: eager PyTorch (the reference), torch.compile of the reference, and each kernel backend
-that can run here; forward, and forward+backward.
+that can run here; forward, and forward+backward. The layout ops' forward also has "copy",
+PyTorch copying the input to a new tensor: the same bytes at the same size, for how near the
+copy bandwidth (measured on 256 MiB) a shape this small can come.
 
 Floors, the bytes that must move (elements times the dtype's size; K = C*p*p, Q = p*p*C_out
 outputs per token, M = B*N tokens, I = B*C*H*W the latent image):
@@ -131,8 +133,10 @@ def run(ctx: common.Context) -> list[common.Row]:
                             *a, *e, backend=b
                         )
                 shape = f"{label} {'x'.join(map(str, grid))} D{dim}"
+                # a layout op (no FLOPs): its bytes against a copy of its input, the same size
+                copy = {} if flops else {common.COPY: common.copy_of_inputs(1)}
                 common.bench_case(
-                    rows, ctx, name, shape, dtype, make, variants,
+                    rows, ctx, name, shape, dtype, make, {**variants, **copy},
                     bytes_moved=fwd * elem, flops=flops,
                 )  # fmt: skip
                 if ctx.backward:

@@ -222,6 +222,23 @@ def under_autocast(
     return _within(fn, lambda: torch.autocast(device.type, dtype=dtype))
 
 
+COPY = "copy"  # the backend name of copy_of_inputs' rows
+
+
+def copy_of_inputs(count: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """A variant that copies the first ``count`` inputs of a case (its activations, which hold
+    nearly all of a memory-bound op's bytes) into new tensors: the same bytes in and out as the
+    op, at the op's sizes, inputs and allocations, moved by PyTorch's copy kernel. Its row
+    (backend ``COPY``, timed like any other, its GB/s counted with the op's floor) shows how
+    near the copy bandwidth, measured on 256 MiB buffers, a shape this small can come at all:
+    a few MB take a few microseconds, where a kernel's start and end are no longer small."""
+
+    def copy(*inputs):
+        return tuple(torch.empty_like(t).copy_(t) for t in inputs[:count])
+
+    return copy
+
+
 def add_ratios(rows: list[Row]) -> None:
     """Fill vs_eager / vs_compile from the eager and compile rows of the same bench and shape."""
     base: dict[tuple[str, str, str, str], float] = {}

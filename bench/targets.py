@@ -24,7 +24,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-BASELINES = ("eager", "compile", "sdpa core")  # the rows a target compares kernels against
+# the rows a target compares kernels against ("copy": PyTorch copying the case's inputs, the
+# same bytes at the same size: bench/common.py's copy_of_inputs)
+BASELINES = ("eager", "compile", "sdpa core", "copy")
 # and rows named "<kernel> cast-first": a kernel behind the cast to float32 that autocast used
 # to need, kept in the adaln suite to show what the mixed-precision kernels save
 BASELINE_SUFFIXES = (" cast-first",)
@@ -165,6 +167,8 @@ def check(folder: Path) -> list[Verdict]:
     for target in TARGETS:
         rows, copy_gbps = suites[target.suite]
         rows = one_backend_a_row(rows)
+        copies = {(r["bench"], r["shape"], r["dtype"]): r.get(target.metric, math.nan)
+                  for r in rows if r["backend"] == "copy"}  # fmt: skip
         if target.metric == "bwd_share":
             rows = backward_rows(rows, copy_gbps)
         rows = [r for r in rows if target.takes(r) and is_kernel(r["backend"])]
@@ -174,6 +178,9 @@ def check(folder: Path) -> list[Verdict]:
             measured = [r for r in mine if not math.isnan(r[target.metric])]
             met = [r for r in measured if r[target.metric] >= target.at_least]
             worst = min(measured, key=lambda r: r[target.metric], default=None)
+            if worst is not None:
+                key = (worst["bench"], worst["shape"], worst["dtype"])
+                worst = dict(worst, copy=copies.get(key, math.nan))
             verdicts.append(Verdict(target, backend, len(measured), len(met), worst,
                                     len(mine) - len(measured)))  # fmt: skip
     return verdicts
@@ -190,7 +197,9 @@ def render(verdicts: list[Verdict], head: str = "") -> str:
     lines += [
         "Each target against every row of its benches that a kernel backend measured "
         "(bench/targets.py; the rows: the suites' .md files). A row failed, or a case the "
-        "suite's time did not reach, counts as not measured for each kernel it names.",
+        "suite's time did not reach, counts as not measured for each kernel it names. A "
+        "worst row's \"copy of its inputs\": the share PyTorch copying that case's inputs "
+        "reached, the same bytes at the same size (the copy bandwidth is measured on 256 MiB).",
         "",
         "| issue | target | backend | status | rows met | worst (value, case) | not measured |",
         "|---|---|---|---|---:|---|---:|",
@@ -201,6 +210,8 @@ def render(verdicts: list[Verdict], head: str = "") -> str:
         if v.worst is not None:
             r = v.worst
             worst = f"{_format(t.metric, r[t.metric])}: {r['bench']}, {r['shape']}, {r['dtype']}"
+            if not math.isnan(r["copy"]):
+                worst += f" (a copy of its inputs: {_format(t.metric, r['copy'])})"
         lines.append(
             f"| {t.issue} | {t.what} | {v.backend} | {v.status} | {v.met} / {v.measured} "
             f"| {worst} | {v.not_measured} |"

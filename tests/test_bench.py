@@ -438,6 +438,7 @@ def test_targets_read_the_suites_results(tmp_path):
         row("gated_adaln fwd", "cuda", 100.0, 2700.0, 0.9, 10.0, 4.0),
         row("gated_adaln fwd", "triton", 120.0, 2250.0, 0.75, 8.0, 3.0),
         row("gated_adaln fwd", "cuda cast-first", 300.0, 900.0, 0.3, 3.3, 1.1),  # a baseline
+        row("gated_adaln fwd", "copy", 95.0, 2850.0, 0.95, 10.5, 4.2),  # a baseline
         # fwd+bwd (cuda): the forward's 270 MB in 100 us, then 360 MB in 150 us (2400 GB/s)
         row("gated_adaln fwd+bwd", "cuda", 250.0, (270e3 + 360e3) / 250, None, 3.5, 1.1),
         row("gated_adaln fwd+bwd", "triton", float("nan")),  # failed: not measured
@@ -456,6 +457,7 @@ def test_targets_read_the_suites_results(tmp_path):
     assert fwd.not_measured == 1  # the modulate case not run counts against cuda and triton
     fwd = verdicts[("adaln forward: >= 85 % of the copy bandwidth", "triton")]
     assert (fwd.status, fwd.worst["of_limit"], fwd.not_measured) == ("MISSED", 0.75, 1)
+    assert fwd.worst["copy"] == 0.95  # the same case's copy, beside the worst row
     assert {b for _, b in verdicts} == {"cuda", "triton", "(none)"}  # no baseline judged
     bwd = verdicts[("adaln backward: >= 70 % of the copy bandwidth", "cuda")]
     assert bwd.status == "met"
@@ -471,6 +473,7 @@ def test_targets_read_the_suites_results(tmp_path):
     assert targets.main([str(tmp_path)]) == 0
     text = (tmp_path / "targets.md").read_text()
     assert "- device: H100" in text and "- commit: abc" in text
+    assert "75%: gated_adaln fwd, DiT-XL/2 B256, bfloat16 (a copy of its inputs: 95%)" in text
     assert (
         "| 4 | gated_adaln (the block step): >= 1.2x torch.compile | cuda | MISSED | 1 / 2 "
         "| 1.10x: gated_adaln fwd+bwd, DiT-XL/2 B256, bfloat16 |" in text
