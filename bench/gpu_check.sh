@@ -105,11 +105,16 @@ trap 'stop_warm 0' EXIT
 
 step "build (FASTDIT_BUILD_CUDA=1, archs: the GPU present)"
 start=$(date +%s)
-# at most what is left less two minutes: a build that hangs still leaves the logs to read
-if ! FASTDIT_BUILD_CUDA=1 timeout -k 10 $(( $(left) - 120 )) \
-    $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+# at most what is left less two minutes (but a minute at least: `timeout 0` never stops), so a
+# build that hangs still leaves the logs to read
+build_s=$(( $(left) - 120 )); [ "$build_s" -ge 60 ] || build_s=60
+FASTDIT_BUILD_CUDA=1 timeout -k 10 "$build_s" \
+  $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+rc=$?
+if [ "$rc" -ne 0 ]; then
   tail -n 40 "$OUT/build.log"
-  echo "BUILD FAILED after $(( $(date +%s) - start )) s"; stop_warm 0; exit 1
+  case $rc in 124|137) why="stopped at its limit of $build_s s";; *) why="exit $rc";; esac
+  echo "BUILD FAILED after $(( $(date +%s) - start )) s ($why)"; stop_warm 0; exit 1
 fi
 echo "built in $(( $(date +%s) - start )) s"
 $PY -m fastdit info 2>&1 | tee "$OUT/info.txt"
@@ -122,9 +127,10 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-$tests_s}
 # happens, so a file stopped at the deadline still says what ran and what failed (its junit XML
 # is written only at the end); a test running over 60 s has its stack dumped.
 run_test_file() {
-  local file=$1 name left
+  local file=$1 name left began why
   name=$(basename "$file" .py)
-  left=$(( DEADLINE - $(date +%s) ))
+  began=$(date +%s)
+  left=$(( DEADLINE - began ))
   if [ "$left" -le 5 ]; then echo "$name: not run (TEST_TIMEOUT spent)"; return 1; fi
   FASTDIT_TEST_TRITON_GPU=1 FASTDIT_TEST_FAILURES="$OUT/tests/$name.failures.txt" timeout -k 10 "$left" \
     ${SANITIZER:+"$SANITIZER_BIN" --tool "$SANITIZER" --error-exitcode 86 --print-limit 20} \
@@ -135,11 +141,14 @@ run_test_file() {
   # pytest's exit code 5: every test of the file deselected or skipped, not a failure
   case $rc in
     0|1|5) echo "$name: $(tail -n 1 "$OUT/tests/$name.txt") (exit $rc)";;
-    124|137) echo "$name: stopped at the deadline (after $left s), the last test begun:" \
+    # 124: stopped at the deadline; 137: killed, 10 s after that or before it (out of memory)
+    124|137) if [ $(( $(date +%s) - began )) -ge "$left" ]; then why="at the deadline"
+      else why="killed after $(( $(date +%s) - began )) s, before the deadline"; fi
+      echo "$name: stopped ($why), the last test begun:" \
       "$(grep '^tests/.*::' "$OUT/tests/$name.txt" | tail -n 1 \
          | sed -E 's/ +(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS).*$//; s/ +$//') (exit $rc)";;
-    # a file that cannot be collected (exit 2), pytest's own error (3, 4), a crash: no test's
-    # report tells why, the end of the log does
+    # a file that cannot be collected (exit 2), pytest's own error (3, 4), a crash, the
+    # sanitizer's errors (86): no test's report tells why, the end of the log does
     *) echo "$name: no verdict (exit $rc)"
        { echo "=== $name: exit $rc, the end of its log"; tail -n 30 "$OUT/tests/$name.txt"
          echo; } >> "$OUT/tests/$name.failures.txt";;
@@ -198,7 +207,7 @@ for suite in ${SUITES//,/ }; do
   rc=${PIPESTATUS[0]}
   case $rc in
     0) ;;
-    124|137) echo "suite $suite: stopped, past its time (exit $rc)"; status=1;;
+    124|137) echo "suite $suite: stopped, past its time or out of memory (exit $rc)"; status=1;;
     *) echo "suite $suite failed (exit $rc)"; status=1;;
   esac
 done

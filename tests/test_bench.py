@@ -5,6 +5,7 @@ function is compiled for every shape measured."""
 from __future__ import annotations
 
 import csv
+import math
 import sys
 import time
 from pathlib import Path
@@ -79,9 +80,11 @@ def test_compiled_variants_run_last_and_a_failure_is_one_line(tmp_path, capsys):
 def test_a_failed_compiled_variant_is_compiled_again_without_caches(tmp_path, monkeypatch):
     """A compiled variant that fails (a broken entry in Inductor's caches on disk, left by a
     background compile stopped mid-write) is tried once more with the caches off: timed, with a
-    note, if that works; a failed row if it fails again. Other variants are not retried."""
+    note, if that works; a failed row if it fails again. Other variants are not retried, nor
+    any once the process's retries are spent."""
     import torch._inductor.config as inductor
 
+    monkeypatch.setattr(common, "_retries_without_caches", [3])
     ctx = _context(tmp_path)
     ctx.start_suite("demo", budget_s=60.0)
     calls = {"compile": 0, "cuda": 0}
@@ -118,6 +121,13 @@ def test_a_failed_compiled_variant_is_compiled_again_without_caches(tmp_path, mo
                       {"compile": always("compile")})  # fmt: skip
     assert calls["compile"] == 2  # the first call of each try
     assert rows[0].note == "failed: compile is broken" and rows[0].time_us != rows[0].time_us
+
+    rows.clear()
+    calls["compile"] = 0
+    common._retries_without_caches[0] = 0
+    common.bench_case(rows, ctx, "demo op", "(64,)", torch.float32, lambda: [torch.ones(64)],
+                      {"compile": always("compile")})  # fmt: skip
+    assert calls["compile"] == 1 and rows[0].note == "failed: compile is broken"
 
 
 def test_inputs_rotate_through_the_l2_flush_bytes_on_a_gpu():
@@ -465,6 +475,7 @@ def test_targets_read_the_suites_results(tmp_path):
     assert verdicts[("adaln backward: >= 70 % of the copy bandwidth", "triton")].not_measured == 1
     step = verdicts[("gated_adaln (the block step): >= 1.2x torch.compile", "cuda")]
     assert (step.status, step.met, step.measured, step.worst["vs_compile"]) == ("MISSED", 1, 2, 1.1)
+    assert math.isnan(step.worst["copy"])  # a speed-up target: no copy share beside it
     eager = verdicts[("downsampled_attention layer, bf16: >= 2x eager", "cuda")]
     assert (eager.status, eager.measured) == ("met", 1)  # the float32 row is not a bf16 target's
     models = [v for (what, _), v in verdicts.items() if what.startswith("U-DiT-L")]
