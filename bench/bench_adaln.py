@@ -125,7 +125,7 @@ def run(ctx: common.Context) -> list[common.Row]:
                 shape_s = f"{label} {tuple(shape)}"
                 common.bench_case(
                     rows, ctx, name, shape_s, dtype, make(n_x),
-                    {**variants, common.COPY: common.copy_of_inputs(n_x)},
+                    {**variants, "copy": common.copy_of_inputs(n_x)},
                     bytes_moved=elements * elem,
                 )  # fmt: skip
                 if ctx.backward:

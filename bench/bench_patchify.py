@@ -134,7 +134,7 @@ def run(ctx: common.Context) -> list[common.Row]:
                         )
                 shape = f"{label} {'x'.join(map(str, grid))} D{dim}"
                 # a layout op (no FLOPs): its bytes against a copy of its input, the same size
-                copy = {} if flops else {common.COPY: common.copy_of_inputs(1)}
+                copy = {} if flops else {"copy": common.copy_of_inputs(1)}
                 common.bench_case(
                     rows, ctx, name, shape, dtype, make, {**variants, **copy},
                     bytes_moved=fwd * elem, flops=flops,

@@ -223,14 +223,11 @@ def under_autocast(
     return _within(fn, lambda: torch.autocast(device.type, dtype=dtype))
 
 
-COPY = "copy"  # the backend name of copy_of_inputs' rows
-
-
 def copy_of_inputs(count: int) -> Callable[..., tuple[torch.Tensor, ...]]:
     """A variant that copies the first ``count`` inputs of a case (its activations, which hold
     nearly all of a memory-bound op's bytes) into new tensors: the same bytes in and out as the
     op, at the op's sizes, inputs and allocations, moved by PyTorch's copy kernel. Its row
-    (backend ``COPY``, timed like any other, its GB/s counted with the op's floor) shows how
+    (backend "copy", timed like any other, its GB/s counted with the op's floor) shows how
     near the copy bandwidth, measured on 256 MiB buffers, a shape this small can come at all:
     a few MB take a few microseconds, where a kernel's start and end are no longer small."""
 
@@ -449,21 +446,20 @@ def bench_case(
             with contextlib.nullcontext() if backward else torch.no_grad():
                 return time_call(call, make, ctx.device)
 
-        note = ""
         try:
-            t = timed()
+            t, note = timed(), ""
         except Exception as e:  # noqa: BLE001  (a failing variant is reported, not fatal)
             print(f"{label} {shape} {_dt(dtype)} {name} failed:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)  # the whole story, in the run's log
-            note = f"failed: {first_line(e)}"
+            t, note = math.nan, f"failed: {first_line(e)}"
             in_time = ctx.deadline is None or time.monotonic() < ctx.deadline
             if is_compiled(name) and in_time and _retries_without_caches[0] > 0:
                 t, note = _compile_again_without_caches(timed, e)
-            if note.startswith("failed"):
-                rows.append(Row(label, shape, _dt(dtype), name, float("nan"), note=note))
-                ctx.checkpoint(rows)
-                continue
         row = Row(label, shape, _dt(dtype), name, t, note=note)
+        if math.isnan(t):
+            rows.append(row)
+            ctx.checkpoint(rows)
+            continue
         shares = []
         if bytes_moved:
             row.gbps = bytes_moved / t / 1e3

@@ -127,7 +127,7 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-$tests_s}
 # happens, so a file stopped at the deadline still says what ran and what failed (its junit XML
 # is written only at the end); a test running over 60 s has its stack dumped.
 run_test_file() {
-  local file=$1 name left began why
+  local file=$1 name left began took
   name=$(basename "$file" .py)
   began=$(date +%s)
   left=$(( DEADLINE - began ))
@@ -142,9 +142,10 @@ run_test_file() {
   case $rc in
     0|1|5) echo "$name: $(tail -n 1 "$OUT/tests/$name.txt") (exit $rc)";;
     # 124: stopped at the deadline; 137: killed, 10 s after that or before it (out of memory)
-    124|137) if [ $(( $(date +%s) - began )) -ge "$left" ]; then why="at the deadline"
-      else why="killed after $(( $(date +%s) - began )) s, before the deadline"; fi
-      echo "$name: stopped ($why), the last test begun:" \
+    124|137) took=$(( $(date +%s) - began ))
+      if [ "$took" -ge "$left" ]; then took="at the deadline"
+      else took="killed after $took s, before the deadline"; fi
+      echo "$name: stopped ($took), the last test begun:" \
       "$(grep '^tests/.*::' "$OUT/tests/$name.txt" | tail -n 1 \
          | sed -E 's/ +(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS).*$//; s/ +$//') (exit $rc)";;
     # a file that cannot be collected (exit 2), pytest's own error (3, 4), a crash, the

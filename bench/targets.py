@@ -167,9 +167,10 @@ def check(folder: Path) -> list[Verdict]:
     for target in TARGETS:
         rows, copy_gbps = suites[target.suite]
         rows = one_backend_a_row(rows)
-        # the copy rows' shares, for the bandwidth targets' worst rows
-        copies = {(r["bench"], r["shape"], r["dtype"]): r["of_limit"] for r in rows
-                  if r["backend"] == "copy" and target.metric == "of_limit"}  # fmt: skip
+        copies = {}  # the copy rows' shares, for a bandwidth target's worst rows
+        if target.metric == "of_limit":
+            copies = {(r["bench"], r["shape"], r["dtype"]): r["of_limit"]
+                      for r in rows if r["backend"] == "copy"}  # fmt: skip
         if target.metric == "bwd_share":
             rows = backward_rows(rows, copy_gbps)
         rows = [r for r in rows if target.takes(r) and is_kernel(r["backend"])]

@@ -26,15 +26,14 @@ def nan_filled_empty() -> Iterator[None]:
     run freed, holding last run's correct values.)"""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+    def nan_filled(allocate):
+        def allocate_nan(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    def empty_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate_nan
 
-    torch.empty, torch.empty_like = empty, empty_like
+    torch.empty, torch.empty_like = nan_filled(real_empty), nan_filled(real_empty_like)
     try:
         yield
     finally:
